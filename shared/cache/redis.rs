@@ -1,0 +1,131 @@
+//! Entries in Redis, with graceful degradation.
+//!
+//! One multiplexed connection (redis' `ConnectionManager`, which reconnects by
+//! itself) serves every task. Each operation is bounded by the configured
+//! timeout; a failure marks Redis down for `retry_after`, during which reads are
+//! misses and writes are skipped without waiting, so a dead Redis costs requests
+//! nothing but the cache. The first operation after that window probes again,
+//! and success brings caching back without a restart.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::AsyncCommands;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use super::{CacheKey, Entry};
+use crate::config::RedisConfig;
+use crate::metrics::Metrics;
+
+/// The Redis side of the cache.
+pub struct RedisCache {
+    conn: ConnectionManager,
+    timeout: Duration,
+    retry_after: Duration,
+    /// Unix ms before which Redis is not tried (0: up).
+    down_until_ms: AtomicI64,
+    down: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+impl RedisCache {
+    /// Prepares a connection; nothing is sent until the first operation, so a
+    /// proxy starts even while Redis is down.
+    pub fn new(
+        config: &RedisConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<RedisCache, redis::RedisError> {
+        let client = redis::Client::open(config.url.as_str())?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.timeout))
+            .set_response_timeout(Some(config.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(config.retry_after);
+        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)?;
+        Ok(RedisCache {
+            conn,
+            timeout: config.timeout,
+            retry_after: config.retry_after,
+            down_until_ms: AtomicI64::new(0),
+            down: AtomicBool::new(false),
+            metrics,
+        })
+    }
+
+    /// The entry under `key`; `None` for a miss, an undecodable entry (an older
+    /// version) or while Redis is unreachable.
+    pub async fn get(&self, key: &CacheKey) -> Option<Entry> {
+        let mut conn = self.available()?;
+        let reply =
+            tokio::time::timeout(self.timeout, conn.get::<_, Option<Vec<u8>>>(key.as_str())).await;
+        let bytes = self.settle(reply)??;
+        match Entry::decode(Bytes::from(bytes)) {
+            Ok(entry) => Some(entry),
+            Err(err) => {
+                tracing::debug!(key = %key, error = %err, "ignoring undecodable cache entry");
+                None
+            }
+        }
+    }
+
+    /// Stores `entry` under `key` for `ttl`; false when it was not stored.
+    pub async fn put(&self, key: &CacheKey, entry: &Entry, ttl: Duration) -> bool {
+        let Some(mut conn) = self.available() else {
+            return false;
+        };
+        let ttl_ms = ttl.as_millis().clamp(1, u64::MAX as u128) as u64;
+        let encoded = entry.encode();
+        let reply = tokio::time::timeout(
+            self.timeout,
+            conn.pset_ex::<_, _, ()>(key.as_str(), encoded, ttl_ms),
+        )
+        .await;
+        self.settle(reply).is_some()
+    }
+
+    /// Whether Redis is currently considered reachable.
+    pub fn is_up(&self) -> bool {
+        !self.down.load(Ordering::Relaxed)
+    }
+
+    /// A connection handle, unless Redis is in its down window.
+    fn available(&self) -> Option<ConnectionManager> {
+        let until = self.down_until_ms.load(Ordering::Relaxed);
+        if until != 0 && now_ms() < until {
+            return None;
+        }
+        Some(self.conn.clone())
+    }
+
+    /// Records the outcome of one operation and returns its value on success.
+    fn settle<T>(
+        &self,
+        reply: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+    ) -> Option<T> {
+        let error = match reply {
+            Ok(Ok(value)) => {
+                if self.down.swap(false, Ordering::Relaxed) {
+                    tracing::info!("redis is reachable again; caching resumes");
+                }
+                self.down_until_ms.store(0, Ordering::Relaxed);
+                return Some(value);
+            }
+            Ok(Err(err)) => err.to_string(),
+            Err(_) => format!("no answer within {:?}", self.timeout),
+        };
+        self.metrics.redis_errors.inc();
+        let retry_ms = i64::try_from(self.retry_after.as_millis()).unwrap_or(i64::MAX);
+        self.down_until_ms
+            .store(now_ms().saturating_add(retry_ms), Ordering::Relaxed);
+        if !self.down.swap(true, Ordering::Relaxed) {
+            tracing::warn!(%error, "redis unreachable; answering from ClickHouse without cache");
+        }
+        None
+    }
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}

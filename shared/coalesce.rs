@@ -1,0 +1,250 @@
+//! In-process miss coalescing (singleflight) with streaming fan-out.
+//!
+//! The first request for a missing key becomes the leader of a [`Flight`] and
+//! gets its [`Producer`]; every concurrent request for the same key joins the
+//! flight as a follower. All of them, leader included, read the answer through a
+//! [`Subscriber`], chunk by chunk as it arrives, so followers stream too instead
+//! of waiting for the whole body. The producer is driven by a detached task (see
+//! [`crate::fill`]), so no client going away can cancel the computation for the
+//! others. A flight keeps its chunks until it ends, which is bounded by
+//! ClickHouse's `max_result_bytes`.
+//!
+//! This module knows nothing about ClickHouse or Redis; it moves bytes.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use crate::cache::CacheKey;
+use crate::clickhouse::UpstreamError;
+
+/// Why a flight ended without a complete answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FlightError {
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("the computation ended without an answer")]
+    Aborted,
+}
+
+/// The flights currently in the air, by cache key.
+#[derive(Default)]
+pub struct Coalescer {
+    flights: Mutex<HashMap<CacheKey, Arc<Flight>>>,
+}
+
+/// What joining a key gave a request.
+pub enum Role {
+    /// Nobody was computing this key: compute it with the producer.
+    Leader(Producer, Subscriber),
+    /// Somebody is: read along.
+    Follower(Subscriber),
+}
+
+impl Coalescer {
+    pub fn new() -> Arc<Coalescer> {
+        Arc::new(Coalescer::default())
+    }
+
+    /// Joins the flight for `key`, starting one if there is none.
+    pub fn join(self: &Arc<Self>, key: &CacheKey) -> Role {
+        let mut flights = lock(&self.flights);
+        if let Some(flight) = flights.get(key) {
+            return Role::Follower(flight.subscribe());
+        }
+        let flight = Arc::new(Flight::new());
+        flights.insert(key.clone(), flight.clone());
+        drop(flights);
+        let subscriber = flight.subscribe();
+        let producer = Producer {
+            flight,
+            key: key.clone(),
+            coalescer: self.clone(),
+            ended: false,
+        };
+        Role::Leader(producer, subscriber)
+    }
+
+    /// Number of flights in the air (for tests and metrics).
+    pub fn in_flight(&self) -> usize {
+        lock(&self.flights).len()
+    }
+
+    fn land(&self, key: &CacheKey, flight: &Arc<Flight>) {
+        let mut flights = lock(&self.flights);
+        if flights.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
+            flights.remove(key);
+        }
+    }
+}
+
+/// One computation of one key, shared by every request that wants it.
+pub struct Flight {
+    state: Mutex<State>,
+    changed: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct State {
+    chunks: Vec<Bytes>,
+    outcome: Option<Result<(), FlightError>>,
+}
+
+impl Flight {
+    fn new() -> Flight {
+        Flight {
+            state: Mutex::new(State::default()),
+            changed: watch::Sender::new(0),
+        }
+    }
+
+    fn subscribe(self: &Arc<Self>) -> Subscriber {
+        Subscriber {
+            flight: self.clone(),
+            next: 0,
+            changed: self.changed.subscribe(),
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut State)) {
+        f(&mut lock(&self.state));
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+}
+
+/// The writing end of a flight. Dropping it without [`Producer::complete`] or
+/// [`Producer::fail`] fails the flight, so readers never hang; dropping it
+/// after either lands the flight (new requests go to the cache again).
+pub struct Producer {
+    flight: Arc<Flight>,
+    key: CacheKey,
+    coalescer: Arc<Coalescer>,
+    ended: bool,
+}
+
+impl Producer {
+    pub fn push(&self, chunk: Bytes) {
+        self.flight.update(|state| state.chunks.push(chunk));
+    }
+
+    /// Marks the answer complete: readers finish once they have every chunk.
+    /// The flight stays joinable (with the whole answer) until the producer is
+    /// dropped, which should happen once the answer is in the cache.
+    pub fn complete(&mut self) {
+        self.end(Ok(()));
+    }
+
+    pub fn fail(&mut self, err: FlightError) {
+        self.end(Err(err));
+    }
+
+    /// Every chunk so far, in order (the whole body after `complete`).
+    pub fn chunks(&self) -> Vec<Bytes> {
+        lock(&self.flight.state).chunks.clone()
+    }
+
+    fn end(&mut self, outcome: Result<(), FlightError>) {
+        if !self.ended {
+            self.ended = true;
+            self.flight.update(|state| state.outcome = Some(outcome));
+        }
+    }
+}
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        self.end(Err(FlightError::Aborted));
+        self.coalescer.land(&self.key, &self.flight);
+    }
+}
+
+/// A reader of a flight, from its first chunk.
+pub struct Subscriber {
+    flight: Arc<Flight>,
+    next: usize,
+    changed: watch::Receiver<u64>,
+}
+
+impl Subscriber {
+    /// The next chunk; `None` once the answer is complete.
+    pub async fn next(&mut self) -> Option<Result<Bytes, FlightError>> {
+        loop {
+            self.changed.borrow_and_update();
+            {
+                let state = lock(&self.flight.state);
+                if let Some(chunk) = state.chunks.get(self.next) {
+                    self.next += 1;
+                    return Some(Ok(chunk.clone()));
+                }
+                match &state.outcome {
+                    Some(Ok(())) => return None,
+                    Some(Err(err)) => return Some(Err(err.clone())),
+                    None => {}
+                }
+            }
+            if self.changed.changed().await.is_err() {
+                return Some(Err(FlightError::Aborted));
+            }
+        }
+    }
+}
+
+/// Locks a mutex, ignoring poisoning: the guarded state stays consistent
+/// because every update is a single push or assignment.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::Format;
+
+    fn key(n: u8) -> CacheKey {
+        CacheKey::new("t", "q", None, Format::Json, &n.to_string())
+    }
+
+    #[tokio::test]
+    async fn followers_stream_what_the_leader_produces() {
+        let coalescer = Coalescer::new();
+        let Role::Leader(mut producer, mut leader) = coalescer.join(&key(1)) else {
+            panic!("first join must lead")
+        };
+        producer.push(Bytes::from_static(b"a"));
+        let Role::Follower(mut follower) = coalescer.join(&key(1)) else {
+            panic!("second join must follow")
+        };
+        assert!(matches!(coalescer.join(&key(2)), Role::Leader(..)));
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(chunk) = follower.next().await {
+                got.extend_from_slice(&chunk.unwrap());
+            }
+            got
+        });
+        producer.push(Bytes::from_static(b"b"));
+        producer.complete();
+        assert_eq!(reader.await.unwrap(), b"ab");
+        assert_eq!(leader.next().await.unwrap().unwrap(), "a");
+        // Until the producer is dropped, late requests still join the finished flight.
+        assert!(matches!(coalescer.join(&key(1)), Role::Follower(_)));
+        drop(producer);
+        assert!(matches!(coalescer.join(&key(1)), Role::Leader(..)));
+    }
+
+    #[tokio::test]
+    async fn a_dropped_producer_fails_its_readers() {
+        let coalescer = Coalescer::new();
+        let Role::Leader(producer, mut reader) = coalescer.join(&key(3)) else {
+            panic!("first join must lead")
+        };
+        drop(producer);
+        assert!(matches!(
+            reader.next().await,
+            Some(Err(FlightError::Aborted))
+        ));
+        assert_eq!(coalescer.in_flight(), 0);
+    }
+}

@@ -1,0 +1,338 @@
+//! The config file: its shape, its defaults and loading it.
+//!
+//! Owns parsing `config.toml` into typed structs (unknown keys are errors that
+//! name the key, file and line) and resolving paths relative to the file.
+//! It does not check that queries make sense: [`crate::catalog`] does that when
+//! it turns the `[query.*]` tables into a catalog.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Why a config could not be loaded. Messages name the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{path}: {msg}")]
+    Invalid { path: PathBuf, msg: String },
+}
+
+/// The whole config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    #[serde(default)]
+    pub clickhouse: ClickHouseConfig,
+    #[serde(default)]
+    pub redis: RedisConfig,
+    #[serde(default)]
+    pub cache: CacheConfig,
+    /// Named queries, `[query.<name>]`.
+    #[serde(default, rename = "query")]
+    pub queries: BTreeMap<String, QueryConfig>,
+    /// The file this config was read from (set by [`Config::load`]).
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Address the HTTP server listens on.
+    pub listen: SocketAddr,
+    /// How long in-flight requests may run after SIGTERM before the process exits.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClickHouseConfig {
+    /// ClickHouse HTTP interface, e.g. `http://127.0.0.1:8123`.
+    pub url: String,
+    pub user: String,
+    /// Prefer the environment variable `DASHCACHE_CLICKHOUSE_PASSWORD`.
+    pub password: Option<String>,
+    /// ClickHouse `readonly` level of every query: 1 (no writes, no settings
+    /// changes, no table functions beyond what the URL sets), or 2 for servers
+    /// that refuse per-query limits under 1.
+    pub readonly: u8,
+    /// Per-query wall-clock limit (ClickHouse `max_execution_time`).
+    #[serde(with = "humantime_serde")]
+    pub max_execution_time: Duration,
+    /// Per-query result limits (`max_result_rows`, `max_result_bytes`).
+    pub max_result_rows: u64,
+    pub max_result_bytes: u64,
+}
+
+impl Default for ClickHouseConfig {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:8123".into(),
+            user: "default".into(),
+            password: None,
+            readonly: 1,
+            max_execution_time: Duration::from_secs(30),
+            max_result_rows: 1_000_000,
+            max_result_bytes: 256 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://[:password@]host:port[/db]`; `DASHCACHE_REDIS_URL` overrides it.
+    pub url: String,
+    /// Upper bound on one Redis round trip; past it the request goes on without Redis.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// After a Redis failure, how long to skip Redis before trying again.
+    #[serde(with = "humantime_serde")]
+    pub retry_after: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            timeout: Duration::from_millis(250),
+            retry_after: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Prefix of every Redis key dashcache writes.
+    pub key_prefix: String,
+    /// Answers larger than this are streamed but not stored.
+    pub max_entry_bytes: usize,
+    /// TTL of queries that do not set their own.
+    #[serde(with = "humantime_serde")]
+    pub default_ttl: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            key_prefix: "dashcache".into(),
+            max_entry_bytes: 8 << 20,
+            default_ttl: Duration::from_secs(300),
+        }
+    }
+}
+
+/// One `[query.<name>]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryConfig {
+    /// SQL template path, relative to the config file. May name an enum
+    /// parameter, e.g. `queries/revenue_{granularity}.sql`: one file per value.
+    pub sql: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// How long an answer stays fresh (defaults to `cache.default_ttl`).
+    #[serde(default, with = "humantime_serde")]
+    pub ttl: Option<Duration>,
+    #[serde(default)]
+    pub params: BTreeMap<String, ParamConfig>,
+    /// The time range rule for queries that read a time range.
+    #[serde(default)]
+    pub range: Option<RangeConfig>,
+}
+
+/// The declared type of a parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ParamType {
+    /// A point in time: `YYYY-MM-DD`, RFC 3339, or relative (`today`, `now-7d`).
+    Time,
+    /// One of `values`.
+    Enum,
+    /// A whole number within `min`..=`max`.
+    Int,
+    /// A string matching `pattern` (anchored) and at most `max_len` long.
+    String,
+}
+
+/// A default, written as in TOML (`default = "day"` or `default = 10`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum DefaultValue {
+    Int(i64),
+    Str(String),
+}
+
+impl DefaultValue {
+    /// The default as the text a URL would carry.
+    pub fn as_text(&self) -> String {
+        match self {
+            DefaultValue::Int(n) => n.to_string(),
+            DefaultValue::Str(s) => s.clone(),
+        }
+    }
+}
+
+/// One `[query.<name>.params.<param>]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParamConfig {
+    #[serde(rename = "type")]
+    pub kind: ParamType,
+    #[serde(default)]
+    pub required: bool,
+    #[serde(default)]
+    pub default: Option<DefaultValue>,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Allowed values (enum).
+    #[serde(default)]
+    pub values: Vec<String>,
+    /// Anchored regular expression every value must match (string).
+    #[serde(default)]
+    pub pattern: Option<String>,
+    #[serde(default)]
+    pub max_len: Option<usize>,
+    #[serde(default)]
+    pub min: Option<i64>,
+    #[serde(default)]
+    pub max: Option<i64>,
+    /// Accept a comma-separated list (`country=DE,FR`); bound as an array.
+    #[serde(default)]
+    pub list: bool,
+    #[serde(default)]
+    pub max_items: Option<usize>,
+}
+
+/// The time-range rule of a query: which parameters bound it, and how wide it may be.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RangeConfig {
+    /// Names of the `time` parameters that start (inclusive) and end (exclusive) the range.
+    pub from: String,
+    pub to: String,
+    /// The enum parameter the maximum span depends on, if any.
+    #[serde(default)]
+    pub granularity: Option<String>,
+    /// One maximum span, or one per granularity value.
+    pub max_span: MaxSpan,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum MaxSpan {
+    One(#[serde(with = "humantime_serde")] Duration),
+    ByGranularity(BTreeMap<String, humantime_serde::Serde<Duration>>),
+}
+
+impl Config {
+    /// Reads and parses a config file; applies environment overrides for secrets.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = Self::parse(&text, path)?;
+        config.apply_env(|name| std::env::var(name).ok());
+        Ok(config)
+    }
+
+    /// Parses config text; `path` is used for messages and relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })?;
+        config.path = path.to_owned();
+        Ok(config)
+    }
+
+    /// Secrets and endpoints may come from the environment instead of the file.
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) {
+        if let Some(url) = var("DASHCACHE_CLICKHOUSE_URL") {
+            self.clickhouse.url = url;
+        }
+        if let Some(password) = var("DASHCACHE_CLICKHOUSE_PASSWORD") {
+            self.clickhouse.password = Some(password);
+        }
+        if let Some(url) = var("DASHCACHE_REDIS_URL") {
+            self.redis.url = url;
+        }
+    }
+
+    /// The directory relative paths in this config are resolved against.
+    pub fn base_dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
+    }
+
+    /// An error about this config, naming its file.
+    pub fn invalid(&self, msg: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.clone(),
+            msg: msg.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key_and_line() {
+        let err = Config::parse(
+            "[redis]\nurl = \"redis://x\"\nttl = 5\n",
+            Path::new("c.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("c.toml"), "{err}");
+        assert!(err.contains("ttl"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn defaults_fill_missing_sections() {
+        let config = Config::parse("", Path::new("c.toml")).unwrap();
+        assert_eq!(config.clickhouse.url, "http://127.0.0.1:8123");
+        assert_eq!(config.cache.max_entry_bytes, 8 << 20);
+        assert!(config.queries.is_empty());
+    }
+
+    #[test]
+    fn environment_overrides_secrets() {
+        let mut config = Config::parse("", Path::new("c.toml")).unwrap();
+        config.apply_env(|name| match name {
+            "DASHCACHE_REDIS_URL" => Some("redis://:pw@10.0.0.1:6380".into()),
+            "DASHCACHE_CLICKHOUSE_PASSWORD" => Some("secret".into()),
+            _ => None,
+        });
+        assert_eq!(config.redis.url, "redis://:pw@10.0.0.1:6380");
+        assert_eq!(config.clickhouse.password.as_deref(), Some("secret"));
+    }
+}

@@ -1,0 +1,21 @@
+//! dashcache: the library both binaries share.
+//!
+//! It owns everything that is not HTTP serving or scheduling: the config file,
+//! the query catalog and parameter validation, SQL rendering, the cache key and
+//! entry format, the Redis cache, the ClickHouse client, miss coalescing and
+//! metrics. The proxy (`proxy/`) and the scheduler (`scheduler/`) are thin
+//! layers on top, so that a warmed entry is byte-for-byte what the proxy would
+//! have stored.
+
+pub mod cache;
+pub mod catalog;
+pub mod clickhouse;
+pub mod coalesce;
+pub mod config;
+pub mod fill;
+pub mod format;
+pub mod metrics;
+pub mod params;
+pub mod sql;
+pub mod telemetry;
+pub mod timeexpr;

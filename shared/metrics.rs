@@ -1,0 +1,151 @@
+//! Prometheus metrics of a dashcache process.
+//!
+//! Owns the registry and every metric handle; other modules count through the
+//! fields of [`Metrics`]. Rendering to the text exposition format is
+//! [`Metrics::render`]; serving it is the proxy's job.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub route: &'static str,
+    pub status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 100 µs .. ~100 s
+    Histogram::new(exponential_buckets(0.0001, 2.5, 16))
+}
+
+/// Every metric of a process.
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: Family<HttpLabels, Counter>,
+    pub http_duration: HistogramFamily<RouteLabels>,
+    pub http_in_flight: Gauge,
+    /// HIT, MISS, COALESCED (and later STALE) per request.
+    pub cache_requests: Family<ResultLabels, Counter>,
+    /// Outcome of storing a computed answer: stored, too_large, failed.
+    pub cache_stores: Family<ResultLabels, Counter>,
+    pub clickhouse_queries: Counter,
+    pub clickhouse_errors: Family<KindLabels, Counter>,
+    pub clickhouse_duration: Histogram,
+    pub redis_errors: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("dashcache");
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests by route and status",
+            http_requests.clone(),
+        );
+        let http_duration = HistogramFamily::<RouteLabels>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "Time to the response head by route",
+            http_duration.clone(),
+        );
+        let http_in_flight = Gauge::default();
+        registry.register(
+            "http_in_flight_requests",
+            "Requests being answered",
+            http_in_flight.clone(),
+        );
+        let cache_requests = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "cache_requests",
+            "Cached-query requests by cache result (HIT, MISS, COALESCED)",
+            cache_requests.clone(),
+        );
+        let cache_stores = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "cache_stores",
+            "Computed answers by store outcome (stored, too_large, failed)",
+            cache_stores.clone(),
+        );
+        let clickhouse_queries = Counter::default();
+        registry.register(
+            "clickhouse_queries",
+            "Queries sent to ClickHouse",
+            clickhouse_queries.clone(),
+        );
+        let clickhouse_errors = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "clickhouse_errors",
+            "Failed ClickHouse queries by kind (connect, status, body, timeout)",
+            clickhouse_errors.clone(),
+        );
+        let clickhouse_duration = latency_histogram();
+        registry.register(
+            "clickhouse_query_duration_seconds",
+            "Time for ClickHouse to produce a whole answer",
+            clickhouse_duration.clone(),
+        );
+        let redis_errors = Counter::default();
+        registry.register(
+            "redis_errors",
+            "Failed or timed-out Redis operations",
+            redis_errors.clone(),
+        );
+        Metrics {
+            registry,
+            http_requests,
+            http_duration,
+            http_in_flight,
+            cache_requests,
+            cache_stores,
+            clickhouse_queries,
+            clickhouse_errors,
+            clickhouse_duration,
+            redis_errors,
+        }
+    }
+
+    /// Counts one cache result (`HIT`, `MISS`, `COALESCED`).
+    pub fn cache_result(&self, result: &'static str) {
+        self.cache_requests
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
