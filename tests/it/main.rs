@@ -1,1 +1,11 @@
+//! Integration tests against real ClickHouse and Redis (started by `scripts/services up`).
+//!
+//! One test crate with modules, so the suite links once. Every test starts its
+//! own proxy process with its own cache key prefix, so tests do not share cache
+//! state; fault tests start dedicated servers so others keep theirs.
 
+mod harness;
+
+mod coalescing;
+mod faults;
+mod query;

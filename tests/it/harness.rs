@@ -1,0 +1,303 @@
+//! Test harness: proxy processes, dedicated Redis servers, an HTTP client,
+//! direct ClickHouse queries and metric readings.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn clickhouse_url() -> String {
+    let port = std::env::var("DASHCACHE_CH_HTTP_PORT").unwrap_or_else(|_| "8123".into());
+    format!("http://127.0.0.1:{port}")
+}
+
+pub fn redis_url() -> String {
+    let port = std::env::var("DASHCACHE_REDIS_PORT").unwrap_or_else(|_| "6379".into());
+    format!("redis://127.0.0.1:{port}")
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn unique(name: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{name}-{}-{}-{}",
+        std::process::id(),
+        chrono::Utc::now().timestamp_millis(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let path = std::env::temp_dir().join(unique(&format!("dashcache-it-{name}")));
+        std::fs::create_dir_all(&path).expect("temp dir");
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// How to configure a test proxy: the shipped config with overrides.
+pub struct ProxyOptions {
+    pub redis_url: String,
+    pub clickhouse_url: String,
+    /// Extra queries: (name, SQL text, TOML table body).
+    pub extra_queries: Vec<(String, String, String)>,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        ProxyOptions {
+            redis_url: redis_url(),
+            clickhouse_url: clickhouse_url(),
+            extra_queries: Vec::new(),
+        }
+    }
+}
+
+/// A running `dashcache-proxy` process, killed on drop.
+pub struct Proxy {
+    child: Child,
+    pub base: String,
+    pub dir: TempDir,
+}
+
+impl Proxy {
+    pub async fn start() -> Proxy {
+        Self::start_with(ProxyOptions::default()).await
+    }
+
+    pub async fn start_with(options: ProxyOptions) -> Proxy {
+        let dir = TempDir::new("proxy");
+        let config_path = dir.0.join("config.toml");
+        std::fs::write(&config_path, test_config(&options, &dir.0)).expect("write config");
+        let port = free_port();
+        let log = std::fs::File::create(dir.0.join("proxy.log")).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_dashcache-proxy"))
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "info")
+            .env_remove("DASHCACHE_REDIS_URL")
+            .env_remove("DASHCACHE_CLICKHOUSE_URL")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn dashcache-proxy");
+        let proxy = Proxy {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            dir,
+        };
+        for _ in 0..200 {
+            if let Ok(r) = get(&format!("{}/healthz", proxy.base)).await
+                && r.status == 200
+            {
+                return proxy;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("proxy did not become healthy; log:\n{}", proxy.log());
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        get(&format!("{}{path}", self.base))
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}\nlog:\n{}", self.log()))
+    }
+
+    pub async fn metric(&self, name: &str) -> f64 {
+        metric(&self.get("/metrics").await.text(), name)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.0.join("proxy.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The shipped config.toml, pointed at the test servers, with a fresh key prefix.
+fn test_config(options: &ProxyOptions, dir: &Path) -> String {
+    let shipped = std::fs::read_to_string(root().join("config.toml")).expect("config.toml");
+    let mut config: toml::Table = shipped.parse().expect("config.toml parses");
+    let set = |config: &mut toml::Table, section: &str, key: &str, value: toml::Value| {
+        config
+            .entry(section)
+            .or_insert_with(|| toml::Value::Table(Default::default()))
+            .as_table_mut()
+            .expect("section is a table")
+            .insert(key.into(), value);
+    };
+    set(&mut config, "redis", "url", options.redis_url.clone().into());
+    set(&mut config, "redis", "retry_after", "200ms".into());
+    set(&mut config, "clickhouse", "url", options.clickhouse_url.clone().into());
+    set(&mut config, "cache", "key_prefix", unique("it").into());
+    let queries = config
+        .get_mut("query")
+        .and_then(|q| q.as_table_mut())
+        .expect("[query] tables");
+    for (_, query) in queries.iter_mut() {
+        let table = query.as_table_mut().expect("query table");
+        let sql = table["sql"].as_str().expect("sql path").to_owned();
+        table.insert("sql".into(), root().join(sql).display().to_string().into());
+    }
+    let mut text = toml::to_string(&config).expect("config serializes");
+    for (name, sql, body) in &options.extra_queries {
+        let file = dir.join(format!("{name}.sql"));
+        std::fs::write(&file, sql).expect("write sql");
+        text.push_str(&format!("\n[query.{name}]\nsql = {:?}\n{body}\n", file.display().to_string()));
+    }
+    text
+}
+
+/// One complete HTTP answer. `body` is an error when the transfer was cut.
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Result<Bytes, String>,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        match &self.body {
+            Ok(body) => String::from_utf8_lossy(body).into_owned(),
+            Err(e) => panic!("body was cut: {e}"),
+        }
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.text()).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn cache(&self) -> &str {
+        self.header("x-cache").unwrap_or("-")
+    }
+}
+
+pub fn client() -> Client<HttpConnector, Empty<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub async fn get(url: &str) -> Result<Reply, String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("{e}"))?;
+    let response = client().get(uri).await.map_err(|e| format!("{e}"))?;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .map_err(|e| format!("{e}"));
+    Ok(Reply { status, headers, body })
+}
+
+/// Runs SQL on ClickHouse directly (not through the proxy).
+pub async fn clickhouse(sql: &str) -> String {
+    let url = format!(
+        "{}/?output_format_json_quote_64bit_integers=0&query={}",
+        clickhouse_url(),
+        form_urlencoded::byte_serialize(sql.as_bytes()).collect::<String>()
+    );
+    let reply = get(&url).await.expect("ClickHouse answers");
+    assert_eq!(reply.status, 200, "ClickHouse: {}", reply.text());
+    reply.text()
+}
+
+/// The value of a metric line `name` (exact series, labels included), 0 if absent.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            (series == name).then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+/// A dedicated Redis server on its own port, for fault tests.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub async fn start() -> RedisServer {
+        let mut server = RedisServer {
+            port: free_port(),
+            child: None,
+        };
+        server.restart().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (scripts/services up installs it)");
+        self.child = Some(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("redis-server did not start on {}", self.port);
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
