@@ -21,8 +21,16 @@ async fn concurrent_cold_requests_run_one_clickhouse_query() {
         bodies.insert(reply.text());
     }
     assert_eq!(bodies.len(), 1, "every request got the same answer");
-    assert_eq!(proxy.metric("dashcache_clickhouse_queries_total").await, 1.0, "{results:?}");
+    assert_eq!(
+        proxy.metric("dashcache_clickhouse_queries_total").await,
+        1.0,
+        "{results:?}"
+    );
     assert_eq!(results.get("MISS"), Some(&1), "{results:?}");
-    let others: i32 = results.iter().filter(|(k, _)| *k != "MISS").map(|(_, n)| n).sum();
+    let others: i32 = results
+        .iter()
+        .filter(|(k, _)| *k != "MISS")
+        .map(|(_, n)| n)
+        .sum();
     assert_eq!(others, 99);
 }

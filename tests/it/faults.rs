@@ -51,7 +51,10 @@ async fn clickhouse_unreachable_is_a_json_502_and_is_not_cached() {
         assert_eq!(reply.json()["type"], "upstream_unavailable");
         assert_ne!(reply.cache(), "HIT");
     }
-    assert_eq!(proxy.metric("dashcache_clickhouse_queries_total").await, 2.0);
+    assert_eq!(
+        proxy.metric("dashcache_clickhouse_queries_total").await,
+        2.0
+    );
 }
 
 fn failing_queries() -> ProxyOptions {
@@ -80,15 +83,28 @@ fn failing_queries() -> ProxyOptions {
 async fn an_error_clickhouse_appends_to_a_200_body_is_never_served_as_success_or_cached() {
     let proxy = Proxy::start_with(failing_queries()).await;
     for format in ["ndjson", "csv", "json"] {
-        let reply = proxy.get(&format!("/v1/query/fails_late?format={format}")).await;
+        let reply = proxy
+            .get(&format!("/v1/query/fails_late?format={format}"))
+            .await;
         // Either a clean error status, or a transfer the client sees as cut.
         let complete_success = reply.status == 200 && reply.body.is_ok();
-        assert!(!complete_success, "{format}: a failed query looked like a success");
+        assert!(
+            !complete_success,
+            "{format}: a failed query looked like a success"
+        );
         if let Ok(body) = &reply.body {
-            assert!(!String::from_utf8_lossy(body).contains("DB::Exception"), "{format}: leaked the exception");
+            assert!(
+                !String::from_utf8_lossy(body).contains("DB::Exception"),
+                "{format}: leaked the exception"
+            );
         }
     }
-    assert_eq!(proxy.metric("dashcache_cache_stores_total{result=\"stored\"}").await, 0.0);
+    assert_eq!(
+        proxy
+            .metric("dashcache_cache_stores_total{result=\"stored\"}")
+            .await,
+        0.0
+    );
     let again = proxy.get("/v1/query/fails_late?format=ndjson").await;
     assert_ne!(again.cache(), "HIT");
 }
@@ -99,6 +115,13 @@ async fn an_error_before_the_first_byte_is_a_clean_json_error() {
     let reply = proxy.get("/v1/query/fails_early").await;
     assert_eq!(reply.status, 502, "{}", reply.text());
     assert_eq!(reply.json()["type"], "upstream_error");
-    assert!(reply.json()["detail"].as_str().unwrap().contains("395"), "{}", reply.text());
-    assert!(!reply.text().contains("DB::Exception"), "ClickHouse internals leaked");
+    assert!(
+        reply.json()["detail"].as_str().unwrap().contains("395"),
+        "{}",
+        reply.text()
+    );
+    assert!(
+        !reply.text().contains("DB::Exception"),
+        "ClickHouse internals leaked"
+    );
 }

@@ -159,9 +159,19 @@ fn test_config(options: &ProxyOptions, dir: &Path) -> String {
             .expect("section is a table")
             .insert(key.into(), value);
     };
-    set(&mut config, "redis", "url", options.redis_url.clone().into());
+    set(
+        &mut config,
+        "redis",
+        "url",
+        options.redis_url.clone().into(),
+    );
     set(&mut config, "redis", "retry_after", "200ms".into());
-    set(&mut config, "clickhouse", "url", options.clickhouse_url.clone().into());
+    set(
+        &mut config,
+        "clickhouse",
+        "url",
+        options.clickhouse_url.clone().into(),
+    );
     set(&mut config, "cache", "key_prefix", unique("it").into());
     let queries = config
         .get_mut("query")
@@ -176,7 +186,10 @@ fn test_config(options: &ProxyOptions, dir: &Path) -> String {
     for (name, sql, body) in &options.extra_queries {
         let file = dir.join(format!("{name}.sql"));
         std::fs::write(&file, sql).expect("write sql");
-        text.push_str(&format!("\n[query.{name}]\nsql = {:?}\n{body}\n", file.display().to_string()));
+        text.push_str(&format!(
+            "\n[query.{name}]\nsql = {:?}\n{body}\n",
+            file.display().to_string()
+        ));
     }
     text
 }
@@ -197,7 +210,8 @@ impl Reply {
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.text()).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+        serde_json::from_str(&self.text())
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
@@ -224,7 +238,11 @@ pub async fn get(url: &str) -> Result<Reply, String> {
         .await
         .map(|b| b.to_bytes())
         .map_err(|e| format!("{e}"));
-    Ok(Reply { status, headers, body })
+    Ok(Reply {
+        status,
+        headers,
+        body,
+    })
 }
 
 /// Runs SQL on ClickHouse directly (not through the proxy).

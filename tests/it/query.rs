@@ -31,8 +31,15 @@ fn assert_same_numbers(ours: &[Value], direct: &[Value]) {
         assert_eq!(a["t"], b["t"]);
         assert_eq!(a["events"], b["events"], "events at {}", a["t"]);
         assert_eq!(a["users"], b["users"], "users at {}", a["t"]);
-        let (x, y) = (a["revenue"].as_f64().unwrap(), b["revenue"].as_f64().unwrap());
-        assert!((x - y).abs() <= 1e-9 * y.abs().max(1.0), "revenue at {}: {x} vs {y}", a["t"]);
+        let (x, y) = (
+            a["revenue"].as_f64().unwrap(),
+            b["revenue"].as_f64().unwrap(),
+        );
+        assert!(
+            (x - y).abs() <= 1e-9 * y.abs().max(1.0),
+            "revenue at {}: {x} vs {y}",
+            a["t"]
+        );
     }
 }
 
@@ -97,11 +104,26 @@ async fn a_miss_is_stored_and_the_next_request_is_a_hit_with_the_same_body() {
     assert!(json["meta"].is_array());
     assert!(json["data"][0]["events"].is_u64(), "{}", json["data"][0]);
     // Parameters in another order and defaults spelled out: the same key.
-    let reordered = proxy.get("/v1/query/top_countries?limit=5&offset=0&to=today&from=today-30d").await;
+    let reordered = proxy
+        .get("/v1/query/top_countries?limit=5&offset=0&to=today&from=today-30d")
+        .await;
     assert_eq!(reordered.cache(), "HIT");
-    assert_eq!(proxy.metric("dashcache_clickhouse_queries_total").await, 1.0);
-    assert_eq!(proxy.metric("dashcache_cache_requests_total{result=\"HIT\"}").await, 2.0);
-    assert_eq!(proxy.metric("dashcache_cache_requests_total{result=\"MISS\"}").await, 1.0);
+    assert_eq!(
+        proxy.metric("dashcache_clickhouse_queries_total").await,
+        1.0
+    );
+    assert_eq!(
+        proxy
+            .metric("dashcache_cache_requests_total{result=\"HIT\"}")
+            .await,
+        2.0
+    );
+    assert_eq!(
+        proxy
+            .metric("dashcache_cache_requests_total{result=\"MISS\"}")
+            .await,
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -115,7 +137,12 @@ async fn formats_are_cached_separately_and_have_their_content_types() {
     assert_eq!(csv.header("content-type"), Some("text/csv; charset=utf-8"));
     assert_eq!(ndjson.header("content-type"), Some("application/x-ndjson"));
     assert_eq!([json.cache(), csv.cache(), ndjson.cache()], ["MISS"; 3]);
-    assert!(csv.text().starts_with("\"t\",\"revenue\",\"events\",\"users\"\n"), "{}", csv.text());
+    assert!(
+        csv.text()
+            .starts_with("\"t\",\"revenue\",\"events\",\"users\"\n"),
+        "{}",
+        csv.text()
+    );
     let json_rows = json.json()["data"].as_array().unwrap().len();
     assert_eq!(csv.text().lines().count(), json_rows + 1);
     assert_eq!(rows(&ndjson.text()).len(), json_rows);
@@ -127,9 +154,21 @@ async fn the_other_demo_queries_answer() {
     let active = proxy.get("/v1/query/active_users?window=day").await;
     assert_eq!(active.status, 200, "{}", active.text());
     assert_eq!(active.json()["rows"], 1);
-    let range = format!("from={}&to={}", rfc3339(day_start(30)), rfc3339(day_start(1)));
-    let page = proxy.get(&format!("/v1/query/top_countries?{range}&limit=2&offset=1&format=ndjson")).await;
-    let all = proxy.get(&format!("/v1/query/top_countries?{range}&limit=3&format=ndjson")).await;
+    let range = format!(
+        "from={}&to={}",
+        rfc3339(day_start(30)),
+        rfc3339(day_start(1))
+    );
+    let page = proxy
+        .get(&format!(
+            "/v1/query/top_countries?{range}&limit=2&offset=1&format=ndjson"
+        ))
+        .await;
+    let all = proxy
+        .get(&format!(
+            "/v1/query/top_countries?{range}&limit=3&format=ndjson"
+        ))
+        .await;
     assert_eq!(rows(&page.text()), rows(&all.text())[1..].to_vec());
 }
 
@@ -138,10 +177,26 @@ const INVALID: &[(&str, &str, &str)] = &[
     ("to=now", "from", "missing"),
     ("from=2024-13-45&to=now", "from", "datetime_parsing"),
     ("from=now-1d&to=now&granularity=week", "granularity", "enum"),
-    ("from=now-730d&to=now&granularity=hour", "to", "range_too_wide"),
-    ("from=now-1d&to=now&country=us%27)%3B%20DROP%20TABLE%20demo.events%3B--", "country", "string_pattern_mismatch"),
-    ("from=now-1d&to=now&country=DE&country=FR", "country", "duplicate_parameter"),
-    ("from=now-1d&to=now&tenant=globex", "tenant", "extra_forbidden"),
+    (
+        "from=now-730d&to=now&granularity=hour",
+        "to",
+        "range_too_wide",
+    ),
+    (
+        "from=now-1d&to=now&country=us%27)%3B%20DROP%20TABLE%20demo.events%3B--",
+        "country",
+        "string_pattern_mismatch",
+    ),
+    (
+        "from=now-1d&to=now&country=DE&country=FR",
+        "country",
+        "duplicate_parameter",
+    ),
+    (
+        "from=now-1d&to=now&tenant=globex",
+        "tenant",
+        "extra_forbidden",
+    ),
     ("from=now-1d&to=now&colour=red", "colour", "extra_forbidden"),
     ("from=now&to=now-1d", "to", "range_empty"),
     ("from=now-1d&to=now&format=xml", "format", "enum"),
@@ -154,18 +209,28 @@ async fn invalid_parameters_get_422_naming_each_field_and_never_reach_clickhouse
         let reply = proxy.get(&format!("/v1/query/revenue?{query}")).await;
         assert_eq!(reply.status, 422, "{query}: {}", reply.text());
         let detail = &reply.json()["detail"];
-        let named = detail
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|d| d["loc"] == serde_json::json!(["query", field]) && d["type"] == *kind && d["msg"].is_string());
+        let named = detail.as_array().unwrap().iter().any(|d| {
+            d["loc"] == serde_json::json!(["query", field])
+                && d["type"] == *kind
+                && d["msg"].is_string()
+        });
         assert!(named, "{query}: expected {field}/{kind} in {detail}");
     }
-    let wide = proxy.get("/v1/query/revenue?from=now-730d&to=now&granularity=hour").await;
+    let wide = proxy
+        .get("/v1/query/revenue?from=now-730d&to=now&granularity=hour")
+        .await;
     assert!(wide.text().contains("at most 31 days"), "{}", wide.text());
-    let long = proxy.get(&format!("/v1/query/revenue?from=now-1d&to=now&country={}", "A".repeat(5000))).await;
+    let long = proxy
+        .get(&format!(
+            "/v1/query/revenue?from=now-1d&to=now&country={}",
+            "A".repeat(5000)
+        ))
+        .await;
     assert_eq!(long.status, 422);
-    assert_eq!(proxy.metric("dashcache_clickhouse_queries_total").await, 0.0);
+    assert_eq!(
+        proxy.metric("dashcache_clickhouse_queries_total").await,
+        0.0
+    );
 }
 
 #[tokio::test]
@@ -178,5 +243,8 @@ async fn unknown_queries_and_routes_are_json_404s() {
     assert_eq!(reply.status, 404);
     assert!(reply.json()["detail"].is_string());
     let metrics = proxy.get("/metrics").await.text();
-    assert!(metrics.contains("dashcache_http_requests_total{route=\"query\",status=\"404\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("dashcache_http_requests_total{route=\"query\",status=\"404\"} 1"),
+        "{metrics}"
+    );
 }
