@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use dashcache::cache::RedisCache;
+use dashcache::cache::Cache;
 use dashcache::catalog::Catalog;
 use dashcache::clickhouse::ClickHouse;
 use dashcache::coalesce::Coalescer;
@@ -15,7 +15,7 @@ use dashcache::metrics::Metrics;
 pub struct App {
     pub config: Config,
     pub catalog: Catalog,
-    pub cache: Arc<RedisCache>,
+    pub cache: Arc<Cache>,
     pub coalescer: Arc<Coalescer>,
     pub filler: Arc<Filler>,
     pub metrics: Arc<Metrics>,
@@ -25,12 +25,13 @@ impl App {
     pub fn new(config: Config) -> anyhow::Result<Arc<App>> {
         let catalog = Catalog::load(&config)?;
         let metrics = Arc::new(Metrics::new());
-        let cache = Arc::new(RedisCache::new(&config.redis, metrics.clone())?);
+        let cache = Arc::new(Cache::new(&config, metrics.clone(), true)?);
         let filler = Arc::new(Filler {
             clickhouse: ClickHouse::new(&config.clickhouse, metrics.clone()),
             cache: cache.clone(),
             metrics: metrics.clone(),
             max_entry_bytes: config.cache.max_entry_bytes,
+            coalesce: config.coalesce.clone(),
         });
         Ok(Arc::new(App {
             catalog,

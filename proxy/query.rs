@@ -1,25 +1,34 @@
 //! `GET /v1/query/{name}`: the cached read-through path.
 //!
-//! validate (no I/O before this passes) → render SQL → cache key → Redis →
-//! on a miss, join or lead the key's flight → respond. `X-Cache` says which:
-//! `HIT` (from Redis), `MISS` (this request started the ClickHouse query),
-//! `COALESCED` (it read along with another request's query).
+//! validate (no I/O before this passes) → render SQL → cache key → L1/Redis →
+//! judge freshness → answer, or join/lead the key's flight on a miss.
+//! `X-Cache` says which:
+//! - `HIT`: a fresh stored answer (XFetch may start a background refresh);
+//! - `STALE`: past freshness, within grace: served at once while a background
+//!   refresh runs (and kept served while ClickHouse fails);
+//! - `MISS`: this process ran the ClickHouse query for this request;
+//! - `COALESCED`: the request read along with a computation started by
+//!   another request, in this process or another one.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use chrono::Utc;
 use dashcache::cache::{CacheKey, Entry};
-use dashcache::catalog::NOW_STEP;
+use dashcache::catalog::{NOW_STEP, QueryDef};
 use dashcache::clickhouse::UpstreamError;
 use dashcache::coalesce::{FlightError, Role, Subscriber};
 use dashcache::fill::FillJob;
 use dashcache::format::Format;
+use dashcache::freshness::{self, Freshness};
 use dashcache::params::{Clock, Problem, RawParam};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 
 use crate::app::App;
 use crate::reply::{self, Body};
+
+/// What a client is told to wait before retrying when nothing can be served.
+const RETRY_AFTER_SECS: u64 = 5;
 
 pub async fn handle<B>(app: &Arc<App>, name: &str, req: &Request<B>) -> Response<Body> {
     let Some(query) = app.catalog.get(name) else {
@@ -33,8 +42,9 @@ pub async fn handle<B>(app: &Arc<App>, name: &str, req: &Request<B>) -> Response
     let raw: Vec<RawParam> =
         form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()).collect();
     let (format, params, mut problems) = split_format(raw);
+    let now = Utc::now();
     let clock = Clock {
-        now: Utc::now(),
+        now,
         now_step: NOW_STEP,
     };
     let bound = match query.bind(&params, &clock) {
@@ -57,36 +67,62 @@ pub async fn handle<B>(app: &Arc<App>, name: &str, req: &Request<B>) -> Response
         }
     };
     let key = CacheKey::new(&app.config.cache.key_prefix, name, None, format, &sql);
+    let job = || FillJob {
+        key: key.clone(),
+        query: name.to_owned(),
+        sql: sql.clone(),
+        format,
+        ttl: query.ttl,
+        grace: query.grace,
+        replaces: None,
+    };
 
-    if let Some(entry) = fresh(app.cache.get(&key).await) {
-        app.metrics.cache_result("HIT");
-        return hit(entry, req.headers());
+    let now_ms = now.timestamp_millis();
+    if let Some(entry) = app.cache.get(&key, now_ms).await {
+        let beta = app.config.cache.xfetch_beta;
+        match freshness::judge(&entry.header, now_ms, beta, freshness::sample()) {
+            Freshness::Fresh { refresh_early } => {
+                if refresh_early && refresh(app, &key, &entry, job()) {
+                    app.metrics.early_refreshes.inc();
+                }
+                app.metrics.cache_result("HIT");
+                return stored(&entry, "HIT", req.headers(), now_ms);
+            }
+            Freshness::Stale => {
+                refresh(app, &key, &entry, job());
+                app.metrics.cache_result("STALE");
+                return stored(&entry, "STALE", req.headers(), now_ms);
+            }
+            Freshness::Expired => {}
+        }
     }
 
-    match app.coalescer.join(&key) {
-        Role::Follower(subscriber) => {
-            app.metrics.cache_result("COALESCED");
-            streamed(subscriber, format, "COALESCED", query.ttl.as_secs()).await
+    let (subscriber, leader) = match app.coalescer.join(&key, app.config.coalesce.max_waiters) {
+        Role::Leader(producer, subscriber) => {
+            app.filler.spawn(job(), producer);
+            (subscriber, true)
         }
-        Role::Leader(mut producer, subscriber) => {
-            // The key may have been stored between the lookup and the join.
-            if let Some(entry) = fresh(app.cache.get(&key).await) {
-                producer.push(entry.body.clone());
-                producer.complete();
-                app.metrics.cache_result("HIT");
-                return hit(entry, req.headers());
-            }
-            app.metrics.cache_result("MISS");
-            let job = FillJob {
-                key,
-                query: name.to_owned(),
-                sql,
-                format,
-                ttl: query.ttl,
-            };
+        Role::Follower(subscriber) => (subscriber, false),
+        Role::Overloaded => {
+            return unavailable(
+                "too_many_waiters",
+                "too many requests are waiting for this answer; retry shortly",
+            );
+        }
+    };
+    streamed(app, query, subscriber, leader, format).await
+}
+
+/// Starts a background refresh of `entry` unless one is already running in
+/// this process (other processes are kept out by the fill's Redis lock).
+fn refresh(app: &App, key: &CacheKey, entry: &Entry, mut job: FillJob) -> bool {
+    match app.coalescer.join(key, usize::MAX) {
+        Role::Leader(producer, _reader) => {
+            job.replaces = Some(entry.header.created_ms);
             app.filler.spawn(job, producer);
-            streamed(subscriber, format, "MISS", query.ttl.as_secs()).await
+            true
         }
+        Role::Follower(_) | Role::Overloaded => false,
     }
 }
 
@@ -118,14 +154,10 @@ fn split_format(raw: Vec<RawParam<'_>>) -> (Format, Vec<RawParam<'_>>, Vec<Probl
     (format.unwrap_or(Format::Json), params, problems)
 }
 
-fn fresh(entry: Option<Entry>) -> Option<Entry> {
-    entry.filter(|e| Utc::now().timestamp_millis() < e.header.fresh_until_ms)
-}
-
-fn hit(entry: Entry, request: &HeaderMap) -> Response<Body> {
-    let now = Utc::now().timestamp_millis();
-    let age = (now - entry.header.created_ms).max(0) / 1000;
-    let max_age = (entry.header.fresh_until_ms - now).max(0) / 1000;
+/// A stored answer (HIT or STALE), or 304 when the client has it already.
+fn stored(entry: &Entry, cache: &'static str, request: &HeaderMap, now_ms: i64) -> Response<Body> {
+    let age = (now_ms - entry.header.created_ms).max(0) / 1000;
+    let max_age = (entry.header.fresh_until_ms - now_ms).max(0) / 1000;
     let not_modified = request
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -138,10 +170,10 @@ fn hit(entry: Entry, request: &HeaderMap) -> Response<Body> {
         *response.status_mut() = StatusCode::NOT_MODIFIED;
         response
     } else {
-        Response::new(reply::full(entry.body))
+        Response::new(reply::full(entry.body.clone()))
     };
     let headers = response.headers_mut();
-    headers.insert("x-cache", HeaderValue::from_static("HIT"));
+    headers.insert("x-cache", HeaderValue::from_static(cache));
     if let Ok(etag) = HeaderValue::from_str(&entry.header.etag) {
         headers.insert(header::ETAG, etag);
     }
@@ -153,19 +185,33 @@ fn hit(entry: Entry, request: &HeaderMap) -> Response<Body> {
     response
 }
 
-/// Answers from a flight: waits for the first chunk (or the verdict) so that
-/// a failure before any byte becomes a proper error status.
+/// Answers from a flight: waits (bounded) for the first chunk or the verdict,
+/// so that a failure before any byte becomes a proper error status.
 async fn streamed(
+    app: &App,
+    query: &QueryDef,
     mut subscriber: Subscriber,
+    leader: bool,
     format: Format,
-    cache: &'static str,
-    max_age: u64,
 ) -> Response<Body> {
-    let body = match subscriber.next().await {
+    let wait = app.config.coalesce.wait_timeout;
+    let first = match tokio::time::timeout(wait, subscriber.next()).await {
+        Ok(first) => first,
+        Err(_) => Some(Err(FlightError::WaitTimeout(wait))),
+    };
+    // Only the request that started the flight, in the process that ran the
+    // query, is the MISS; everyone else read along.
+    let cache = if leader && subscriber.computed_here() {
+        "MISS"
+    } else {
+        "COALESCED"
+    };
+    let body = match first {
         Some(Ok(first)) => reply::stream(first, subscriber),
         None => reply::full(Bytes::new()),
         Some(Err(err)) => return upstream_error(&err),
     };
+    app.metrics.cache_result(cache);
     let mut response = Response::new(body);
     let headers = response.headers_mut();
     headers.insert(
@@ -173,7 +219,7 @@ async fn streamed(
         HeaderValue::from_static(format.content_type()),
     );
     headers.insert("x-cache", HeaderValue::from_static(cache));
-    cache_control(headers, max_age as i64);
+    cache_control(headers, query.ttl.as_secs() as i64);
     response
 }
 
@@ -183,32 +229,38 @@ fn cache_control(headers: &mut HeaderMap, max_age: i64) {
     }
 }
 
-/// A failed computation as the client sees it. ClickHouse's own message stays
-/// in the proxy's log: it can carry SQL and server internals.
+/// 503 with `Retry-After`: nothing to serve right now.
+fn unavailable(kind: &str, detail: &str) -> Response<Body> {
+    let mut response = reply::error(StatusCode::SERVICE_UNAVAILABLE, kind, detail);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+    response
+}
+
+/// A failed computation as the client sees it: 503 + `Retry-After`, nothing
+/// being cached to serve instead. ClickHouse's own message stays in the log:
+/// it can carry SQL and server internals.
 fn upstream_error(err: &FlightError) -> Response<Body> {
     match err {
-        FlightError::Upstream(err) if err.is_timeout() => reply::error(
-            StatusCode::GATEWAY_TIMEOUT,
+        FlightError::Upstream(err) if err.is_timeout() => unavailable(
             "upstream_timeout",
-            "ClickHouse did not finish the query in time; narrow the range or try later",
+            "ClickHouse did not finish the query in time; narrow the range or retry later",
         ),
-        FlightError::Upstream(UpstreamError::Connect(_)) => reply::error(
-            StatusCode::BAD_GATEWAY,
-            "upstream_unavailable",
-            "ClickHouse is unreachable",
-        ),
-        FlightError::Upstream(err) => reply::error(
-            StatusCode::BAD_GATEWAY,
+        FlightError::Upstream(UpstreamError::Connect(_)) => {
+            unavailable("upstream_unavailable", "ClickHouse is unreachable")
+        }
+        FlightError::Upstream(err) => unavailable(
             "upstream_error",
-            match err.code() {
+            &match err.code() {
                 Some(code) => format!("ClickHouse failed the query (code {code})"),
                 None => "ClickHouse failed the query".to_string(),
             },
         ),
-        FlightError::Aborted => reply::error(
-            StatusCode::BAD_GATEWAY,
-            "upstream_error",
-            "the query ended without an answer",
+        FlightError::WaitTimeout(wait) => unavailable(
+            "upstream_timeout",
+            &format!("no answer within {}s", wait.as_secs()),
         ),
+        FlightError::Aborted => unavailable("upstream_error", "the query ended without an answer"),
     }
 }

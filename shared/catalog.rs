@@ -33,6 +33,8 @@ pub struct QueryDef {
     pub name: String,
     pub description: Option<String>,
     pub ttl: Duration,
+    /// How long past `ttl` a stale answer may be served.
+    pub grace: Duration,
     /// Declared parameters, sorted by name.
     pub params: Vec<ParamDef>,
     pub range: Option<RangeRule>,
@@ -76,7 +78,7 @@ impl Catalog {
         }
         let mut queries = BTreeMap::new();
         for (name, query) in &config.queries {
-            let def = QueryDef::compile(name, query, config.base_dir(), config.cache.default_ttl)
+            let def = QueryDef::compile(name, query, config)
                 .map_err(|msg| config.invalid(format!("query `{name}`: {msg}")))?;
             queries.insert(name.clone(), Arc::new(def));
         }
@@ -93,12 +95,8 @@ impl Catalog {
 }
 
 impl QueryDef {
-    fn compile(
-        name: &str,
-        config: &QueryConfig,
-        base_dir: &Path,
-        default_ttl: Duration,
-    ) -> Result<QueryDef, String> {
+    fn compile(name: &str, config: &QueryConfig, file: &Config) -> Result<QueryDef, String> {
+        let base_dir = file.base_dir();
         let mut params = Vec::new();
         for (param_name, param) in &config.params {
             if RESERVED_PARAMS.contains(&param_name.as_str()) {
@@ -170,7 +168,8 @@ impl QueryDef {
         Ok(QueryDef {
             name: name.to_owned(),
             description: config.description.clone(),
-            ttl: config.ttl.unwrap_or(default_ttl),
+            ttl: config.ttl.unwrap_or(file.cache.default_ttl),
+            grace: config.grace.unwrap_or(file.cache.default_grace),
             params,
             range,
             templates,

@@ -12,6 +12,7 @@
 //! This module knows nothing about ClickHouse or Redis; it moves bytes.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
@@ -27,6 +28,8 @@ pub enum FlightError {
     Upstream(#[from] UpstreamError),
     #[error("the computation ended without an answer")]
     Aborted,
+    #[error("no answer from the process computing it within {0:?}")]
+    WaitTimeout(std::time::Duration),
 }
 
 /// The flights currently in the air, by cache key.
@@ -41,6 +44,8 @@ pub enum Role {
     Leader(Producer, Subscriber),
     /// Somebody is: read along.
     Follower(Subscriber),
+    /// Somebody is, and too many requests already wait for it.
+    Overloaded,
 }
 
 impl Coalescer {
@@ -48,10 +53,14 @@ impl Coalescer {
         Arc::new(Coalescer::default())
     }
 
-    /// Joins the flight for `key`, starting one if there is none.
-    pub fn join(self: &Arc<Self>, key: &CacheKey) -> Role {
+    /// Joins the flight for `key`, starting one if there is none; at most
+    /// `max_waiters` readers per flight.
+    pub fn join(self: &Arc<Self>, key: &CacheKey, max_waiters: usize) -> Role {
         let mut flights = lock(&self.flights);
         if let Some(flight) = flights.get(key) {
+            if flight.readers.load(Ordering::Relaxed) >= max_waiters {
+                return Role::Overloaded;
+            }
             return Role::Follower(flight.subscribe());
         }
         let flight = Arc::new(Flight::new());
@@ -84,6 +93,10 @@ impl Coalescer {
 pub struct Flight {
     state: Mutex<State>,
     changed: watch::Sender<u64>,
+    readers: AtomicUsize,
+    /// Whether this process ran the computation (rather than picking up
+    /// another process's answer).
+    computed: AtomicBool,
 }
 
 #[derive(Default)]
@@ -97,10 +110,13 @@ impl Flight {
         Flight {
             state: Mutex::new(State::default()),
             changed: watch::Sender::new(0),
+            readers: AtomicUsize::new(0),
+            computed: AtomicBool::new(false),
         }
     }
 
     fn subscribe(self: &Arc<Self>) -> Subscriber {
+        self.readers.fetch_add(1, Ordering::Relaxed);
         Subscriber {
             flight: self.clone(),
             next: 0,
@@ -125,6 +141,16 @@ pub struct Producer {
 }
 
 impl Producer {
+    /// Records that this process runs the computation (readers then report MISS).
+    pub fn mark_computed(&self) {
+        self.flight.computed.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether any chunk was pushed yet.
+    pub fn started(&self) -> bool {
+        !lock(&self.flight.state).chunks.is_empty()
+    }
+
     pub fn push(&self, chunk: Bytes) {
         self.flight.update(|state| state.chunks.push(chunk));
     }
@@ -167,7 +193,18 @@ pub struct Subscriber {
     changed: watch::Receiver<u64>,
 }
 
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.flight.readers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Subscriber {
+    /// Whether this process computed the answer (see [`Producer::mark_computed`]).
+    pub fn computed_here(&self) -> bool {
+        self.flight.computed.load(Ordering::Relaxed)
+    }
+
     /// The next chunk; `None` once the answer is complete.
     pub async fn next(&mut self) -> Option<Result<Bytes, FlightError>> {
         loop {
@@ -209,14 +246,14 @@ mod tests {
     #[tokio::test]
     async fn followers_stream_what_the_leader_produces() {
         let coalescer = Coalescer::new();
-        let Role::Leader(mut producer, mut leader) = coalescer.join(&key(1)) else {
+        let Role::Leader(mut producer, mut leader) = coalescer.join(&key(1), 10) else {
             panic!("first join must lead")
         };
         producer.push(Bytes::from_static(b"a"));
-        let Role::Follower(mut follower) = coalescer.join(&key(1)) else {
+        let Role::Follower(mut follower) = coalescer.join(&key(1), 10) else {
             panic!("second join must follow")
         };
-        assert!(matches!(coalescer.join(&key(2)), Role::Leader(..)));
+        assert!(matches!(coalescer.join(&key(2), 10), Role::Leader(..)));
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
             while let Some(chunk) = follower.next().await {
@@ -229,15 +266,26 @@ mod tests {
         assert_eq!(reader.await.unwrap(), b"ab");
         assert_eq!(leader.next().await.unwrap().unwrap(), "a");
         // Until the producer is dropped, late requests still join the finished flight.
-        assert!(matches!(coalescer.join(&key(1)), Role::Follower(_)));
+        assert!(matches!(coalescer.join(&key(1), 10), Role::Follower(_)));
         drop(producer);
-        assert!(matches!(coalescer.join(&key(1)), Role::Leader(..)));
+        assert!(matches!(coalescer.join(&key(1), 10), Role::Leader(..)));
+    }
+
+    #[tokio::test]
+    async fn waiters_per_key_are_capped() {
+        let coalescer = Coalescer::new();
+        let _leader = coalescer.join(&key(4), 2);
+        let second = coalescer.join(&key(4), 2);
+        assert!(matches!(second, Role::Follower(_)));
+        assert!(matches!(coalescer.join(&key(4), 2), Role::Overloaded));
+        drop(second);
+        assert!(matches!(coalescer.join(&key(4), 2), Role::Follower(_)));
     }
 
     #[tokio::test]
     async fn a_dropped_producer_fails_its_readers() {
         let coalescer = Coalescer::new();
-        let Role::Leader(producer, mut reader) = coalescer.join(&key(3)) else {
+        let Role::Leader(producer, mut reader) = coalescer.join(&key(3), 10) else {
             panic!("first join must lead")
         };
         drop(producer);

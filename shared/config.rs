@@ -41,6 +41,8 @@ pub struct Config {
     pub redis: RedisConfig,
     #[serde(default)]
     pub cache: CacheConfig,
+    #[serde(default)]
+    pub coalesce: CoalesceConfig,
     /// Named queries, `[query.<name>]`.
     #[serde(default, rename = "query")]
     pub queries: BTreeMap<String, QueryConfig>,
@@ -135,6 +137,17 @@ pub struct CacheConfig {
     /// TTL of queries that do not set their own.
     #[serde(with = "humantime_serde")]
     pub default_ttl: Duration,
+    /// How long past its freshness an answer may still be served (STALE) while
+    /// it is refreshed, or while ClickHouse fails; queries may set their own.
+    #[serde(with = "humantime_serde")]
+    pub default_grace: Duration,
+    /// XFetch's beta: above 1 refreshes earlier, below 1 later, 0 never early.
+    pub xfetch_beta: f64,
+    /// In-process cache in front of Redis: total body bytes (0 disables it).
+    pub l1_max_bytes: u64,
+    /// How long an answer stays in the in-process cache (never past its freshness).
+    #[serde(with = "humantime_serde")]
+    pub l1_ttl: Duration,
 }
 
 impl Default for CacheConfig {
@@ -143,6 +156,39 @@ impl Default for CacheConfig {
             key_prefix: "dashcache".into(),
             max_entry_bytes: 8 << 20,
             default_ttl: Duration::from_secs(300),
+            default_grace: Duration::from_secs(3600),
+            xfetch_beta: 1.0,
+            l1_max_bytes: 64 << 20,
+            l1_ttl: Duration::from_secs(2),
+        }
+    }
+}
+
+/// How concurrent misses for one key wait for a single computation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoalesceConfig {
+    /// Requests that may wait on one key in one process; more get 503.
+    pub max_waiters: usize,
+    /// How long a request waits for the first byte of a coalesced answer.
+    #[serde(with = "humantime_serde")]
+    pub wait_timeout: Duration,
+    /// Lifetime of the Redis lock that makes one process compute a key; the
+    /// holder renews it while computing, so it only expires when the holder dies.
+    #[serde(with = "humantime_serde")]
+    pub lock_ttl: Duration,
+    /// How often processes waiting on another's lock look for the answer.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+}
+
+impl Default for CoalesceConfig {
+    fn default() -> Self {
+        Self {
+            max_waiters: 4096,
+            wait_timeout: Duration::from_secs(35),
+            lock_ttl: Duration::from_secs(10),
+            poll_interval: Duration::from_millis(20),
         }
     }
 }
@@ -159,6 +205,9 @@ pub struct QueryConfig {
     /// How long an answer stays fresh (defaults to `cache.default_ttl`).
     #[serde(default, with = "humantime_serde")]
     pub ttl: Option<Duration>,
+    /// How long a stale answer may still be served (defaults to `cache.default_grace`).
+    #[serde(default, with = "humantime_serde")]
+    pub grace: Option<Duration>,
     #[serde(default)]
     pub params: BTreeMap<String, ParamConfig>,
     /// The time range rule for queries that read a time range.

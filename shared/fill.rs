@@ -1,10 +1,17 @@
-//! Computing one missing answer: ClickHouse → flight readers → cache.
+//! Computing one answer: ClickHouse → flight readers → cache, once across processes.
 //!
-//! A fill runs as a detached task that owns a flight's [`Producer`]: it reads
-//! ClickHouse's answer chunk by chunk, hands each chunk to the flight's readers
-//! as it arrives, and, when the answer is complete, verified and within the
-//! size limit, stores it as one [`Entry`]. A failed answer is never stored.
-//! Proxy misses and scheduler warm-ups both go through [`Filler::spawn`].
+//! A fill runs as a detached task that owns a flight's [`Producer`], so no
+//! client going away cancels it for the others. It first takes the key's Redis
+//! lock. If another process holds it, the fill waits for that process's answer
+//! to land in Redis and hands it to its readers; if the lock disappears without
+//! an answer (the holder failed or died), it takes over. Holding the lock, it
+//! reads ClickHouse's answer chunk by chunk, hands each chunk to the readers as
+//! it arrives, and stores a complete, verified answer within the size limit as
+//! one [`Entry`]. A computation that fails before its first byte is retried once,
+//! so one failure is not fanned out to every reader. A failed answer is never stored.
+//!
+//! Proxy misses, background refreshes and scheduler warm-ups all go through
+//! [`Filler::spawn`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,9 +19,10 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 
-use crate::cache::{CacheKey, Entry, EntryHeader, RedisCache};
-use crate::clickhouse::ClickHouse;
-use crate::coalesce::Producer;
+use crate::cache::{Cache, CacheKey, Entry, EntryHeader, LockOutcome};
+use crate::clickhouse::{ClickHouse, UpstreamError};
+use crate::coalesce::{FlightError, Producer};
+use crate::config::CoalesceConfig;
 use crate::format::Format;
 use crate::metrics::{Metrics, ResultLabels};
 
@@ -26,14 +34,26 @@ pub struct FillJob {
     pub sql: String,
     pub format: Format,
     pub ttl: Duration,
+    pub grace: Duration,
+    /// For a refresh: `created_ms` of the entry it replaces. An answer at
+    /// least that new, stored meanwhile by anyone, makes the computation moot.
+    pub replaces: Option<i64>,
 }
 
-/// What fills need: ClickHouse, the cache and the size limit.
+/// What fills need: ClickHouse, the cache, the limits.
 pub struct Filler {
     pub clickhouse: ClickHouse,
-    pub cache: Arc<RedisCache>,
+    pub cache: Arc<Cache>,
     pub metrics: Arc<Metrics>,
     pub max_entry_bytes: usize,
+    pub coalesce: CoalesceConfig,
+}
+
+/// How waiting on another process's lock ended.
+enum Remote {
+    Landed(Arc<Entry>),
+    Released,
+    TimedOut,
 }
 
 impl Filler {
@@ -44,31 +64,110 @@ impl Filler {
     }
 
     async fn run(&self, job: FillJob, mut producer: Producer) {
-        let started = Instant::now();
-        let query_id = query_id();
-        let mut answer = match self.clickhouse.query(&job.sql, job.format, &query_id) {
-            Ok(answer) => answer,
-            Err(err) => {
-                tracing::warn!(query = %job.query, %query_id, error = %err, "ClickHouse query failed");
-                producer.fail(err.into());
+        let token = unique_id();
+        let redis = self.cache.redis();
+        let deadline = Instant::now() + self.coalesce.wait_timeout;
+        loop {
+            let outcome = redis.lock(&job.key, &token, self.coalesce.lock_ttl).await;
+            if outcome == LockOutcome::Held {
+                match self.await_remote(&job, deadline).await {
+                    Remote::Landed(entry) => {
+                        producer.push(entry.body.clone());
+                        producer.complete();
+                        return;
+                    }
+                    Remote::Released => continue,
+                    Remote::TimedOut => {
+                        producer.fail(FlightError::WaitTimeout(self.coalesce.wait_timeout));
+                        return;
+                    }
+                }
+            }
+            let locked = outcome == LockOutcome::Acquired;
+            if locked && let Some(entry) = self.landed(&job).await {
+                // Stored by someone between our lookup and our lock.
+                redis.unlock(&job.key, &token).await;
+                producer.push(entry.body.clone());
+                producer.complete();
                 return;
             }
-        };
-        let mut size = 0usize;
+            let renewal = locked.then(|| self.keep_locked(&job.key, &token));
+            self.compute(&job, &mut producer).await;
+            if let Some(renewal) = renewal {
+                renewal.abort();
+                redis.unlock(&job.key, &token).await;
+            }
+            return;
+        }
+    }
+
+    /// Waits while another process holds the key's lock.
+    async fn await_remote(&self, job: &FillJob, deadline: Instant) -> Remote {
         loop {
-            match answer.next().await {
-                Ok(Some(chunk)) => {
-                    size += chunk.len();
-                    producer.push(chunk);
+            if Instant::now() >= deadline {
+                return Remote::TimedOut;
+            }
+            tokio::time::sleep(self.coalesce.poll_interval).await;
+            match self.cache.redis().is_locked(&job.key).await {
+                Some(true) => continue,
+                Some(false) => {
+                    return match self.landed(job).await {
+                        Some(entry) => Remote::Landed(entry),
+                        None => Remote::Released,
+                    };
                 }
-                Ok(None) => break,
+                None => return Remote::Released,
+            }
+        }
+    }
+
+    /// A fresh answer in Redis that makes this job moot.
+    async fn landed(&self, job: &FillJob) -> Option<Arc<Entry>> {
+        let now = now_ms();
+        let entry = self.cache.redis().get(&job.key).await?;
+        let newer = entry.header.created_ms > job.replaces.unwrap_or(i64::MIN);
+        (newer && now < entry.header.fresh_until_ms).then(|| Arc::new(entry))
+    }
+
+    /// Renews the lock while the computation runs, so only a dead holder loses it.
+    fn keep_locked(&self, key: &CacheKey, token: &str) -> tokio::task::JoinHandle<()> {
+        let cache = self.cache.clone();
+        let (key, token) = (key.clone(), token.to_owned());
+        let ttl = self.coalesce.lock_ttl;
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(ttl / 3);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                if !cache.redis().renew(&key, &token, ttl).await {
+                    return;
+                }
+            }
+        })
+    }
+
+    /// Runs the query (retrying once if it fails before its first byte) and
+    /// stores the answer.
+    async fn compute(&self, job: &FillJob, producer: &mut Producer) {
+        let started = Instant::now();
+        let mut attempt = 1;
+        let size = loop {
+            match self.attempt(job, producer).await {
+                Ok(size) => break size,
+                Err(err) if attempt == 1 && !producer.started() => {
+                    tracing::warn!(query = %job.query, error = %err, "ClickHouse query failed; retrying once");
+                    attempt += 1;
+                }
                 Err(err) => {
-                    tracing::warn!(query = %job.query, %query_id, error = %err, "ClickHouse query failed");
+                    tracing::warn!(query = %job.query, error = %err, "ClickHouse query failed");
+                    if job.replaces.is_some() {
+                        self.metrics.refresh_failures.inc();
+                    }
                     producer.fail(err.into());
                     return;
                 }
             }
-        }
+        };
         let compute = started.elapsed();
         self.metrics
             .clickhouse_duration
@@ -83,8 +182,9 @@ impl Filler {
             for chunk in producer.chunks() {
                 body.extend_from_slice(&chunk);
             }
-            let entry = new_entry(body.freeze(), &job, compute);
-            if self.cache.put(&job.key, &entry, job.ttl).await {
+            let now = now_ms();
+            let entry = Arc::new(new_entry(body.freeze(), job, compute, now));
+            if self.cache.put(&job.key, entry, now).await {
                 "stored"
             } else {
                 "failed"
@@ -94,18 +194,30 @@ impl Filler {
             .cache_stores
             .get_or_create(&ResultLabels { result: outcome })
             .inc();
-        // Dropping the producer lands the flight: later requests read the cache.
+        // The caller drops the producer, which lands the flight: later
+        // requests read the cache.
+    }
+
+    /// One run of the query; the answer's size on success.
+    async fn attempt(&self, job: &FillJob, producer: &Producer) -> Result<usize, UpstreamError> {
+        let mut answer = self.clickhouse.query(&job.sql, job.format, &unique_id())?;
+        producer.mark_computed();
+        let mut size = 0usize;
+        while let Some(chunk) = answer.next().await? {
+            size += chunk.len();
+            producer.push(chunk);
+        }
+        Ok(size)
     }
 }
 
-fn new_entry(body: bytes::Bytes, job: &FillJob, compute: Duration) -> Entry {
-    let now = chrono::Utc::now().timestamp_millis();
-    let fresh_until = now.saturating_add(i64::try_from(job.ttl.as_millis()).unwrap_or(i64::MAX));
+fn new_entry(body: bytes::Bytes, job: &FillJob, compute: Duration, now: i64) -> Entry {
+    let fresh_until = now.saturating_add(millis(job.ttl));
     Entry {
         header: EntryHeader {
             created_ms: now,
             fresh_until_ms: fresh_until,
-            stale_until_ms: fresh_until,
+            stale_until_ms: fresh_until.saturating_add(millis(job.grace)),
             compute_ms: u64::try_from(compute.as_millis()).unwrap_or(u64::MAX),
             etag: Entry::etag_of(&body),
             content_type: job.format.content_type().to_owned(),
@@ -115,14 +227,23 @@ fn new_entry(body: bytes::Bytes, job: &FillJob, compute: Duration) -> Entry {
     }
 }
 
-/// A query id unique across processes and restarts, to find a query in
-/// `system.processes` (and kill it).
-fn query_id() -> String {
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// An id unique across processes and restarts: ClickHouse query ids (to find
+/// a query in `system.processes`) and lock tokens.
+fn unique_id() -> String {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     format!(
-        "dashcache-{}-{}-{}",
+        "dashcache-{}-{}-{}-{:08x}",
         std::process::id(),
-        chrono::Utc::now().timestamp_millis(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
+        now_ms(),
+        SEQ.fetch_add(1, Ordering::Relaxed),
+        rand::random::<u32>()
     )
 }

@@ -14,6 +14,7 @@ pub mod coalesce;
 pub mod config;
 pub mod fill;
 pub mod format;
+pub mod freshness;
 pub mod metrics;
 pub mod params;
 pub mod sql;

@@ -45,10 +45,13 @@ pub struct Metrics {
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_duration: HistogramFamily<RouteLabels>,
     pub http_in_flight: Gauge,
-    /// HIT, MISS, COALESCED (and later STALE) per request.
+    /// HIT, STALE, MISS, COALESCED per request.
     pub cache_requests: Family<ResultLabels, Counter>,
     /// Outcome of storing a computed answer: stored, too_large, failed.
     pub cache_stores: Family<ResultLabels, Counter>,
+    pub l1_hits: Counter,
+    pub early_refreshes: Counter,
+    pub refresh_failures: Counter,
     pub clickhouse_queries: Counter,
     pub clickhouse_errors: Family<KindLabels, Counter>,
     pub clickhouse_duration: Histogram,
@@ -87,7 +90,7 @@ impl Metrics {
         let cache_requests = Family::<ResultLabels, Counter>::default();
         registry.register(
             "cache_requests",
-            "Cached-query requests by cache result (HIT, MISS, COALESCED)",
+            "Cached-query requests by cache result (HIT, STALE, MISS, COALESCED)",
             cache_requests.clone(),
         );
         let cache_stores = Family::<ResultLabels, Counter>::default();
@@ -95,6 +98,24 @@ impl Metrics {
             "cache_stores",
             "Computed answers by store outcome (stored, too_large, failed)",
             cache_stores.clone(),
+        );
+        let l1_hits = Counter::default();
+        registry.register(
+            "l1_hits",
+            "Answers served from the in-process cache",
+            l1_hits.clone(),
+        );
+        let early_refreshes = Counter::default();
+        registry.register(
+            "early_refreshes",
+            "Background refreshes started by XFetch before an answer expired",
+            early_refreshes.clone(),
+        );
+        let refresh_failures = Counter::default();
+        registry.register(
+            "refresh_failures",
+            "Refreshes of a cached answer that failed (the old answer keeps being served)",
+            refresh_failures.clone(),
         );
         let clickhouse_queries = Counter::default();
         registry.register(
@@ -127,6 +148,9 @@ impl Metrics {
             http_in_flight,
             cache_requests,
             cache_stores,
+            l1_hits,
+            early_refreshes,
+            refresh_failures,
             clickhouse_queries,
             clickhouse_errors,
             clickhouse_duration,

@@ -1,18 +1,84 @@
-//! The answer cache: key, stored entry format, and the Redis store.
+//! The answer cache: key, stored entry format, and the two tiers that hold entries.
 //!
-//! [`CacheKey`] says *where* an answer lives, [`Entry`] *what* is stored there,
-//! [`RedisCache`] reads and writes entries and degrades to "always miss" while
-//! Redis is unreachable. Both binaries use these, so an entry warmed by the
-//! scheduler is exactly what the proxy would have stored.
+//! [`CacheKey`] says *where* an answer lives, [`Entry`] *what* is stored there.
+//! [`Cache`] reads through a small in-process tier ([`L1`]) to Redis
+//! ([`RedisCache`]), which degrades to "always miss" while Redis is unreachable.
+//! Both binaries use these, so an entry warmed by the scheduler is exactly what
+//! the proxy would have stored. Whether an entry is fresh is [`crate::freshness`]'s call.
 
 mod entry;
 mod key;
+mod l1;
 mod redis;
+
+use std::sync::Arc;
+use std::time::Duration;
 
 pub use self::entry::{Entry, EntryError, EntryHeader};
 pub use self::key::CacheKey;
-pub use self::redis::RedisCache;
+pub use self::l1::L1;
+pub use self::redis::{LockOutcome, RedisCache};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
 
 /// Version of the key scheme and the entry format. Bump it on any incompatible
 /// change to either: old entries then simply become misses and expire.
 pub const VERSION: u8 = 1;
+
+/// L1 in front of Redis.
+pub struct Cache {
+    l1: Option<L1>,
+    redis: RedisCache,
+    metrics: Arc<Metrics>,
+}
+
+impl Cache {
+    /// Builds both tiers from the config (`with_l1: false` for processes that
+    /// only write, like the scheduler).
+    pub fn new(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        with_l1: bool,
+    ) -> Result<Cache, ::redis::RedisError> {
+        let l1 = (with_l1 && config.cache.l1_max_bytes > 0 && !config.cache.l1_ttl.is_zero())
+            .then(|| L1::new(config.cache.l1_max_bytes, config.cache.l1_ttl));
+        Ok(Cache {
+            l1,
+            redis: RedisCache::new(&config.redis, metrics.clone())?,
+            metrics,
+        })
+    }
+
+    /// The entry under `key`: a fresh one from L1, else whatever Redis holds.
+    pub async fn get(&self, key: &CacheKey, now_ms: i64) -> Option<Arc<Entry>> {
+        if let Some(l1) = &self.l1
+            && let Some(entry) = l1.get(key, now_ms)
+        {
+            self.metrics.l1_hits.inc();
+            return Some(entry);
+        }
+        let entry = Arc::new(self.redis.get(key).await?);
+        if let Some(l1) = &self.l1
+            && now_ms < entry.header.fresh_until_ms
+        {
+            l1.insert(key.clone(), entry.clone());
+        }
+        Some(entry)
+    }
+
+    /// Stores `entry` in both tiers; Redis keeps it until its stale window ends.
+    /// False when Redis did not take it.
+    pub async fn put(&self, key: &CacheKey, entry: Arc<Entry>, now_ms: i64) -> bool {
+        let keep = Duration::from_millis((entry.header.stale_until_ms - now_ms).max(1) as u64);
+        let stored = self.redis.put(key, &entry, keep).await;
+        if let Some(l1) = &self.l1 {
+            l1.insert(key.clone(), entry);
+        }
+        stored
+    }
+
+    pub fn redis(&self) -> &RedisCache {
+        &self.redis
+    }
+}

@@ -6,6 +6,11 @@
 //! misses and writes are skipped without waiting, so a dead Redis costs requests
 //! nothing but the cache. The first operation after that window probes again,
 //! and success brings caching back without a restart.
+//!
+//! It also holds the per-key computation locks that make several proxy
+//! processes run a missing key once: `SET NX PX` with a random token, renewed
+//! and released only by the holder (compare-and-act Lua scripts). A lock key is
+//! the entry key plus `:lock`, in the same Redis Cluster slot.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -18,6 +23,22 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use super::{CacheKey, Entry};
 use crate::config::RedisConfig;
 use crate::metrics::Metrics;
+
+/// What trying to take a computation lock gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockOutcome {
+    /// This process holds it now.
+    Acquired,
+    /// Another process holds it: it is computing the key.
+    Held,
+    /// Redis cannot tell: compute without a lock.
+    Unavailable,
+}
+
+const RENEW_SCRIPT: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+    return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end";
+const RELEASE_SCRIPT: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+    return redis.call('DEL', KEYS[1]) else return 0 end";
 
 /// The Redis side of the cache.
 pub struct RedisCache {
@@ -75,7 +96,7 @@ impl RedisCache {
         let Some(mut conn) = self.available() else {
             return false;
         };
-        let ttl_ms = ttl.as_millis().clamp(1, u64::MAX as u128) as u64;
+        let ttl_ms = millis(ttl);
         let encoded = entry.encode();
         let reply = tokio::time::timeout(
             self.timeout,
@@ -83,6 +104,57 @@ impl RedisCache {
         )
         .await;
         self.settle(reply).is_some()
+    }
+
+    /// Tries to take the computation lock of `key` for `ttl`.
+    pub async fn lock(&self, key: &CacheKey, token: &str, ttl: Duration) -> LockOutcome {
+        let Some(mut conn) = self.available() else {
+            return LockOutcome::Unavailable;
+        };
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(lock_key(key))
+            .arg(token)
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(ttl));
+        let reply =
+            tokio::time::timeout(self.timeout, cmd.query_async::<Option<String>>(&mut conn)).await;
+        match self.settle(reply) {
+            Some(Some(_)) => LockOutcome::Acquired,
+            Some(None) => LockOutcome::Held,
+            None => LockOutcome::Unavailable,
+        }
+    }
+
+    /// Extends a lock this process holds; false if it is no longer ours.
+    pub async fn renew(&self, key: &CacheKey, token: &str, ttl: Duration) -> bool {
+        let script = redis::Script::new(RENEW_SCRIPT);
+        let mut invocation = script.key(lock_key(key));
+        invocation.arg(token).arg(millis(ttl));
+        self.script(invocation).await == Some(1)
+    }
+
+    /// Releases a lock this process holds (a lock that expired and was taken
+    /// by another process is left alone).
+    pub async fn unlock(&self, key: &CacheKey, token: &str) {
+        let script = redis::Script::new(RELEASE_SCRIPT);
+        let mut invocation = script.key(lock_key(key));
+        invocation.arg(token);
+        self.script(invocation).await;
+    }
+
+    /// Whether another process holds the lock of `key`; `None` if Redis cannot tell.
+    pub async fn is_locked(&self, key: &CacheKey) -> Option<bool> {
+        let mut conn = self.available()?;
+        let reply = tokio::time::timeout(self.timeout, conn.exists::<_, bool>(lock_key(key))).await;
+        self.settle(reply)
+    }
+
+    async fn script(&self, invocation: redis::ScriptInvocation<'_>) -> Option<i64> {
+        let mut conn = self.available()?;
+        let reply =
+            tokio::time::timeout(self.timeout, invocation.invoke_async::<i64>(&mut conn)).await;
+        self.settle(reply)
     }
 
     /// Whether Redis is currently considered reachable.
@@ -124,6 +196,14 @@ impl RedisCache {
         }
         None
     }
+}
+
+fn lock_key(key: &CacheKey) -> String {
+    format!("{key}:lock")
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
 fn now_ms() -> i64 {

@@ -9,6 +9,8 @@ async fn redis_down_still_answers_from_clickhouse_and_caching_resumes_when_it_re
     let mut redis = RedisServer::start().await;
     let proxy = Proxy::start_with(ProxyOptions {
         redis_url: redis.url(),
+        // Without the in-process tier, every answer below comes from Redis or ClickHouse.
+        set: vec![("cache", "l1_max_bytes", 0.into())],
         ..Default::default()
     })
     .await;
@@ -38,7 +40,7 @@ async fn redis_down_still_answers_from_clickhouse_and_caching_resumes_when_it_re
 }
 
 #[tokio::test]
-async fn clickhouse_unreachable_is_a_json_502_and_is_not_cached() {
+async fn clickhouse_unreachable_without_a_stored_answer_is_a_503_with_retry_after() {
     let proxy = Proxy::start_with(ProxyOptions {
         clickhouse_url: format!("http://127.0.0.1:{}", free_port()),
         ..Default::default()
@@ -47,14 +49,13 @@ async fn clickhouse_unreachable_is_a_json_502_and_is_not_cached() {
     let url = "/v1/query/revenue?from=today-2d&to=today";
     for _ in 0..2 {
         let reply = proxy.get(url).await;
-        assert_eq!(reply.status, 502, "{}", reply.text());
+        assert_eq!(reply.status, 503, "{}", reply.text());
         assert_eq!(reply.json()["type"], "upstream_unavailable");
+        assert_eq!(reply.header("retry-after"), Some("5"));
         assert_ne!(reply.cache(), "HIT");
     }
-    assert_eq!(
-        proxy.metric("dashcache_clickhouse_queries_total").await,
-        2.0
-    );
+    // Each request's computation was tried twice before anyone got an error.
+    assert_eq!(proxy.metric("dashcache_clickhouse_queries_total").await, 4.0);
 }
 
 fn failing_queries() -> ProxyOptions {
@@ -113,7 +114,7 @@ async fn an_error_clickhouse_appends_to_a_200_body_is_never_served_as_success_or
 async fn an_error_before_the_first_byte_is_a_clean_json_error() {
     let proxy = Proxy::start_with(failing_queries()).await;
     let reply = proxy.get("/v1/query/fails_early").await;
-    assert_eq!(reply.status, 502, "{}", reply.text());
+    assert_eq!(reply.status, 503, "{}", reply.text());
     assert_eq!(reply.json()["type"], "upstream_error");
     assert!(
         reply.json()["detail"].as_str().unwrap().contains("395"),

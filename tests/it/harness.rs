@@ -67,6 +67,8 @@ pub struct ProxyOptions {
     pub clickhouse_url: String,
     /// Extra queries: (name, SQL text, TOML table body).
     pub extra_queries: Vec<(String, String, String)>,
+    /// Config values to set: (section, key, value).
+    pub set: Vec<(&'static str, &'static str, toml::Value)>,
 }
 
 impl Default for ProxyOptions {
@@ -75,6 +77,7 @@ impl Default for ProxyOptions {
             redis_url: redis_url(),
             clickhouse_url: clickhouse_url(),
             extra_queries: Vec::new(),
+            set: Vec::new(),
         }
     }
 }
@@ -173,6 +176,9 @@ fn test_config(options: &ProxyOptions, dir: &Path) -> String {
         options.clickhouse_url.clone().into(),
     );
     set(&mut config, "cache", "key_prefix", unique("it").into());
+    for (section, key, value) in &options.set {
+        set(&mut config, section, key, value.clone());
+    }
     let queries = config
         .get_mut("query")
         .and_then(|q| q.as_table_mut())
