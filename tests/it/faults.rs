@@ -55,7 +55,10 @@ async fn clickhouse_unreachable_without_a_stored_answer_is_a_503_with_retry_afte
         assert_ne!(reply.cache(), "HIT");
     }
     // Each request's computation was tried twice before anyone got an error.
-    assert_eq!(proxy.metric("dashcache_clickhouse_queries_total").await, 4.0);
+    assert_eq!(
+        proxy.metric("dashcache_clickhouse_queries_total").await,
+        4.0
+    );
 }
 
 fn failing_queries() -> ProxyOptions {

@@ -27,6 +27,11 @@ pub fn redis_url() -> String {
     format!("redis://127.0.0.1:{port}")
 }
 
+/// A fresh cache key prefix, for proxies that must share answers.
+pub fn shared_prefix() -> String {
+    unique("it-shared")
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -67,6 +72,8 @@ pub struct ProxyOptions {
     pub clickhouse_url: String,
     /// Extra queries: (name, SQL text, TOML table body).
     pub extra_queries: Vec<(String, String, String)>,
+    /// A fixed cache key prefix, so that several proxies share answers.
+    pub key_prefix: Option<String>,
     /// Config values to set: (section, key, value).
     pub set: Vec<(&'static str, &'static str, toml::Value)>,
 }
@@ -77,6 +84,7 @@ impl Default for ProxyOptions {
             redis_url: redis_url(),
             clickhouse_url: clickhouse_url(),
             extra_queries: Vec::new(),
+            key_prefix: None,
             set: Vec::new(),
         }
     }
@@ -138,6 +146,12 @@ impl Proxy {
         metric(&self.get("/metrics").await.text(), name)
     }
 
+    /// Kills the process at once (no graceful shutdown).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.0.join("proxy.log")).unwrap_or_default()
     }
@@ -175,7 +189,8 @@ fn test_config(options: &ProxyOptions, dir: &Path) -> String {
         "url",
         options.clickhouse_url.clone().into(),
     );
-    set(&mut config, "cache", "key_prefix", unique("it").into());
+    let prefix = options.key_prefix.clone().unwrap_or_else(|| unique("it"));
+    set(&mut config, "cache", "key_prefix", prefix.into());
     for (section, key, value) in &options.set {
         set(&mut config, section, key, value.clone());
     }
@@ -323,5 +338,58 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A TCP relay to the real ClickHouse that a test can cut and restore, to make
+/// ClickHouse unreachable for one proxy without stopping it for the others.
+pub struct Relay {
+    pub port: u16,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Relay {
+    pub async fn start() -> Relay {
+        let mut relay = Relay {
+            port: free_port(),
+            task: None,
+        };
+        relay.restore().await;
+        relay
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops listening and drops every relayed connection.
+    pub fn cut(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+
+    pub async fn restore(&mut self) {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .expect("relay port");
+        let upstream = clickhouse_url().trim_start_matches("http://").to_owned();
+        self.task = Some(tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                connections.spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        }));
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.cut();
     }
 }

@@ -8,4 +8,5 @@ mod harness;
 
 mod coalescing;
 mod faults;
+mod freshness;
 mod query;

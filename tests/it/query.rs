@@ -171,9 +171,14 @@ async fn the_other_demo_queries_answer() {
         .await;
     // Float sums may differ in the last bits between two runs: compare the rest.
     let key = |rows: Vec<serde_json::Value>| -> Vec<(serde_json::Value, serde_json::Value)> {
-        rows.into_iter().map(|r| (r["country"].clone(), r["events"].clone())).collect()
+        rows.into_iter()
+            .map(|r| (r["country"].clone(), r["events"].clone()))
+            .collect()
     };
-    assert_eq!(key(rows(&page.text())), key(rows(&all.text()))[1..].to_vec());
+    assert_eq!(
+        key(rows(&page.text())),
+        key(rows(&all.text()))[1..].to_vec()
+    );
 }
 
 /// (query string, parameter that must be named, error type)

@@ -1,0 +1,194 @@
+//! Freshness without stampedes: cross-process coalescing, XFetch early
+//! refresh, stale-while-revalidate, stale-if-error, leader takeover.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::harness::{Proxy, ProxyOptions, Relay, shared_prefix};
+
+fn query(name: &str, sql: &str, table: &str) -> (String, String, String) {
+    (name.into(), sql.into(), table.into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_processes_run_one_clickhouse_query_for_256_concurrent_cold_requests() {
+    let prefix = shared_prefix();
+    let options = || ProxyOptions {
+        key_prefix: Some(prefix.clone()),
+        ..Default::default()
+    };
+    let proxies = Arc::new([
+        Proxy::start_with(options()).await,
+        Proxy::start_with(options()).await,
+    ]);
+    let url = "/v1/query/revenue?from=today-1d&to=today&granularity=minute&format=csv";
+    let mut tasks = Vec::new();
+    for i in 0..256 {
+        let proxies = proxies.clone();
+        tasks.push(tokio::spawn(async move { proxies[i % 2].get(url).await }));
+    }
+    let mut bodies = HashSet::new();
+    let mut results: HashMap<String, usize> = HashMap::new();
+    for task in tasks {
+        let reply = task.await.unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        *results.entry(reply.cache().to_owned()).or_default() += 1;
+        bodies.insert(reply.text());
+    }
+    assert_eq!(bodies.len(), 1, "every client got the same answer");
+    let mut queries = 0.0;
+    for proxy in proxies.iter() {
+        queries += proxy.metric("dashcache_clickhouse_queries_total").await;
+    }
+    assert_eq!(queries, 1.0, "{results:?}");
+    assert_eq!(results.get("MISS"), Some(&1), "{results:?}");
+}
+
+#[tokio::test]
+async fn a_steadily_read_entry_is_refreshed_before_it_expires() {
+    // A beta this large makes XFetch refresh on (nearly) every read of a fresh
+    // entry, so the outcome is a certainty, not a timing.
+    let proxy = Proxy::start_with(ProxyOptions {
+        extra_queries: vec![query(
+            "short",
+            "SELECT count() AS n FROM demo.events WHERE ts < now()",
+            "ttl = \"2s\"\ngrace = \"0s\"",
+        )],
+        set: vec![("cache", "xfetch_beta", 1e9.into())],
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(proxy.get("/v1/query/short").await.cache(), "MISS");
+    // Steady traffic for more than twice the TTL.
+    let mut results: HashMap<String, usize> = HashMap::new();
+    for _ in 0..50 {
+        let reply = proxy.get("/v1/query/short").await;
+        assert_eq!(reply.status, 200);
+        *results.entry(reply.cache().to_owned()).or_default() += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        results.get("HIT"),
+        Some(&50),
+        "no MISS or STALE after the first: {results:?}"
+    );
+    assert!(proxy.metric("dashcache_early_refreshes_total").await >= 2.0);
+    assert!(proxy.metric("dashcache_clickhouse_queries_total").await >= 3.0);
+}
+
+async fn until(proxy: &Proxy, url: &str, cache: &str) -> crate::harness::Reply {
+    for _ in 0..100 {
+        let reply = proxy.get(url).await;
+        if reply.cache() == cache {
+            return reply;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{url} never answered {cache}; log:\n{}", proxy.log());
+}
+
+#[tokio::test]
+async fn with_clickhouse_unreachable_stale_answers_are_served_and_fresh_ones_resume_after() {
+    let mut relay = Relay::start().await;
+    let proxy = Proxy::start_with(ProxyOptions {
+        clickhouse_url: relay.url(),
+        extra_queries: vec![query(
+            "brief",
+            "SELECT count() AS n FROM demo.events WHERE ts < now()",
+            "ttl = \"1s\"\ngrace = \"1h\"",
+        )],
+        set: vec![("cache", "xfetch_beta", 0.0.into())],
+        ..Default::default()
+    })
+    .await;
+    let first = proxy.get("/v1/query/brief").await;
+    assert_eq!(first.cache(), "MISS");
+
+    relay.cut();
+    let stale = until(&proxy, "/v1/query/brief", "STALE").await;
+    assert_eq!(stale.status, 200);
+    assert_eq!(stale.text(), first.text());
+    // Keeps serving stale while every background refresh fails.
+    for _ in 0..3 {
+        let reply = proxy.get("/v1/query/brief").await;
+        assert_eq!((reply.status, reply.cache()), (200, "STALE"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(proxy.metric("dashcache_refresh_failures_total").await >= 1.0);
+    // Nothing stored for this one: 503 with Retry-After, JSON body.
+    let uncached = proxy
+        .get("/v1/query/top_countries?from=today-9d&to=today")
+        .await;
+    assert_eq!(uncached.status, 503, "{}", uncached.text());
+    assert!(uncached.header("retry-after").is_some());
+    assert_eq!(uncached.json()["type"], "upstream_unavailable");
+
+    relay.restore().await;
+    let fresh = until(&proxy, "/v1/query/brief", "HIT").await;
+    assert_eq!(fresh.status, 200);
+    assert_eq!(
+        proxy
+            .get("/v1/query/top_countries?from=today-9d&to=today")
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn when_the_computing_process_dies_a_waiting_process_takes_over() {
+    let prefix = shared_prefix();
+    let options = || ProxyOptions {
+        key_prefix: Some(prefix.clone()),
+        extra_queries: vec![query(
+            "slow",
+            "SELECT sleep(2) AS slept, 42 AS answer",
+            "ttl = \"5m\"",
+        )],
+        set: vec![("coalesce", "lock_ttl", "1s".into())],
+        ..Default::default()
+    };
+    let mut leader = Proxy::start_with(options()).await;
+    let waiter = Arc::new(Proxy::start_with(options()).await);
+    let leader_base = leader.base.clone();
+    let leader_request =
+        tokio::spawn(
+            async move { crate::harness::get(&format!("{leader_base}/v1/query/slow")).await },
+        );
+    // Wait until the leader has started the query (and so holds the lock).
+    for _ in 0..100 {
+        if leader.metric("dashcache_clickhouse_queries_total").await >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut waiting = Vec::new();
+    for _ in 0..20 {
+        let waiter = waiter.clone();
+        waiting.push(tokio::spawn(
+            async move { waiter.get("/v1/query/slow").await },
+        ));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    leader.kill();
+    let cut = leader_request
+        .await
+        .unwrap()
+        .map(|r| r.body.is_err())
+        .unwrap_or(true);
+    assert!(
+        cut,
+        "the killed leader's own client cannot have a complete answer"
+    );
+    for task in waiting {
+        let reply = task.await.unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert!(reply.text().contains("42"), "{}", reply.text());
+    }
+    assert_eq!(
+        waiter.metric("dashcache_clickhouse_queries_total").await,
+        1.0,
+        "the waiter took over once"
+    );
+}
