@@ -43,6 +43,8 @@ pub struct Config {
     pub cache: CacheConfig,
     #[serde(default)]
     pub coalesce: CoalesceConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
     /// Named queries, `[query.<name>]`.
     #[serde(default, rename = "query")]
     pub queries: BTreeMap<String, QueryConfig>,
@@ -160,6 +162,23 @@ impl Default for CacheConfig {
             xfetch_beta: 1.0,
             l1_max_bytes: 64 << 20,
             l1_ttl: Duration::from_secs(2),
+        }
+    }
+}
+
+/// The control store (run history, API keys).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `sqlite://PATH` (created if missing) or `postgres://…`;
+    /// `DASHCACHE_STORE_URL` overrides it.
+    pub url: String,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://dashcache-control.db".into(),
         }
     }
 }
@@ -331,6 +350,9 @@ impl Config {
         }
         if let Some(url) = var("DASHCACHE_REDIS_URL") {
             self.redis.url = url;
+        }
+        if let Some(url) = var("DASHCACHE_STORE_URL") {
+            self.store.url = url;
         }
     }
 

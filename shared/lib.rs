@@ -18,5 +18,6 @@ pub mod freshness;
 pub mod metrics;
 pub mod params;
 pub mod sql;
+pub mod store;
 pub mod telemetry;
 pub mod timeexpr;
