@@ -47,7 +47,8 @@ pub async fn handle<B>(app: &Arc<App>, name: &str, req: &Request<B>) -> Response
         now,
         now_step: NOW_STEP,
     };
-    let bound = match query.bind(&params, &clock) {
+    let tenant: Option<&str> = None;
+    let bound = match query.bind(&params, &clock, tenant) {
         Ok(bound) if problems.is_empty() => bound,
         Ok(_) => return reply::invalid(&problems),
         Err(more) => {
@@ -66,7 +67,13 @@ pub async fn handle<B>(app: &Arc<App>, name: &str, req: &Request<B>) -> Response
             );
         }
     };
-    let key = CacheKey::new(&app.config.cache.key_prefix, name, None, format, &sql);
+    let key = CacheKey::new(
+        &app.config.cache.key_prefix,
+        name,
+        query.key_tenant(tenant),
+        format,
+        &sql,
+    );
     let job = || FillJob {
         key: key.clone(),
         query: name.to_owned(),

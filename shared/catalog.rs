@@ -19,7 +19,11 @@ use crate::sql::Template;
 pub const NOW_STEP: Duration = Duration::from_secs(60);
 
 /// Parameter names the proxy itself reads; queries cannot declare them.
-pub const RESERVED_PARAMS: [&str; 2] = ["format", "tenant"];
+pub const RESERVED_PARAMS: [&str; 2] = ["format", TENANT];
+
+/// The placeholder a template uses for the caller's tenant. Its value comes
+/// from the API key, never from the URL.
+pub const TENANT: &str = "tenant";
 
 /// All queries of a config, by name.
 #[derive(Debug, Default)]
@@ -38,6 +42,9 @@ pub struct QueryDef {
     /// Declared parameters, sorted by name.
     pub params: Vec<ParamDef>,
     pub range: Option<RangeRule>,
+    /// Whether the SQL uses `{tenant}`: answers then differ per tenant, and
+    /// the tenant is part of the cache key.
+    pub tenant_scoped: bool,
     templates: Templates,
 }
 
@@ -110,7 +117,12 @@ impl QueryDef {
         let find = |name: &str| params.iter().find(|p| p.name == name);
 
         let templates = load_templates(&config.sql, base_dir, &find)?;
-        let declared: HashSet<&str> = params.iter().map(|p| p.name.as_str()).collect();
+        let mut declared: HashSet<&str> = params.iter().map(|p| p.name.as_str()).collect();
+        declared.insert(TENANT);
+        let tenant_scoped = templates
+            .all()
+            .iter()
+            .any(|t| t.placeholders().any(|p| p == TENANT));
         for template in templates.all() {
             if let Some(unknown) = template.placeholders().find(|p| !declared.contains(p)) {
                 return Err(format!(
@@ -172,13 +184,20 @@ impl QueryDef {
             grace: config.grace.unwrap_or(file.cache.default_grace),
             params,
             range,
+            tenant_scoped,
             templates,
         })
     }
 
     /// Validates raw URL parameters (without `format`) and binds them:
-    /// defaults applied, relative times resolved. Reports every problem.
-    pub fn bind(&self, raw: &[RawParam<'_>], clock: &Clock) -> Result<Bound, Vec<Problem>> {
+    /// defaults applied, relative times resolved, the caller's tenant bound
+    /// for tenant-scoped queries. Reports every problem.
+    pub fn bind(
+        &self,
+        raw: &[RawParam<'_>],
+        clock: &Clock,
+        tenant: Option<&str>,
+    ) -> Result<Bound, Vec<Problem>> {
         let mut problems = Vec::new();
         let mut given: Vec<Option<&str>> = vec![None; self.params.len()];
         for (name, value) in raw {
@@ -227,11 +246,26 @@ impl QueryDef {
         {
             problems.push(problem);
         }
+        if self.tenant_scoped {
+            match tenant {
+                Some(tenant) => bound.push(TENANT, Value::Str(tenant.to_owned())),
+                None => problems.push(Problem::query(
+                    TENANT,
+                    "missing",
+                    "this query is per tenant: call it with an API key bound to a tenant",
+                )),
+            }
+        }
         if problems.is_empty() {
             Ok(bound)
         } else {
             Err(problems)
         }
+    }
+
+    /// The tenant part of this query's cache keys.
+    pub fn key_tenant<'a>(&self, tenant: Option<&'a str>) -> Option<&'a str> {
+        if self.tenant_scoped { tenant } else { None }
     }
 
     /// Renders the SQL for a bound parameter set.
@@ -403,7 +437,7 @@ mod tests {
             now: Utc.with_ymd_and_hms(2024, 3, 15, 10, 17, 42).unwrap(),
             now_step: NOW_STEP,
         };
-        catalog.get("q").unwrap().bind(&raw, &clock)
+        catalog.get("q").unwrap().bind(&raw, &clock, None)
     }
 
     fn kinds(problems: Vec<Problem>) -> Vec<(String, &'static str)> {
