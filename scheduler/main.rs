@@ -1,12 +1,24 @@
 //! `dashcache-scheduler`: warms the cache from schedules in the config.
 //!
-//! For now it validates the config (`check`), like `nginx -t`; the warm-up
-//! jobs build on the same catalog, key and entry code as the proxy.
+//! Owns only the command line: `serve` (run the schedule), `run JOB` (one
+//! job now), `check` (validate like `nginx -t`) and `history`. Scheduling,
+//! runs, leases and history live in the modules below; everything about keys,
+//! entries and ClickHouse is shared with the proxy (`dashcache`).
+
+mod daemon;
+mod history;
+mod lease;
+mod runner;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use dashcache::metrics::Metrics;
+use dashcache::store::Store;
 use dashcache::telemetry::{self, LogFormat};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(version, about = "Cache warm-up scheduler for dashcache")]
@@ -22,23 +34,98 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Validate the config (and its SQL templates) and exit non-zero on error.
+    /// Run the warm-up schedule until SIGTERM (SIGHUP or a file change reloads).
+    Serve,
+    /// Run one job now; exit non-zero if it failed or any key failed.
+    Run { job: String },
+    /// Validate the config (queries, SQL templates, warm-up jobs); exit non-zero on error.
     Check,
+    /// Print the run history, newest first.
+    History {
+        #[arg(long)]
+        job: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+    },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
-    let config = dashcache::config::Config::load(&cli.config)?;
-    match cli.command {
-        Command::Check => {
-            let catalog = dashcache::catalog::Catalog::load(&config)?;
-            println!(
-                "{}: ok ({} queries)",
-                cli.config.display(),
-                catalog.iter().count()
-            );
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("error: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
         }
     }
-    Ok(())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let (config, catalog, jobs) = dashcache::warmup::check(&cli.config)?;
+    match cli.command {
+        Command::Check => {
+            println!(
+                "{}: ok ({} queries, {} warm-up jobs)",
+                cli.config.display(),
+                catalog.iter().count(),
+                jobs.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::History { job, limit } => {
+            let store = Store::connect(&config.store.url).await?;
+            let runs = history::list(&store, job.as_deref(), limit).await?;
+            print!("{}", history::table(&runs));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { job } => {
+            let store = Store::connect(&config.store.url).await?;
+            let metrics = Arc::new(Metrics::new());
+            let runner = runner::Runner::new(config, catalog, jobs, store, metrics)?;
+            let Some(job) = runner.job(&job) else {
+                let names: Vec<&str> = runner.jobs.iter().map(|j| j.name.as_str()).collect();
+                anyhow::bail!("no warm-up job `{job}`; jobs: {}", names.join(", "));
+            };
+            let stop = CancellationToken::new();
+            let cut = stop.clone();
+            tokio::spawn(async move {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    cut.cancel();
+                }
+            });
+            let report = runner.run(job, None, stop).await;
+            let c = report.counts;
+            println!(
+                "{}: {} (warmed {}, still fresh {}, failed {}, {} bytes){}",
+                job.name,
+                report.outcome.as_str(),
+                c.warmed,
+                c.skipped,
+                c.failed,
+                c.bytes,
+                report.error.map(|e| format!(": {e}")).unwrap_or_default()
+            );
+            Ok(if report.outcome.succeeded() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Serve => {
+            let store = Store::connect(&config.store.url).await?;
+            let metrics = Arc::new(Metrics::new());
+            let runner =
+                runner::Runner::new(config, catalog, jobs, store.clone(), metrics.clone())?;
+            daemon::serve(cli.config, runner, store, metrics).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }

@@ -109,6 +109,23 @@ impl ClickHouse {
         }
     }
 
+    /// This client with extra ClickHouse settings on every query (e.g. a
+    /// warm-up job's `max_threads`), on top of the ones every query carries.
+    pub fn with_settings<'a>(
+        mut self,
+        settings: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> ClickHouse {
+        for (name, value) in settings {
+            if name == "max_execution_time"
+                && let Ok(secs) = value.parse::<u64>()
+            {
+                self.read_timeout = Duration::from_secs(secs) + Duration::from_secs(5);
+            }
+            self.client = self.client.with_setting(name, value);
+        }
+        self
+    }
+
     /// Starts `sql` and returns its answer as a stream of safe chunks.
     pub fn query(
         &self,

@@ -48,6 +48,15 @@ pub struct Config {
     /// Named queries, `[query.<name>]`.
     #[serde(default, rename = "query")]
     pub queries: BTreeMap<String, QueryConfig>,
+    /// The warm-up scheduler's settings (see [`crate::warmup`]).
+    #[serde(default)]
+    pub scheduler: crate::warmup::SchedulerConfig,
+    /// Warm-up jobs, `[[warmup]]` (see [`crate::warmup`]).
+    #[serde(default)]
+    pub warmup: Vec<crate::warmup::WarmupConfig>,
+    /// Demand counting for popularity-driven warm-up (see [`crate::popularity`]).
+    #[serde(default)]
+    pub popularity: crate::popularity::PopularityConfig,
     /// The file this config was read from (set by [`Config::load`]).
     #[serde(skip)]
     pub path: PathBuf,

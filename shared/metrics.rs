@@ -56,6 +56,8 @@ pub struct Metrics {
     pub clickhouse_errors: Family<KindLabels, Counter>,
     pub clickhouse_duration: Histogram,
     pub redis_errors: Counter,
+    /// The scheduler's warm-up runs.
+    pub warmup: WarmupMetrics,
 }
 
 impl Default for Metrics {
@@ -141,7 +143,9 @@ impl Metrics {
             "Failed or timed-out Redis operations",
             redis_errors.clone(),
         );
+        let warmup = WarmupMetrics::register(&mut registry);
         Metrics {
+            warmup,
             registry,
             http_requests,
             http_duration,
@@ -171,5 +175,81 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobLabels {
+    pub job: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobOutcomeLabels {
+    pub job: String,
+    pub outcome: &'static str,
+}
+
+/// Metrics of warm-up runs (scheduler).
+pub struct WarmupMetrics {
+    /// Runs by job and outcome (ok, partial, failed, interrupted, overlap).
+    pub runs: Family<JobOutcomeLabels, Counter>,
+    /// Keys by job and result (warmed, skipped, failed).
+    pub keys: Family<JobOutcomeLabels, Counter>,
+    pub bytes: Family<JobLabels, Counter>,
+    pub duration: HistogramFamily<JobLabels>,
+    /// Unix time of the last run without failures, per job.
+    pub last_success: Family<JobLabels, Gauge>,
+    /// Config reloads by result (ok, rejected).
+    pub reloads: Family<ResultLabels, Counter>,
+}
+
+impl WarmupMetrics {
+    fn register(registry: &mut Registry) -> WarmupMetrics {
+        let runs = Family::<JobOutcomeLabels, Counter>::default();
+        registry.register(
+            "warmup_runs",
+            "Warm-up runs by job and outcome",
+            runs.clone(),
+        );
+        let keys = Family::<JobOutcomeLabels, Counter>::default();
+        registry.register(
+            "warmup_keys",
+            "Warm-up keys by job and result (warmed, skipped, failed)",
+            keys.clone(),
+        );
+        let bytes = Family::<JobLabels, Counter>::default();
+        registry.register(
+            "warmup_bytes",
+            "Bytes of warmed answers by job",
+            bytes.clone(),
+        );
+        let duration = HistogramFamily::<JobLabels>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "warmup_run_duration_seconds",
+            "Duration of warm-up runs by job",
+            duration.clone(),
+        );
+        let last_success = Family::<JobLabels, Gauge>::default();
+        registry.register(
+            "warmup_last_success_timestamp_seconds",
+            "Unix time of the last warm-up run without failures, by job",
+            last_success.clone(),
+        );
+        let reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "scheduler_reloads",
+            "Config reloads by result (ok, rejected)",
+            reloads.clone(),
+        );
+        WarmupMetrics {
+            runs,
+            keys,
+            bytes,
+            duration,
+            last_success,
+            reloads,
+        }
     }
 }

@@ -1,0 +1,321 @@
+//! The long-running scheduler: fires jobs on their cron schedule, reloads, stops gracefully.
+//!
+//! Owns the schedule. Jobs are one-shot jobs of tokio-cron-scheduler at the
+//! next fire time, computed by [`dashcache::warmup::Schedule`] in the job's
+//! time zone (so daylight-saving changes are followed: tokio-cron-scheduler's
+//! own time zone support fixes the UTC offset when a job is created); each
+//! fire schedules the next one. A reload (SIGHUP, or the config file
+//! changing) validates the new config completely before replacing the
+//! schedule; a bad edit is logged with file, line and reason and the running
+//! schedule stays. SIGTERM stops firing, lets running jobs finish for
+//! `scheduler.shutdown_grace`, then cuts them (the history says so).
+//! What one run does is [`crate::runner`]'s.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use dashcache::metrics::{Metrics, ResultLabels};
+use dashcache::store::Store;
+use dashcache::warmup;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_cron_scheduler::{Job, JobScheduler};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::runner::Runner;
+
+enum Event {
+    Fire {
+        job: String,
+        at: DateTime<Utc>,
+        generation: u64,
+    },
+    Reload(&'static str),
+}
+
+struct Daemon {
+    path: PathBuf,
+    store: Store,
+    metrics: Arc<Metrics>,
+    runner: Arc<Runner>,
+    generation: u64,
+    scheduler: JobScheduler,
+    pending: HashMap<String, Uuid>,
+    events: mpsc::Sender<Event>,
+}
+
+/// Runs the scheduler until SIGTERM or SIGINT.
+pub async fn serve(
+    path: PathBuf,
+    runner: Runner,
+    store: Store,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
+    let (events, mut rx) = mpsc::channel(64);
+    let scheduler = JobScheduler::new()
+        .await
+        .context("starting the job scheduler")?;
+    scheduler
+        .start()
+        .await
+        .context("starting the job scheduler")?;
+    if let Some(addr) = runner.config.scheduler.metrics_listen {
+        serve_metrics(addr, metrics.clone()).await?;
+    }
+    let grace = runner.config.scheduler.shutdown_grace;
+    let _watcher = if runner.config.scheduler.watch {
+        Some(watch(&path, events.clone())?)
+    } else {
+        None
+    };
+    let mut daemon = Daemon {
+        path,
+        store,
+        metrics,
+        runner: Arc::new(runner),
+        generation: 0,
+        scheduler,
+        pending: HashMap::new(),
+        events,
+    };
+    daemon.schedule_all().await;
+    tracing::info!(jobs = daemon.runner.jobs.len(), "scheduler started");
+
+    let mut running = JoinSet::new();
+    let stop = CancellationToken::new();
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            Some(event) = rx.recv() => match event {
+                Event::Reload(why) => daemon.reload(why).await,
+                Event::Fire { job, at, generation } if generation == daemon.generation => {
+                    daemon.fire(&job, at, &mut running, &stop).await;
+                }
+                Event::Fire { .. } => {}
+            },
+            _ = hangup.recv() => daemon.reload("SIGHUP").await,
+            Some(_) = running.join_next(), if !running.is_empty() => {}
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+    }
+
+    tracing::info!(
+        running = running.len(),
+        "stopping: no new runs; waiting for running ones"
+    );
+    let _ = daemon.scheduler.shutdown().await;
+    let finished = tokio::time::timeout(grace, async {
+        while running.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        tracing::warn!(
+            running = running.len(),
+            "shutdown grace over: cutting running jobs"
+        );
+        stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), async {
+            while running.join_next().await.is_some() {}
+        })
+        .await;
+    }
+    tracing::info!("scheduler stopped");
+    Ok(())
+}
+
+impl Daemon {
+    /// Schedules the next fire of every job of the current config.
+    async fn schedule_all(&mut self) {
+        let names: Vec<String> = self.runner.jobs.iter().map(|j| j.name.clone()).collect();
+        let now = Utc::now();
+        for name in names {
+            self.schedule_next(&name, now).await;
+        }
+    }
+
+    /// Adds a one-shot job for `name`'s first fire time after `after`.
+    async fn schedule_next(&mut self, name: &str, after: DateTime<Utc>) {
+        let Some(job) = self.runner.job(name) else {
+            return;
+        };
+        let Some(at) = job.schedule.next_after(after) else {
+            tracing::warn!(job = name, cron = %job.schedule.expr, "the schedule never fires again");
+            return;
+        };
+        let wait = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        let (events, job_name, generation) =
+            (self.events.clone(), name.to_owned(), self.generation);
+        let one_shot =
+            Job::new_one_shot_at_instant_async(std::time::Instant::now() + wait, move |_, _| {
+                let (events, job) = (events.clone(), job_name.clone());
+                Box::pin(async move {
+                    let _ = events
+                        .send(Event::Fire {
+                            job,
+                            at,
+                            generation,
+                        })
+                        .await;
+                })
+            });
+        let added = match one_shot {
+            Ok(one_shot) => self.scheduler.add(one_shot).await,
+            Err(err) => Err(err),
+        };
+        match added {
+            Ok(id) => {
+                tracing::debug!(job = name, next = %at, "scheduled");
+                self.pending.insert(name.to_owned(), id);
+            }
+            Err(err) => tracing::error!(job = name, error = %err, "cannot schedule the job"),
+        }
+    }
+
+    async fn fire(
+        &mut self,
+        name: &str,
+        at: DateTime<Utc>,
+        running: &mut JoinSet<()>,
+        stop: &CancellationToken,
+    ) {
+        self.pending.remove(name);
+        let runner = self.runner.clone();
+        let stop = stop.clone();
+        let job_name = name.to_owned();
+        running.spawn(async move {
+            let Some(job) = runner.job(&job_name) else {
+                return;
+            };
+            // tokio-cron-scheduler fires on whole seconds: never start early.
+            if let Ok(early) = (at - Utc::now()).to_std() {
+                tokio::time::sleep(early).await;
+            }
+            if !job.jitter.is_zero() {
+                let jitter = job.jitter.mul_f64(rand::random::<f64>());
+                tokio::select! {
+                    _ = tokio::time::sleep(jitter) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
+            runner.run(job, Some(at.timestamp_millis()), stop).await;
+        });
+        self.schedule_next(name, at).await;
+    }
+
+    /// Loads, validates and swaps in the config; keeps the old schedule on any error.
+    async fn reload(&mut self, why: &str) {
+        let result = warmup::check(&self.path)
+            .map_err(anyhow::Error::from)
+            .and_then(|(config, catalog, jobs)| {
+                Runner::new(
+                    config,
+                    catalog,
+                    jobs,
+                    self.store.clone(),
+                    self.metrics.clone(),
+                )
+            });
+        match result {
+            Ok(runner) => {
+                for (_, id) in self.pending.drain() {
+                    let _ = self.scheduler.remove(&id).await;
+                }
+                self.generation += 1;
+                self.runner = Arc::new(runner);
+                self.schedule_all().await;
+                self.metrics
+                    .warmup
+                    .reloads
+                    .get_or_create(&ResultLabels { result: "ok" })
+                    .inc();
+                tracing::info!(
+                    trigger = why,
+                    jobs = self.runner.jobs.len(),
+                    "config reloaded"
+                );
+            }
+            Err(err) => {
+                self.metrics
+                    .warmup
+                    .reloads
+                    .get_or_create(&ResultLabels { result: "rejected" })
+                    .inc();
+                tracing::error!(
+                    trigger = why,
+                    "config rejected, the running schedule stays: {err:#}"
+                );
+            }
+        }
+    }
+}
+
+/// Sends a reload when the config file changes. Watches its directory:
+/// editors replace files by renaming, which a watch on the file would miss.
+fn watch(path: &Path, events: mpsc::Sender<Event>) -> anyhow::Result<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let file = path.file_name().map(|f| f.to_owned());
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event
+            && !event.kind.is_access()
+            && event.paths.iter().any(|p| p.file_name() == file.as_deref())
+        {
+            let _ = tx.send(());
+        }
+    })?;
+    watcher
+        .watch(&dir, notify::RecursiveMode::NonRecursive)
+        .with_context(|| format!("watching {}", dir.display()))?;
+    tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            // An edit is often several events (truncate, write, rename): settle first.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            while rx.try_recv().is_ok() {}
+            if events.send(Event::Reload("file change")).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(watcher)
+}
+
+/// Serves `GET /metrics` (any path, really) as Prometheus text.
+async fn serve_metrics(addr: std::net::SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("metrics listener on {addr}"))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                continue;
+            };
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 2048];
+                let _ = socket.read(&mut buf).await;
+                let body = metrics.render();
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = socket.write_all(head.as_bytes()).await;
+                let _ = socket.write_all(body.as_bytes()).await;
+            });
+        }
+    });
+    Ok(())
+}

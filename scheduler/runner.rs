@@ -1,0 +1,518 @@
+//! Running one warm-up job once: lease, keys, ClickHouse, cache, history, metrics.
+//!
+//! Owns what a run does: claim the scheduled time and the job's lease (so one
+//! host runs it), list the keys (configured parameter sets, or the most
+//! requested keys for a `popular` job), skip entries that stay fresh past
+//! `refresh_ahead` (XFetch-adjusted), compute the others through the same
+//! coalescer and [`Filler`] as the proxy with the job's concurrency limit and
+//! ClickHouse settings, and record the run in the history and the metrics.
+//! When to run is [`crate::daemon`]'s business.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use dashcache::cache::Cache;
+use dashcache::catalog::{Catalog, NOW_STEP};
+use dashcache::clickhouse::ClickHouse;
+use dashcache::coalesce::{Coalescer, Role, Subscriber};
+use dashcache::config::Config;
+use dashcache::fill::{FillJob, Filler, now_ms};
+use dashcache::freshness::{self, Freshness};
+use dashcache::metrics::{JobLabels, JobOutcomeLabels, Metrics};
+use dashcache::params::Clock;
+use dashcache::popularity;
+use dashcache::store::Store;
+use dashcache::warmup::{JobKind, Target, WarmupJob};
+use futures_util::StreamExt;
+use redis::aio::ConnectionManager;
+use tokio_util::sync::CancellationToken;
+
+use crate::history::{self, Counts};
+use crate::lease;
+
+/// Everything runs need, built from one version of the config.
+pub struct Runner {
+    pub config: Config,
+    pub catalog: Catalog,
+    pub jobs: Vec<WarmupJob>,
+    pub host: String,
+    cache: Arc<Cache>,
+    coalescer: Arc<Coalescer>,
+    metrics: Arc<Metrics>,
+    store: Store,
+    redis: ConnectionManager,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every key warmed or still fresh.
+    Ok,
+    /// Some keys failed.
+    Partial,
+    /// Nothing could be done (every key failed, or no lease/store/keys).
+    Failed,
+    /// Cut at shutdown.
+    Interrupted,
+    /// Another host still runs this job.
+    Overlap,
+    /// Another scheduler claimed this scheduled time: nothing recorded here.
+    NotMine,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Partial => "partial",
+            Outcome::Failed => "failed",
+            Outcome::Interrupted => "interrupted",
+            Outcome::Overlap => "overlap",
+            Outcome::NotMine => "not_mine",
+        }
+    }
+
+    pub fn succeeded(self) -> bool {
+        matches!(self, Outcome::Ok | Outcome::NotMine)
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub outcome: Outcome,
+    pub counts: Counts,
+    pub error: Option<String>,
+}
+
+enum KeyResult {
+    Warmed(i64),
+    Skipped,
+    Failed(String),
+}
+
+impl Runner {
+    pub fn new(
+        config: Config,
+        catalog: Catalog,
+        jobs: Vec<WarmupJob>,
+        store: Store,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Runner> {
+        let mut cache_config = config.clone();
+        cache_config.redis.timeout = config.redis.timeout.max(config.scheduler.redis_timeout);
+        let cache = Arc::new(Cache::new(&cache_config, metrics.clone(), false)?);
+        let client = redis::Client::open(config.redis.url.as_str())?;
+        let redis = ConnectionManager::new_lazy_with_config(
+            client,
+            redis::aio::ConnectionManagerConfig::new(),
+        )?;
+        let host = config.scheduler.host.clone().unwrap_or_else(hostname);
+        Ok(Runner {
+            config,
+            catalog,
+            jobs,
+            host,
+            cache,
+            coalescer: Coalescer::new(),
+            metrics,
+            store,
+            redis,
+        })
+    }
+
+    pub fn job(&self, name: &str) -> Option<&WarmupJob> {
+        self.jobs.iter().find(|j| j.name == name)
+    }
+
+    /// Runs `job` now. `scheduled` is the fire time of a scheduled run (which
+    /// several schedulers may fire: only one runs it); `None` for `run JOB`.
+    /// `stop` cuts the run short (shutdown deadline).
+    pub async fn run(
+        &self,
+        job: &WarmupJob,
+        scheduled: Option<i64>,
+        stop: CancellationToken,
+    ) -> Report {
+        let prefix = &self.config.cache.key_prefix;
+        let holder = format!("{}/{}", self.host, std::process::id());
+        let mut redis = self.redis.clone();
+        if let Some(at) = scheduled {
+            match lease::claim_slot(&mut redis, prefix, &job.name, at, &holder).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::info!(job = %job.name, "this scheduled run was claimed by another scheduler");
+                    return self.report(job, Outcome::NotMine, Counts::default(), None);
+                }
+                Err(err) => {
+                    let msg = format!("cannot claim the run in Redis: {err}");
+                    return self
+                        .record_unstarted(job, scheduled, Outcome::Failed, msg)
+                        .await;
+                }
+            }
+        }
+        let lease = match lease::acquire(
+            &self.redis,
+            prefix,
+            &job.name,
+            &holder,
+            self.config.scheduler.lease_ttl,
+        )
+        .await
+        {
+            Ok(Ok(lease)) => lease,
+            Ok(Err(other)) => {
+                let msg = format!("still running on {other}");
+                return self
+                    .record_unstarted(job, scheduled, Outcome::Overlap, msg)
+                    .await;
+            }
+            Err(err) => {
+                let msg = format!("cannot take the job lease in Redis: {err}");
+                return self
+                    .record_unstarted(job, scheduled, Outcome::Failed, msg)
+                    .await;
+            }
+        };
+        let report = self.run_leased(job, scheduled, stop).await;
+        lease.release().await;
+        report
+    }
+
+    async fn run_leased(
+        &self,
+        job: &WarmupJob,
+        scheduled: Option<i64>,
+        stop: CancellationToken,
+    ) -> Report {
+        let started = now_ms();
+        let clock_started = Instant::now();
+        let id = match history::start(&self.store, &job.name, &self.host, scheduled, started).await
+        {
+            Ok(id) => Some(id),
+            Err(err) => {
+                tracing::error!(job = %job.name, error = %err, "cannot record the run in the history; running it anyway");
+                None
+            }
+        };
+        tracing::info!(job = %job.name, "warm-up run started");
+        let (targets, mut problems) = self.targets(job).await;
+        let mut counts = Counts {
+            failed: problems.len() as i64,
+            ..Counts::default()
+        };
+        let filler = Arc::new(Filler {
+            clickhouse: ClickHouse::new(&self.config.clickhouse, self.metrics.clone())
+                .with_settings(job.settings.iter().map(|(n, v)| (n.as_str(), v.as_str()))),
+            cache: self.cache.clone(),
+            metrics: self.metrics.clone(),
+            max_entry_bytes: self.config.cache.max_entry_bytes,
+            coalesce: self.config.coalesce.clone(),
+        });
+        let total = targets.len();
+        let mut results = futures_util::stream::iter(targets.into_iter().map(|t| {
+            let filler = filler.clone();
+            async move {
+                let result = self.warm(&t, job.refresh_ahead, &filler).await;
+                (t, result)
+            }
+        }))
+        .buffer_unordered(job.concurrency.max(1));
+        let mut interrupted = false;
+        loop {
+            let next = tokio::select! {
+                next = results.next() => next,
+                _ = stop.cancelled() => { interrupted = true; None }
+            };
+            let Some((target, result)) = next else { break };
+            match result {
+                KeyResult::Warmed(bytes) => {
+                    counts.warmed += 1;
+                    counts.bytes += bytes;
+                }
+                KeyResult::Skipped => counts.skipped += 1,
+                KeyResult::Failed(msg) => {
+                    counts.failed += 1;
+                    problems.push(format!("{}: {msg}", target.describe()));
+                }
+            }
+        }
+        drop(results);
+        let outcome = if interrupted {
+            Outcome::Interrupted
+        } else if counts.failed == 0 && !(total == 0 && job_is_query(job)) {
+            Outcome::Ok
+        } else if counts.warmed + counts.skipped > 0 {
+            Outcome::Partial
+        } else {
+            Outcome::Failed
+        };
+        let error = match (interrupted, problems.len()) {
+            (true, _) => Some(format!(
+                "cut at shutdown after {} of {total} keys",
+                counts.warmed + counts.skipped + counts.failed
+            )),
+            (false, 0) if total == 0 && job_is_query(job) => Some("no keys to warm".into()),
+            (false, 0) => None,
+            (false, n) => Some(format!(
+                "{n} keys failed; first: {}",
+                problems.first().map(String::as_str).unwrap_or("")
+            )),
+        };
+        let ended = now_ms();
+        if let Some(id) = &id
+            && let Err(err) = history::finish(
+                &self.store,
+                id,
+                ended,
+                outcome.as_str(),
+                counts,
+                error.as_deref(),
+            )
+            .await
+        {
+            tracing::error!(job = %job.name, error = %err, "cannot record the end of the run in the history");
+        }
+        let labels = JobLabels {
+            job: job.name.clone(),
+        };
+        self.metrics
+            .warmup
+            .duration
+            .get_or_create(&labels)
+            .observe(clock_started.elapsed().as_secs_f64());
+        self.metrics
+            .warmup
+            .bytes
+            .get_or_create(&labels)
+            .inc_by(counts.bytes.max(0) as u64);
+        for (result, n) in [
+            ("warmed", counts.warmed),
+            ("skipped", counts.skipped),
+            ("failed", counts.failed),
+        ] {
+            self.metrics
+                .warmup
+                .keys
+                .get_or_create(&JobOutcomeLabels {
+                    job: job.name.clone(),
+                    outcome: result,
+                })
+                .inc_by(n.max(0) as u64);
+        }
+        for problem in problems.iter().take(20) {
+            tracing::error!(job = %job.name, "warm-up key failed: {problem}");
+        }
+        let log = format!(
+            "warm-up run ended: {} (warmed {}, still fresh {}, failed {}, {} bytes)",
+            outcome.as_str(),
+            counts.warmed,
+            counts.skipped,
+            counts.failed,
+            counts.bytes
+        );
+        match outcome {
+            Outcome::Ok if counts.warmed == 0 => {
+                tracing::warn!(job = %job.name, "{log}; warmed nothing: {}", error.as_deref().unwrap_or("every key was still fresh"))
+            }
+            Outcome::Ok => tracing::info!(job = %job.name, "{log}"),
+            Outcome::Partial | Outcome::Interrupted => {
+                tracing::warn!(job = %job.name, "{log}: {}", error.as_deref().unwrap_or(""))
+            }
+            _ => tracing::error!(job = %job.name, "{log}: {}", error.as_deref().unwrap_or("")),
+        }
+        self.report(job, outcome, counts, error)
+    }
+
+    /// Records a run that could not start, and reports it.
+    async fn record_unstarted(
+        &self,
+        job: &WarmupJob,
+        scheduled: Option<i64>,
+        outcome: Outcome,
+        msg: String,
+    ) -> Report {
+        let now = now_ms();
+        let recorded =
+            match history::start(&self.store, &job.name, &self.host, scheduled, now).await {
+                Ok(id) => {
+                    history::finish(
+                        &self.store,
+                        &id,
+                        now,
+                        outcome.as_str(),
+                        Counts::default(),
+                        Some(&msg),
+                    )
+                    .await
+                }
+                Err(err) => Err(err),
+            };
+        if let Err(err) = recorded {
+            tracing::error!(job = %job.name, error = %err, "cannot record the run in the history");
+        }
+        match outcome {
+            Outcome::Overlap => tracing::warn!(job = %job.name, "warm-up run skipped: {msg}"),
+            _ => tracing::error!(job = %job.name, "warm-up run failed: {msg}"),
+        }
+        self.report(job, outcome, Counts::default(), Some(msg))
+    }
+
+    fn report(
+        &self,
+        job: &WarmupJob,
+        outcome: Outcome,
+        counts: Counts,
+        error: Option<String>,
+    ) -> Report {
+        if outcome != Outcome::NotMine {
+            let labels = JobOutcomeLabels {
+                job: job.name.clone(),
+                outcome: outcome.as_str(),
+            };
+            self.metrics.warmup.runs.get_or_create(&labels).inc();
+            if outcome == Outcome::Ok {
+                self.metrics
+                    .warmup
+                    .last_success
+                    .get_or_create(&JobLabels {
+                        job: job.name.clone(),
+                    })
+                    .set(Utc::now().timestamp());
+            }
+        }
+        Report {
+            outcome,
+            counts,
+            error,
+        }
+    }
+
+    /// The keys of a run, and a message for each that could not be made.
+    async fn targets(&self, job: &WarmupJob) -> (Vec<Target>, Vec<String>) {
+        let prefix = &self.config.cache.key_prefix;
+        let clock = Clock {
+            now: Utc::now(),
+            now_step: NOW_STEP,
+        };
+        match job.kind {
+            JobKind::Query { .. } => job.targets(prefix, &clock),
+            JobKind::Popular { top, hours } => {
+                let mut redis = self.redis.clone();
+                let demand = match popularity::top(&mut redis, prefix, hours, top, Utc::now()).await
+                {
+                    Ok(demand) => demand,
+                    Err(err) => return (Vec::new(), vec![err.to_string()]),
+                };
+                let mut targets = Vec::new();
+                for (d, _count) in demand {
+                    let Some(query) = self.catalog.get(&d.query) else {
+                        tracing::debug!(query = %d.query, "popular key of a query no longer in the catalog");
+                        continue;
+                    };
+                    match Target::new(
+                        query,
+                        prefix,
+                        d.tenant.as_deref(),
+                        d.format,
+                        &d.raw(),
+                        &clock,
+                    ) {
+                        Ok(t) => targets.push(t),
+                        // The catalog changed since it was requested: not this run's failure.
+                        Err(msg) => {
+                            tracing::debug!(query = %d.query, "popular key no longer binds: {msg}")
+                        }
+                    }
+                }
+                (targets, Vec::new())
+            }
+        }
+    }
+
+    /// Warms one key unless it stays fresh past `refresh_ahead`.
+    async fn warm(
+        &self,
+        target: &Target,
+        refresh_ahead: Duration,
+        filler: &Arc<Filler>,
+    ) -> KeyResult {
+        let now = now_ms();
+        let beta = self.config.cache.xfetch_beta;
+        let existing = self.cache.get(&target.key, now).await;
+        if let Some(entry) = &existing {
+            let ahead = now.saturating_add(refresh_ahead.as_millis() as i64);
+            let r = freshness::sample();
+            let fresh = matches!(
+                freshness::judge(&entry.header, now, beta, r),
+                Freshness::Fresh { .. }
+            );
+            let near = ahead >= entry.header.fresh_until_ms
+                || freshness::xfetch(
+                    ahead,
+                    entry.header.fresh_until_ms,
+                    entry.header.compute_ms,
+                    beta,
+                    r,
+                );
+            if fresh && !near {
+                return KeyResult::Skipped;
+            }
+        }
+        let replaces = existing.as_ref().map(|e| e.header.created_ms);
+        let job = FillJob {
+            key: target.key.clone(),
+            query: target.query.name.clone(),
+            sql: target.sql.clone(),
+            format: target.format,
+            ttl: target.query.ttl,
+            grace: target.query.grace,
+            replaces,
+        };
+        let subscriber = match self.coalescer.join(&target.key, usize::MAX) {
+            Role::Leader(producer, subscriber) => {
+                filler.spawn(job, producer);
+                subscriber
+            }
+            Role::Follower(subscriber) => subscriber,
+            Role::Overloaded => return KeyResult::Failed("too many waiters".into()),
+        };
+        let bytes = match drain(subscriber).await {
+            Ok(bytes) => bytes,
+            Err(msg) => return KeyResult::Failed(msg),
+        };
+        // The answer streamed; make sure it was stored, not just computed.
+        match self.cache.get(&target.key, now_ms()).await {
+            Some(entry) if replaces.is_none_or(|old| entry.header.created_ms > old) => KeyResult::Warmed(bytes),
+            _ => KeyResult::Failed("computed but not stored (too large for cache.max_entry_bytes, or Redis refused it)".into()),
+        }
+    }
+}
+
+fn job_is_query(job: &WarmupJob) -> bool {
+    matches!(job.kind, JobKind::Query { .. })
+}
+
+/// Reads a flight to its end: its size, or why it failed.
+async fn drain(mut subscriber: Subscriber) -> Result<i64, String> {
+    let mut bytes = 0i64;
+    while let Some(chunk) = subscriber.next().await {
+        match chunk {
+            Ok(chunk) => bytes += chunk.len() as i64,
+            Err(err) => return Err(err.to_string()),
+        }
+    }
+    Ok(bytes)
+}
+
+/// This machine's host name, for the history.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}

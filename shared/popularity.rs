@@ -1,0 +1,303 @@
+//! Demand per canonical request, counted cheaply in Redis, for popularity-driven warm-up.
+//!
+//! Owns the [`Recorder`] the proxy calls on every cached-query request: it
+//! only bumps a counter in an in-process map; a background flusher sends the
+//! counts to Redis every `flush_interval` as one pipeline of `ZINCRBY` into a
+//! sorted set per UTC hour (with an `EXPIRE` of `retention`), so requests never
+//! wait on Redis for this. And the reader, [`top`], the scheduler's `popular`
+//! jobs use: the most requested keys of the last N hours.
+//!
+//! A member is `query \t tenant \t format \t canonical query` (the bound
+//! parameters without the tenant, times absolute), which binds again to the
+//! same cache key. It does not decide what to refresh: that is the scheduler's.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use redis::aio::ConnectionManager;
+use serde::Deserialize;
+
+use crate::catalog::TENANT;
+use crate::format::Format;
+use crate::params::{Bound, Value};
+
+/// `[popularity]`: how the proxy counts demand.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PopularityConfig {
+    /// Count requests at all.
+    pub enabled: bool,
+    /// How often counts are sent to Redis.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// How long an hour's counts are kept.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// Distinct keys counted between flushes; more are dropped (and counted as dropped).
+    pub max_pending: usize,
+}
+
+impl Default for PopularityConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            flush_interval: Duration::from_secs(5),
+            retention: Duration::from_secs(48 * 3600),
+            max_pending: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PopularityError {
+    #[error("popularity: redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// One requested answer, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Demand {
+    pub query: String,
+    pub tenant: Option<String>,
+    pub format: Format,
+    /// URL-encoded canonical parameters without the tenant.
+    pub params: String,
+}
+
+impl Demand {
+    fn member(&self) -> String {
+        format!(
+            "{}\t{}\t{}\t{}",
+            self.query,
+            self.tenant.as_deref().unwrap_or(""),
+            self.format.name(),
+            self.params
+        )
+    }
+
+    fn parse(member: &str) -> Option<Demand> {
+        let mut parts = member.splitn(4, '\t');
+        let query = parts.next()?.to_owned();
+        let tenant = Some(parts.next()?)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned);
+        let format = Format::from_param(parts.next()?)?;
+        let params = parts.next()?.to_owned();
+        Some(Demand {
+            query,
+            tenant,
+            format,
+            params,
+        })
+    }
+
+    /// The parameters as URL-style pairs, ready to bind again.
+    pub fn raw(&self) -> Vec<(String, String)> {
+        form_urlencoded::parse(self.params.as_bytes())
+            .map(|(n, v)| (n.into_owned(), v.into_owned()))
+            .collect()
+    }
+}
+
+/// The canonical parameters of `bound` without the tenant (which is bound
+/// from the API key, never from the URL, so it cannot be bound from here again).
+fn canonical_params(bound: &Bound) -> String {
+    let mut out = form_urlencoded::Serializer::new(String::new());
+    for (name, value) in bound.iter() {
+        let empty = match value {
+            Value::Null => true,
+            Value::StrList(v) => v.is_empty(),
+            Value::IntList(v) => v.is_empty(),
+            _ => false,
+        };
+        if name != TENANT && !empty {
+            out.append_pair(name, &value.canonical());
+        }
+    }
+    out.finish()
+}
+
+/// Counts requests in memory; [`Recorder::flush`] sends them to Redis.
+pub struct Recorder {
+    pending: Mutex<HashMap<String, u64>>,
+    config: PopularityConfig,
+    prefix: String,
+    conn: ConnectionManager,
+    /// Requests not counted because `max_pending` was reached.
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+impl Recorder {
+    /// A recorder writing under `prefix` (the config's `cache.key_prefix`).
+    /// Connects lazily: no Redis round trip happens here.
+    pub fn new(
+        redis_url: &str,
+        prefix: &str,
+        config: &PopularityConfig,
+    ) -> Result<Arc<Recorder>, PopularityError> {
+        let client = redis::Client::open(redis_url)?;
+        let conn = ConnectionManager::new_lazy_with_config(
+            client,
+            redis::aio::ConnectionManagerConfig::new(),
+        )?;
+        Ok(Arc::new(Recorder {
+            pending: Mutex::new(HashMap::new()),
+            config: config.clone(),
+            prefix: prefix.to_owned(),
+            conn,
+            dropped: Default::default(),
+        }))
+    }
+
+    /// Counts one request for a bound query. Never blocks on I/O.
+    pub fn record(&self, query: &str, tenant: Option<&str>, format: Format, bound: &Bound) {
+        if !self.config.enabled {
+            return;
+        }
+        let member = Demand {
+            query: query.to_owned(),
+            tenant: tenant.map(str::to_owned),
+            format,
+            params: canonical_params(bound),
+        }
+        .member();
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        let len = pending.len();
+        match pending.get_mut(&member) {
+            Some(n) => *n += 1,
+            None if len < self.config.max_pending => {
+                pending.insert(member, 1);
+            }
+            None => {
+                self.dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Sends the counts gathered so far to the current hour's sorted set, in
+    /// one pipeline. Counts that could not be sent are lost (demand is a hint).
+    pub async fn flush(&self) -> Result<usize, PopularityError> {
+        let batch =
+            std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let key = hour_key(&self.prefix, Utc::now());
+        let mut pipe = redis::pipe();
+        for (member, count) in &batch {
+            pipe.zincr(&key, member, *count).ignore();
+        }
+        let retention = i64::try_from(self.config.retention.as_secs()).unwrap_or(i64::MAX);
+        pipe.expire(&key, retention).ignore();
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(batch.len())
+    }
+
+    /// Requests not counted because too many distinct keys were pending.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Flushes every `flush_interval` until the task is aborted.
+    pub fn spawn_flusher(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let recorder = self.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(recorder.config.flush_interval);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                if let Err(err) = recorder.flush().await {
+                    tracing::warn!(error = %err, "could not flush request counts");
+                }
+            }
+        })
+    }
+}
+
+/// The sorted set of one UTC hour. All share one Redis Cluster hash tag so
+/// they can be unioned.
+pub fn hour_key(prefix: &str, at: DateTime<Utc>) -> String {
+    format!("{prefix}:popular:{{popular}}:{}", at.format("%Y%m%d%H"))
+}
+
+/// The `k` most requested answers of the `hours` hours up to `now` (the
+/// current hour included), most requested first, with their counts.
+pub async fn top(
+    conn: &mut ConnectionManager,
+    prefix: &str,
+    hours: u32,
+    k: usize,
+    now: DateTime<Utc>,
+) -> Result<Vec<(Demand, u64)>, PopularityError> {
+    if k == 0 || hours == 0 {
+        return Ok(Vec::new());
+    }
+    let keys: Vec<String> = (0..hours)
+        .map(|h| hour_key(prefix, now - chrono::Duration::hours(i64::from(h))))
+        .collect();
+    let scratch = format!(
+        "{prefix}:popular:{{popular}}:union:{:016x}",
+        rand::random::<u64>()
+    );
+    let stop = isize::try_from(k).unwrap_or(isize::MAX) - 1;
+    let (members,): (Vec<(String, f64)>,) = redis::pipe()
+        .atomic()
+        .zunionstore(&scratch, &keys)
+        .ignore()
+        .cmd("ZRANGE")
+        .arg(&scratch)
+        .arg(0)
+        .arg(stop)
+        .arg("REV")
+        .arg("WITHSCORES")
+        .del(&scratch)
+        .ignore()
+        .query_async(conn)
+        .await?;
+    Ok(members
+        .into_iter()
+        .filter_map(|(m, score)| Demand::parse(&m).map(|d| (d, score as u64)))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_round_trip_without_the_tenant_in_params() {
+        let mut bound = Bound::default();
+        bound.push("from", Value::Time(0));
+        bound.push("country", Value::StrList(vec!["DE".into(), "FR".into()]));
+        bound.push("plan", Value::StrList(vec![]));
+        bound.push(TENANT, Value::Str("acme".into()));
+        let demand = Demand {
+            query: "revenue".into(),
+            tenant: Some("acme".into()),
+            format: Format::Csv,
+            params: canonical_params(&bound),
+        };
+        assert!(!demand.params.contains("tenant"), "{}", demand.params);
+        assert!(!demand.params.contains("plan"), "{}", demand.params);
+        assert_eq!(Demand::parse(&demand.member()), Some(demand.clone()));
+        assert_eq!(
+            demand.raw(),
+            vec![
+                ("from".to_string(), "1970-01-01T00:00:00Z".to_string()),
+                ("country".to_string(), "DE,FR".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn hour_keys_share_a_hash_tag() {
+        let t = DateTime::parse_from_rfc3339("2026-11-01T08:15:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(hour_key("dc", t), "dc:popular:{popular}:2026110108");
+    }
+}
