@@ -484,9 +484,23 @@ impl Runner {
             Err(msg) => return KeyResult::Failed(msg),
         };
         // The answer streamed; make sure it was stored, not just computed.
-        match self.cache.get(&target.key, now_ms()).await {
-            Some(entry) if replaces.is_none_or(|old| entry.header.created_ms > old) => KeyResult::Warmed(bytes),
-            _ => KeyResult::Failed("computed but not stored (too large for cache.max_entry_bytes, or Redis refused it)".into()),
+        // Readers see the end of a flight before the fill's store lands, so
+        // look a few times (bounded by the scheduler's Redis timeout).
+        let deadline = Instant::now() + self.config.scheduler.redis_timeout;
+        loop {
+            match self.cache.get(&target.key, now_ms()).await {
+                Some(entry) if replaces.is_none_or(|old| entry.header.created_ms > old) => {
+                    return KeyResult::Warmed(bytes);
+                }
+                _ if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                _ => {
+                    return KeyResult::Failed(format!(
+                        "computed ({bytes} bytes) but not stored: larger than cache.max_entry_bytes, or Redis refused it"
+                    ));
+                }
+            }
         }
     }
 }

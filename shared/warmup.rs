@@ -17,7 +17,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use chrono_tz::Tz;
 use croner::Cron;
 use serde::Deserialize;
@@ -162,6 +162,7 @@ impl Schedule {
     /// The first fire time strictly after `after`, computed in local time of
     /// the zone (so 06:30 stays 06:30 local across DST changes).
     pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let after = after.trunc_subsecs(0);
         self.cron
             .find_next_occurrence(&after.with_timezone(&self.tz), false)
             .ok()
@@ -730,9 +731,14 @@ mod tests {
                 "unknown query `nope`",
             ),
             (
-                "cron = \"30 6 * * *\"\nquery = \"revenue\"\nparams = [{ from = \"today-7d\", to = \"yesterday\" }]",
+                "cron = \"30 6 * * *\"\nquery = \"revenue\"\ntenants = [\"acme\"]\nparams = [{ from = \"today-7d\", to = \"yesterday\" }]",
                 "params",
                 "invalid parameter",
+            ),
+            (
+                "cron = \"30 6 * * *\"\nquery = \"revenue\"",
+                "tenants",
+                "is per tenant: list the `tenants`",
             ),
             (
                 "cron = \"30 6 * * *\"\ntimezone = \"Europe/Nowhere\"\nquery = \"active_users\"",

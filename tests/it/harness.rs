@@ -393,3 +393,9 @@ impl Drop for Relay {
         self.cut();
     }
 }
+
+/// The shipped config with `options`' overrides, as `Proxy::start_with`
+/// writes it (for other processes sharing it, like the scheduler).
+pub fn config_text(options: &ProxyOptions, dir: &Path) -> String {
+    test_config(options, dir)
+}

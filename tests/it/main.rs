@@ -10,3 +10,4 @@ mod coalescing;
 mod faults;
 mod freshness;
 mod query;
+mod scheduler;

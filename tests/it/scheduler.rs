@@ -1,0 +1,482 @@
+//! `dashcache-scheduler` against real ClickHouse, Redis and control stores:
+//! warmed answers are proxy HITs, cron jobs fire and are recorded, reloads,
+//! several schedulers, popularity, PostgreSQL history.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use dashcache::catalog::NOW_STEP;
+use dashcache::params::{Clock, RawParam};
+use dashcache::store::Store;
+
+use crate::harness::{Proxy, ProxyOptions, TempDir, config_text, redis_url, shared_prefix};
+
+/// A test config: the shipped one with a fresh key prefix and its own store;
+/// `warmup` replaces the shipped `[[warmup]]` jobs when given.
+struct Setup {
+    dir: TempDir,
+    prefix: String,
+    store_url: String,
+}
+
+impl Setup {
+    fn new(name: &str) -> Setup {
+        let dir = TempDir::new(name);
+        let store_url = format!("sqlite://{}/control.db", dir.0.display());
+        Setup {
+            dir,
+            prefix: shared_prefix(),
+            store_url,
+        }
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.0.join("config.toml")
+    }
+
+    /// Writes the config; `warmup`, when given, is TOML replacing the shipped jobs.
+    fn write(&self, warmup: Option<&str>) {
+        let options = ProxyOptions {
+            key_prefix: Some(self.prefix.clone()),
+            ..ProxyOptions::default()
+        };
+        let mut config: toml::Table = config_text(&options, &self.dir.0).parse().expect("toml");
+        let store = config
+            .entry("store")
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+        store
+            .as_table_mut()
+            .expect("table")
+            .insert("url".into(), self.store_url.clone().into());
+        let scheduler = config["scheduler"].as_table_mut().expect("[scheduler]");
+        scheduler.insert("lease_ttl".into(), "5s".into());
+        scheduler.insert("shutdown_grace".into(), "5s".into());
+        let mut text = match warmup {
+            Some(_) => {
+                config.remove("warmup");
+                toml::to_string(&config).expect("serializes")
+            }
+            None => toml::to_string(&config).expect("serializes"),
+        };
+        if let Some(warmup) = warmup {
+            text.push('\n');
+            text.push_str(warmup);
+        }
+        // Write to a temporary file and rename, as editors do.
+        let tmp = self.dir.0.join("config.toml.tmp");
+        std::fs::write(&tmp, text).expect("write config");
+        std::fs::rename(&tmp, self.path()).expect("rename config");
+    }
+
+    fn command(&self, args: &[&str]) -> Output {
+        scheduler_command(&self.path())
+            .args(args)
+            .output()
+            .expect("run dashcache-scheduler")
+    }
+
+    fn serve(&self, log: &str) -> Scheduler {
+        let log_path = self.dir.0.join(log);
+        let child = scheduler_command(&self.path())
+            .arg("serve")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).expect("log"))
+            .spawn()
+            .expect("spawn dashcache-scheduler serve");
+        Scheduler { child, log_path }
+    }
+
+    async fn store(&self) -> Store {
+        Store::connect(&self.store_url).await.expect("store")
+    }
+}
+
+fn scheduler_command(config: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_dashcache-scheduler"));
+    command
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .env_remove("DASHCACHE_REDIS_URL")
+        .env_remove("DASHCACHE_CLICKHOUSE_URL")
+        .env_remove("DASHCACHE_STORE_URL");
+    command
+}
+
+struct Scheduler {
+    child: Child,
+    log_path: PathBuf,
+}
+
+impl Scheduler {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        self.child.wait().expect("wait")
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// (job, scheduled, outcome, warmed, skipped, failed) of every recorded run.
+async fn runs(store: &Store) -> Vec<(String, Option<i64>, String, i64, i64, i64)> {
+    sqlx::query_as(
+        "SELECT job, scheduled, outcome, keys_warmed, keys_skipped, keys_failed \
+         FROM warmup_runs ORDER BY started_ms",
+    )
+    .fetch_all(store.pool())
+    .await
+    .expect("history")
+}
+
+/// Polls `cond` over the history until it holds (or fails after a minute).
+async fn wait_for_runs(
+    store: &Store,
+    what: &str,
+    cond: impl Fn(&[(String, Option<i64>, String, i64, i64, i64)]) -> bool,
+    log: impl Fn() -> String,
+) {
+    for _ in 0..600 {
+        if cond(&runs(store).await) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "timed out waiting for {what}; history: {:?}\nlog:\n{}",
+        runs(store).await,
+        log()
+    );
+}
+
+fn every_second(name: &str) -> String {
+    format!(
+        "[[warmup]]\nname = \"{name}\"\ncron = \"* * * * * *\"\nquery = \"active_users\"\n\
+         tenants = [\"acme\"]\nmatrix = {{ window = [\"hour\"] }}\n"
+    )
+}
+
+#[tokio::test]
+async fn warmed_combinations_are_hits_and_the_proxy_never_asks_clickhouse() {
+    let setup = Setup::new("sched-warm");
+    setup.write(None);
+    for job in ["morning-revenue", "morning-top-countries", "active-users"] {
+        let out = setup.command(&["run", job]);
+        assert!(out.status.success(), "run {job}: {}", text(&out));
+    }
+
+    let (config, _catalog, jobs) = dashcache::warmup::check(&setup.path()).expect("config");
+    let clock = Clock {
+        now: chrono::Utc::now(),
+        now_step: NOW_STEP,
+    };
+    let proxy = Proxy::start_with(ProxyOptions {
+        key_prefix: Some(setup.prefix.clone()),
+        ..ProxyOptions::default()
+    })
+    .await;
+    let mut keys = BTreeMap::new();
+    let mut checked = 0;
+    for job in jobs.iter().filter(|j| j.name != "popular") {
+        let (targets, problems) = job.targets(&config.cache.key_prefix, &clock);
+        assert!(problems.is_empty(), "{problems:?}");
+        for target in targets {
+            let tenant = target
+                .tenant
+                .clone()
+                .expect("the demo catalog is per tenant");
+            let key = keys
+                .entry(tenant.clone())
+                .or_insert_with(|| proxy.add_key("enterprise", &tenant))
+                .clone();
+            let auth = format!("Bearer {key}");
+            // A new key reaches the proxy within auth.reload_interval.
+            let mut reply = proxy
+                .get_with(&target.path(), &[("authorization", auth.as_str())])
+                .await;
+            for _ in 0..100 {
+                if reply.status != 401 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                reply = proxy
+                    .get_with(&target.path(), &[("authorization", auth.as_str())])
+                    .await;
+            }
+            assert_eq!(reply.status, 200, "{}: {}", target.describe(), reply.text());
+            assert_eq!(reply.cache(), "HIT", "{}", target.describe());
+            checked += 1;
+        }
+    }
+    // 3 tenants × (36 revenue + 3 top_countries + 2 active_users).
+    assert_eq!(checked, 3 * (36 + 3 + 2));
+    assert_eq!(
+        proxy.metric("dashcache_clickhouse_queries_total").await,
+        0.0
+    );
+
+    // Everything is still fresh: a second run skips it all, and says so.
+    let out = setup.command(&["run", "morning-revenue"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let store = setup.store().await;
+    let history = runs(&store).await;
+    let last = history.last().expect("runs");
+    assert_eq!(
+        (last.0.as_str(), last.2.as_str(), last.3, last.4, last.5),
+        ("morning-revenue", "ok", 0, 108, 0)
+    );
+    assert_eq!(history[0].3, 108, "{history:?}");
+
+    let out = setup.command(&["history", "--job", "morning-revenue", "--limit", "1"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && table.contains("morning-revenue"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(table.lines().count(), 2, "{table}");
+}
+
+#[tokio::test]
+async fn a_run_with_failing_keys_exits_non_zero_and_is_recorded() {
+    let setup = Setup::new("sched-fail");
+    // 1 row per granularity=minute bucket would be fine; a tiny result limit is not.
+    setup.write(Some(
+        "[[warmup]]\nname = \"too-big\"\ncron = \"0 6 * * *\"\nquery = \"revenue\"\n\
+         tenants = [\"acme\"]\nparams = [{ from = \"today-1d\", to = \"today\", granularity = \"hour\" }]\n\
+         settings = { max_result_rows = 1 }\n",
+    ));
+    let out = setup.command(&["run", "too-big"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("failed 1"),
+        "{}",
+        text(&out)
+    );
+    let history = runs(&setup.store().await).await;
+    assert_eq!(history.len(), 1);
+    assert_eq!((history[0].2.as_str(), history[0].5), ("failed", 1));
+}
+
+#[tokio::test]
+async fn cron_fires_reloads_apply_good_edits_and_keep_the_schedule_on_bad_ones() {
+    let setup = Setup::new("sched-cron");
+    setup.write(Some(&every_second("tick")));
+    // Migrate first: the scheduler process then finds the schema in place.
+    let store = setup.store().await;
+    let mut scheduler = setup.serve("scheduler.log");
+    let log = || scheduler_log(&setup);
+    wait_for_runs(
+        &store,
+        "two runs of `tick`",
+        |r| r.iter().filter(|r| r.0 == "tick" && r.2 == "ok").count() >= 2,
+        log,
+    )
+    .await;
+    // Scheduled on whole seconds, one row each.
+    let ticks: Vec<i64> = runs(&store)
+        .await
+        .iter()
+        .filter(|r| r.0 == "tick")
+        .filter_map(|r| r.1)
+        .collect();
+    assert!(ticks.iter().all(|t| t % 1000 == 0), "{ticks:?}");
+    assert_eq!(ticks.iter().collect::<HashSet<_>>().len(), ticks.len());
+
+    // A valid edit: `tock` replaces `tick`, without a restart.
+    setup.write(Some(&every_second("tock")));
+    wait_for_runs(
+        &store,
+        "two runs of `tock`",
+        |r| r.iter().filter(|r| r.0 == "tock").count() >= 2,
+        log,
+    )
+    .await;
+    let ticks_after_edit = runs(&store).await.iter().filter(|r| r.0 == "tick").count();
+
+    // An invalid edit: rejected with file, line and reason; `tock` keeps firing.
+    setup.write(Some(
+        &every_second("tock").replace("* * * * * *", "61 * * * * *"),
+    ));
+    for _ in 0..300 {
+        if scheduler.log().contains("config rejected") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rejected = scheduler.log();
+    let line = rejected
+        .lines()
+        .find(|l| l.contains("config rejected"))
+        .unwrap_or_else(|| panic!("no rejection logged:\n{rejected}"));
+    assert!(line.contains("config.toml"), "{line}");
+    assert!(line.contains("line "), "{line}");
+    assert!(
+        line.contains("warmup `tock`: cron `61 * * * * *`"),
+        "{line}"
+    );
+    let tocks = runs(&store).await.iter().filter(|r| r.0 == "tock").count();
+    wait_for_runs(
+        &store,
+        "`tock` to keep firing",
+        |r| r.iter().filter(|r| r.0 == "tock").count() >= tocks + 2,
+        log,
+    )
+    .await;
+    assert_eq!(
+        runs(&store).await.iter().filter(|r| r.0 == "tick").count(),
+        ticks_after_edit,
+        "the old job must stop after the valid edit"
+    );
+
+    // SIGTERM: a clean exit, and no run left as `running`.
+    assert!(scheduler.terminate().success(), "{}", scheduler.log());
+    let history = runs(&store).await;
+    assert!(history.iter().all(|r| r.2 != "running"), "{history:?}");
+}
+
+fn scheduler_log(setup: &Setup) -> String {
+    std::fs::read_dir(&setup.dir.0)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+                .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+                .collect::<Vec<_>>()
+                .join("\n----\n")
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn two_schedulers_run_each_scheduled_time_once() {
+    let setup = Setup::new("sched-two");
+    setup.write(Some(&every_second("shared")));
+    let store = setup.store().await;
+    let _a = setup.serve("a.log");
+    let _b = setup.serve("b.log");
+    wait_for_runs(
+        &store,
+        "five scheduled runs",
+        |r| r.iter().filter(|r| r.0 == "shared").count() >= 5,
+        || scheduler_log(&setup),
+    )
+    .await;
+    let scheduled: Vec<i64> = runs(&store).await.iter().filter_map(|r| r.1).collect();
+    let distinct: HashSet<i64> = scheduled.iter().copied().collect();
+    assert_eq!(distinct.len(), scheduled.len(), "{scheduled:?}");
+}
+
+#[tokio::test]
+async fn popular_keys_are_counted_in_redis_and_warmed_by_the_popular_job() {
+    let setup = Setup::new("sched-popular");
+    setup.write(Some(
+        "[[warmup]]\nname = \"popular\"\ncron = \"0 * * * *\"\npopular = { top = 2, hours = 2 }\n",
+    ));
+    let (config, catalog, _) = dashcache::warmup::check(&setup.path()).expect("config");
+    let recorder =
+        dashcache::popularity::Recorder::new(&redis_url(), &setup.prefix, &config.popularity)
+            .expect("recorder");
+    let clock = Clock {
+        now: chrono::Utc::now(),
+        now_step: NOW_STEP,
+    };
+    let query = catalog.get("active_users").expect("active_users");
+    let bind = |window: &'static str, tenant: &str| {
+        let raw: Vec<RawParam> = vec![("window".into(), window.into())];
+        query.bind(&raw, &clock, Some(tenant)).expect("binds")
+    };
+    let format = dashcache::format::Format::Json;
+    for _ in 0..3 {
+        recorder.record("active_users", Some("acme"), format, &bind("day", "acme"));
+    }
+    recorder.record(
+        "active_users",
+        Some("globex"),
+        format,
+        &bind("hour", "globex"),
+    );
+    for _ in 0..2 {
+        recorder.record("active_users", Some("acme"), format, &bind("hour", "acme"));
+    }
+    assert_eq!(recorder.flush().await.expect("flush"), 3);
+
+    let client = redis::Client::open(redis_url()).expect("redis");
+    let mut conn = redis::aio::ConnectionManager::new(client)
+        .await
+        .expect("redis");
+    let top = dashcache::popularity::top(&mut conn, &setup.prefix, 2, 2, chrono::Utc::now())
+        .await
+        .expect("top");
+    let summary: Vec<(Option<String>, String, u64)> = top
+        .iter()
+        .map(|(d, n)| (d.tenant.clone(), d.params.clone(), *n))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (Some("acme".into()), "window=day".into(), 3),
+            (Some("acme".into()), "window=hour".into(), 2),
+        ]
+    );
+
+    let out = setup.command(&["run", "popular"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let history = runs(&setup.store().await).await;
+    assert_eq!(
+        (history[0].2.as_str(), history[0].3),
+        ("ok", 2),
+        "{history:?}"
+    );
+}
+
+#[tokio::test]
+async fn history_works_on_postgresql() {
+    let url = match std::env::var("DASHCACHE_TEST_POSTGRES_URL") {
+        Ok(url) => url,
+        Err(_) => {
+            eprintln!(
+                "history_works_on_postgresql: DASHCACHE_TEST_POSTGRES_URL is not set \
+                 (scripts/test sets it after `scripts/services up postgres`); not run"
+            );
+            return;
+        }
+    };
+    let setup = Setup {
+        store_url: url.clone(),
+        ..Setup::new("sched-pg")
+    };
+    let job = format!("pg-{}", setup.prefix.replace(['-', ':'], ""));
+    setup.write(Some(
+        &every_second(&job).replace("* * * * * *", "0 6 * * *"),
+    ));
+    let out = setup.command(&["run", &job]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = setup.command(&["history", "--job", &job]);
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(table.lines().count(), 2, "{table}");
+    assert!(table.contains(&job) && table.contains(" ok "), "{table}");
+}
