@@ -4,17 +4,28 @@
 
 use std::sync::Arc;
 
+use anyhow::Context as _;
 use dashcache::cache::Cache;
 use dashcache::catalog::Catalog;
 use dashcache::clickhouse::ClickHouse;
 use dashcache::coalesce::Coalescer;
 use dashcache::config::Config;
 use dashcache::fill::Filler;
+use dashcache::keys::{KeyRing, KeyStore};
 use dashcache::metrics::Metrics;
+use dashcache::ratelimit::RateLimiter;
+use dashcache::store::Store;
+use dashcache::tier::Tiers;
+
+use crate::auth::MissSlots;
 
 pub struct App {
     pub config: Config,
     pub catalog: Catalog,
+    pub tiers: Tiers,
+    pub keys: Arc<KeyRing>,
+    pub limiter: RateLimiter,
+    pub misses: MissSlots,
     pub cache: Arc<Cache>,
     pub coalescer: Arc<Coalescer>,
     pub filler: Arc<Filler>,
@@ -22,10 +33,18 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(config: Config) -> anyhow::Result<Arc<App>> {
+    /// Compiles the config, connects the control store and loads the keys.
+    pub async fn new(config: Config) -> anyhow::Result<Arc<App>> {
         let catalog = Catalog::load(&config)?;
+        let tiers = Tiers::load(&config)?;
         let metrics = Arc::new(Metrics::new());
         let cache = Arc::new(Cache::new(&config, metrics.clone(), true)?);
+        let store = Store::connect(&config.store.url).await?;
+        let key_store = KeyStore::new(store);
+        let keys = Arc::new(KeyRing::default());
+        let count = keys.reload(&key_store).await.context("loading API keys")?;
+        tracing::info!(keys = count, "API keys loaded");
+        keys.spawn_reloads(key_store, config.auth.reload_interval);
         let filler = Arc::new(Filler {
             clickhouse: ClickHouse::new(&config.clickhouse, metrics.clone()),
             cache: cache.clone(),
@@ -34,7 +53,11 @@ impl App {
             coalesce: config.coalesce.clone(),
         });
         Ok(Arc::new(App {
+            limiter: RateLimiter::new(cache.clone(), &config.cache.key_prefix),
+            misses: MissSlots::default(),
             catalog,
+            tiers,
+            keys,
             cache,
             coalescer: Coalescer::new(),
             filler,

@@ -3,6 +3,8 @@
 //! Everything else lives in the server modules below and in the library.
 
 mod app;
+mod auth;
+mod keys;
 mod query;
 mod reply;
 mod routes;
@@ -37,24 +39,31 @@ struct Cli {
 enum Command {
     /// Validate the config (and its SQL templates) and exit.
     Check,
+    /// Manage API keys.
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
     let config = dashcache::config::Config::load(&cli.config)?;
-    if let Some(Command::Check) = cli.command {
-        let catalog = dashcache::catalog::Catalog::load(&config)?;
-        println!(
-            "{}: ok ({} queries)",
-            cli.config.display(),
-            catalog.iter().count()
-        );
-        return Ok(());
-    }
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
-    runtime.block_on(async {
-        let app = app::App::new(config).context("invalid configuration")?;
-        server::run(app, cli.listen).await
-    })
+    match cli.command {
+        Some(Command::Check) => {
+            let catalog = dashcache::catalog::Catalog::load(&config)?;
+            dashcache::tier::Tiers::load(&config)?;
+            println!(
+                "{}: ok ({} queries)",
+                cli.config.display(),
+                catalog.iter().count()
+            );
+            Ok(())
+        }
+        Some(Command::Keys(command)) => runtime.block_on(keys::run(&config, command)),
+        None => runtime.block_on(async {
+            let app = app::App::new(config).await?;
+            server::run(app, cli.listen).await
+        }),
+    }
 }

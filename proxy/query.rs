@@ -25,12 +25,18 @@ use dashcache::params::{Clock, Problem, RawParam};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 
 use crate::app::App;
+use crate::auth::{self, Caller};
 use crate::reply::{self, Body};
 
 /// What a client is told to wait before retrying when nothing can be served.
 const RETRY_AFTER_SECS: u64 = 5;
 
-pub async fn handle<B>(app: &Arc<App>, name: &str, req: &Request<B>) -> Response<Body> {
+pub async fn handle<B>(
+    app: &Arc<App>,
+    name: &str,
+    req: &Request<B>,
+    caller: &Caller,
+) -> Response<Body> {
     let Some(query) = app.catalog.get(name) else {
         return reply::error(
             StatusCode::NOT_FOUND,
@@ -38,6 +44,9 @@ pub async fn handle<B>(app: &Arc<App>, name: &str, req: &Request<B>) -> Response
             format!("no query named `{name}`"),
         );
     };
+    if !caller.tier.queries.allows(name) {
+        return auth::forbidden(caller, &format!("query `{name}`"));
+    }
 
     let raw: Vec<RawParam> =
         form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()).collect();
@@ -47,7 +56,7 @@ pub async fn handle<B>(app: &Arc<App>, name: &str, req: &Request<B>) -> Response
         now,
         now_step: NOW_STEP,
     };
-    let tenant: Option<&str> = None;
+    let tenant = Some(caller.key.tenant.as_str());
     let bound = match query.bind(&params, &clock, tenant) {
         Ok(bound) if problems.is_empty() => bound,
         Ok(_) => return reply::invalid(&problems),
@@ -87,7 +96,14 @@ pub async fn handle<B>(app: &Arc<App>, name: &str, req: &Request<B>) -> Response
     let now_ms = now.timestamp_millis();
     if let Some(entry) = app.cache.get(&key, now_ms).await {
         let beta = app.config.cache.xfetch_beta;
-        match freshness::judge(&entry.header, now_ms, beta, freshness::sample()) {
+        let min_ttl = i64::try_from(caller.tier.min_ttl.as_millis()).unwrap_or(i64::MAX);
+        match freshness::judge_with_min_ttl(
+            &entry.header,
+            now_ms,
+            beta,
+            freshness::sample(),
+            min_ttl,
+        ) {
             Freshness::Fresh { refresh_early } => {
                 if refresh_early && refresh(app, &key, &entry, job()) {
                     app.metrics.early_refreshes.inc();
@@ -104,12 +120,28 @@ pub async fn handle<B>(app: &Arc<App>, name: &str, req: &Request<B>) -> Response
         }
     }
 
-    let (subscriber, leader) = match app.coalescer.join(&key, app.config.coalesce.max_waiters) {
+    let (subscriber, slot) = match app.coalescer.join(&key, app.config.coalesce.max_waiters) {
         Role::Leader(producer, subscriber) => {
+            // Only requests that start a computation count against the key's
+            // concurrency limit; reading along costs ClickHouse nothing.
+            let Some(slot) = app
+                .misses
+                .take(&caller.key.id, caller.tier.max_concurrent_misses)
+            else {
+                drop(producer);
+                return reply::error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_uncached",
+                    format!(
+                        "at most {} uncached queries per key at once for tier `{}`",
+                        caller.tier.max_concurrent_misses, caller.tier.name
+                    ),
+                );
+            };
             app.filler.spawn(job(), producer);
-            (subscriber, true)
+            (subscriber, Some(slot))
         }
-        Role::Follower(subscriber) => (subscriber, false),
+        Role::Follower(subscriber) => (subscriber, None),
         Role::Overloaded => {
             return unavailable(
                 "too_many_waiters",
@@ -117,7 +149,9 @@ pub async fn handle<B>(app: &Arc<App>, name: &str, req: &Request<B>) -> Response
             );
         }
     };
-    streamed(app, query, subscriber, leader, format).await
+    let response = streamed(app, query, subscriber, slot.is_some(), format).await;
+    drop(slot);
+    response
 }
 
 /// Starts a background refresh of `entry` unless one is already running in

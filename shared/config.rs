@@ -45,6 +45,11 @@ pub struct Config {
     pub coalesce: CoalesceConfig,
     #[serde(default)]
     pub store: StoreConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// Usage tiers, `[tier.<name>]`: what an API key of that tier may do.
+    #[serde(default, rename = "tier")]
+    pub tiers: BTreeMap<String, TierConfig>,
     /// Named queries, `[query.<name>]`.
     #[serde(default, rename = "query")]
     pub queries: BTreeMap<String, QueryConfig>,
@@ -190,6 +195,62 @@ impl Default for StoreConfig {
             url: "sqlite://dashcache-control.db".into(),
         }
     }
+}
+
+/// API keys: where they are checked and how fast changes reach the proxy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// How often the proxy re-reads keys from the control store (new,
+    /// revoked and expired keys take effect within this).
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+    /// Whether `/metrics` needs an API key.
+    pub protect_metrics: bool,
+    /// Whether `/healthz` needs an API key.
+    pub protect_health: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            reload_interval: Duration::from_secs(2),
+            protect_metrics: false,
+            protect_health: false,
+        }
+    }
+}
+
+/// One `[tier.<name>]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierConfig {
+    /// Sustained request rate per key.
+    pub requests_per_minute: u32,
+    /// Requests a key may make at once after being idle.
+    pub burst: u32,
+    /// Requests per key waiting on ClickHouse at once, per proxy process.
+    #[serde(default = "default_concurrent_misses")]
+    pub max_concurrent_misses: usize,
+    /// Queries this tier may call (`"*"`: all).
+    #[serde(default)]
+    pub queries: Vec<String>,
+    /// Exports this tier may call (`"*"`: all).
+    #[serde(default)]
+    pub exports: Vec<String>,
+    /// Largest export, in rows and bytes (0: no limit beyond ClickHouse's).
+    #[serde(default)]
+    pub export_max_rows: u64,
+    #[serde(default)]
+    pub export_max_bytes: u64,
+    /// Answers this young count as fresh for this tier even past the query's
+    /// TTL: cheaper tiers see slightly older numbers and cost less.
+    #[serde(default, with = "humantime_serde")]
+    pub min_ttl: Option<Duration>,
+}
+
+fn default_concurrent_misses() -> usize {
+    4
 }
 
 /// How concurrent misses for one key wait for a single computation.

@@ -22,14 +22,29 @@ pub enum Freshness {
 
 /// Judges `header` at `now_ms`; `r` is a uniform sample in (0, 1].
 pub fn judge(header: &EntryHeader, now_ms: i64, beta: f64, r: f64) -> Freshness {
-    if now_ms >= header.stale_until_ms {
+    judge_with_min_ttl(header, now_ms, beta, r, 0)
+}
+
+/// Like [`judge`], for a caller that accepts answers up to `min_ttl_ms` old
+/// as fresh even past their TTL (cheaper tiers).
+pub fn judge_with_min_ttl(
+    header: &EntryHeader,
+    now_ms: i64,
+    beta: f64,
+    r: f64,
+    min_ttl_ms: i64,
+) -> Freshness {
+    let fresh_until = header
+        .fresh_until_ms
+        .max(header.created_ms.saturating_add(min_ttl_ms));
+    if now_ms >= header.stale_until_ms.max(fresh_until) {
         return Freshness::Expired;
     }
-    if now_ms >= header.fresh_until_ms {
+    if now_ms >= fresh_until {
         return Freshness::Stale;
     }
     Freshness::Fresh {
-        refresh_early: xfetch(now_ms, header.fresh_until_ms, header.compute_ms, beta, r),
+        refresh_early: xfetch(now_ms, fresh_until, header.compute_ms, beta, r),
     }
 }
 
@@ -75,6 +90,22 @@ mod tests {
         assert_eq!(judge(&h, 1_000, 1.0, 1.0), Freshness::Stale);
         assert_eq!(judge(&h, 1_999, 1.0, 1.0), Freshness::Stale);
         assert_eq!(judge(&h, 2_000, 1.0, 1.0), Freshness::Expired);
+    }
+
+    #[test]
+    fn a_min_ttl_extends_freshness_for_its_caller() {
+        let h = header(1_000, 2_000, 10);
+        assert_eq!(
+            judge_with_min_ttl(&h, 1_500, 0.0, 1.0, 1_800),
+            Freshness::Fresh {
+                refresh_early: false
+            }
+        );
+        assert_eq!(
+            judge_with_min_ttl(&h, 1_900, 0.0, 1.0, 1_800),
+            Freshness::Stale
+        );
+        assert_eq!(judge_with_min_ttl(&h, 1_500, 0.0, 1.0, 0), Freshness::Stale);
     }
 
     #[test]

@@ -31,6 +31,9 @@ pub struct Cache {
     l1: Option<L1>,
     redis: RedisCache,
     metrics: Arc<Metrics>,
+    /// Entries stay in Redis at least this long after creation: the largest
+    /// tier `min_ttl`, so cheaper tiers find the older answers they accept.
+    min_retention_ms: i64,
 }
 
 impl Cache {
@@ -43,10 +46,13 @@ impl Cache {
     ) -> Result<Cache, ::redis::RedisError> {
         let l1 = (with_l1 && config.cache.l1_max_bytes > 0 && !config.cache.l1_ttl.is_zero())
             .then(|| L1::new(config.cache.l1_max_bytes, config.cache.l1_ttl));
+        let min_retention = config.tiers.values().filter_map(|t| t.min_ttl).max();
         Ok(Cache {
             l1,
             redis: RedisCache::new(&config.redis, metrics.clone())?,
             metrics,
+            min_retention_ms: min_retention
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
         })
     }
 
@@ -67,10 +73,17 @@ impl Cache {
         Some(entry)
     }
 
-    /// Stores `entry` in both tiers; Redis keeps it until its stale window ends.
+    /// Stores `entry` in both tiers; Redis keeps it until its stale window
+    /// ends, or as long as the longest tier `min_ttl` if that is later.
     /// False when Redis did not take it.
     pub async fn put(&self, key: &CacheKey, entry: Arc<Entry>, now_ms: i64) -> bool {
-        let keep = Duration::from_millis((entry.header.stale_until_ms - now_ms).max(1) as u64);
+        let until = entry.header.stale_until_ms.max(
+            entry
+                .header
+                .created_ms
+                .saturating_add(self.min_retention_ms),
+        );
+        let keep = Duration::from_millis((until - now_ms).max(1) as u64);
         let stored = self.redis.put(key, &entry, keep).await;
         if let Some(l1) = &self.l1 {
             l1.insert(key.clone(), entry);

@@ -131,7 +131,7 @@ impl RedisCache {
         let script = redis::Script::new(RENEW_SCRIPT);
         let mut invocation = script.key(lock_key(key));
         invocation.arg(token).arg(millis(ttl));
-        self.script(invocation).await == Some(1)
+        self.invoke::<i64>(invocation).await == Some(1)
     }
 
     /// Releases a lock this process holds (a lock that expired and was taken
@@ -140,7 +140,7 @@ impl RedisCache {
         let script = redis::Script::new(RELEASE_SCRIPT);
         let mut invocation = script.key(lock_key(key));
         invocation.arg(token);
-        self.script(invocation).await;
+        self.invoke::<i64>(invocation).await;
     }
 
     /// Whether another process holds the lock of `key`; `None` if Redis cannot tell.
@@ -150,10 +150,14 @@ impl RedisCache {
         self.settle(reply)
     }
 
-    async fn script(&self, invocation: redis::ScriptInvocation<'_>) -> Option<i64> {
+    /// Runs a Lua script; `None` while Redis is unreachable or on error.
+    pub async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        invocation: redis::ScriptInvocation<'_>,
+    ) -> Option<T> {
         let mut conn = self.available()?;
         let reply =
-            tokio::time::timeout(self.timeout, invocation.invoke_async::<i64>(&mut conn)).await;
+            tokio::time::timeout(self.timeout, invocation.invoke_async::<T>(&mut conn)).await;
         self.settle(reply)
     }
 

@@ -1,4 +1,4 @@
--- distinct users and events in the current day.
+-- per tenant: distinct users and events in the current day.
 SELECT uniq(user_id) AS users, count() AS events, toDateTime(toStartOfDay(now())) AS since
 FROM demo.events
-WHERE ts >= toStartOfDay(now())
+WHERE tenant_id = {tenant} AND ts >= toStartOfDay(now())

@@ -1,4 +1,4 @@
--- distinct users and events in the current hour.
+-- per tenant: distinct users and events in the current hour.
 SELECT uniq(user_id) AS users, count() AS events, toStartOfHour(now()) AS since
 FROM demo.events
-WHERE ts >= toStartOfHour(now())
+WHERE tenant_id = {tenant} AND ts >= toStartOfHour(now())

@@ -1,11 +1,12 @@
--- revenue by day from the daily rollup: days starting in [from, to).
+-- per tenant: revenue by day from the daily rollup: days starting in [from, to).
 SELECT
     toDateTime(day) AS t,
     sumMerge(revenue) AS revenue,
     countMerge(events) AS events,
     uniqMerge(users) AS users
 FROM demo.events_daily
-WHERE day BETWEEN toDate({from}) AND toDate({to})
+WHERE tenant_id = {tenant}
+  AND day BETWEEN toDate({from}) AND toDate({to})
   AND toDateTime(day) >= {from} AND toDateTime(day) < {to}
   AND (empty({country}) OR has({country}, country))
   AND (empty({plan}) OR has({plan}, plan))

@@ -1,11 +1,12 @@
--- countries by revenue over the days starting in [from, to).
+-- per tenant: countries by revenue over the days starting in [from, to).
 SELECT
     country,
     sumMerge(revenue) AS revenue,
     countMerge(events) AS events,
     uniqMerge(users) AS users
 FROM demo.events_daily
-WHERE day BETWEEN toDate({from}) AND toDate({to})
+WHERE tenant_id = {tenant}
+  AND day BETWEEN toDate({from}) AND toDate({to})
   AND toDateTime(day) >= {from} AND toDateTime(day) < {to}
 GROUP BY country
 ORDER BY revenue DESC, country

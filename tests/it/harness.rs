@@ -76,6 +76,11 @@ pub struct ProxyOptions {
     pub key_prefix: Option<String>,
     /// Config values to set: (section, key, value).
     pub set: Vec<(&'static str, &'static str, toml::Value)>,
+    /// A control store shared with other proxies (default: one per proxy).
+    pub store_url: Option<String>,
+    /// Tier and tenant of the key `Proxy::get` sends.
+    pub tier: &'static str,
+    pub tenant: &'static str,
 }
 
 impl Default for ProxyOptions {
@@ -86,6 +91,9 @@ impl Default for ProxyOptions {
             extra_queries: Vec::new(),
             key_prefix: None,
             set: Vec::new(),
+            store_url: None,
+            tier: "enterprise",
+            tenant: "acme",
         }
     }
 }
@@ -95,6 +103,8 @@ pub struct Proxy {
     child: Child,
     pub base: String,
     pub dir: TempDir,
+    /// The API key `get` sends.
+    pub key: String,
 }
 
 impl Proxy {
@@ -106,6 +116,7 @@ impl Proxy {
         let dir = TempDir::new("proxy");
         let config_path = dir.0.join("config.toml");
         std::fs::write(&config_path, test_config(&options, &dir.0)).expect("write config");
+        let key = add_key(&config_path, options.tier, options.tenant);
         let port = free_port();
         let log = std::fs::File::create(dir.0.join("proxy.log")).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_dashcache-proxy"))
@@ -116,6 +127,7 @@ impl Proxy {
             .env("RUST_LOG", "info")
             .env_remove("DASHCACHE_REDIS_URL")
             .env_remove("DASHCACHE_CLICKHOUSE_URL")
+            .env_remove("DASHCACHE_STORE_URL")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -124,6 +136,7 @@ impl Proxy {
             child,
             base: format!("http://127.0.0.1:{port}"),
             dir,
+            key,
         };
         for _ in 0..200 {
             if let Ok(r) = get(&format!("{}/healthz", proxy.base)).await
@@ -136,10 +149,34 @@ impl Proxy {
         panic!("proxy did not become healthy; log:\n{}", proxy.log());
     }
 
+    /// GET with this proxy's API key.
     pub async fn get(&self, path: &str) -> Reply {
-        get(&format!("{}{path}", self.base))
+        let auth = format!("Bearer {}", self.key);
+        self.get_with(path, &[("authorization", auth.as_str())])
+            .await
+    }
+
+    /// GET with exactly these headers (no key unless given).
+    pub async fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
+        request(&format!("{}{path}", self.base), headers)
             .await
             .unwrap_or_else(|e| panic!("GET {path}: {e}\nlog:\n{}", self.log()))
+    }
+
+    /// Mints another key in this proxy's control store.
+    pub fn add_key(&self, tier: &str, tenant: &str) -> String {
+        add_key(&self.dir.0.join("config.toml"), tier, tenant)
+    }
+
+    /// Runs `dashcache-proxy keys ARGS` against this proxy's config.
+    pub fn keys(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_dashcache-proxy"))
+            .arg("--config")
+            .arg(self.dir.0.join("config.toml"))
+            .arg("keys")
+            .args(args)
+            .output()
+            .expect("run dashcache-proxy keys")
     }
 
     pub async fn metric(&self, name: &str) -> f64 {
@@ -162,6 +199,24 @@ impl Drop for Proxy {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Mints a key with the CLI, as an operator would.
+fn add_key(config: &Path, tier: &str, tenant: &str) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_dashcache-proxy"))
+        .arg("--config")
+        .arg(config)
+        .args([
+            "keys", "add", "--tier", tier, "--tenant", tenant, "--label", "test",
+        ])
+        .output()
+        .expect("run dashcache-proxy keys add");
+    assert!(
+        out.status.success(),
+        "keys add: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// The shipped config.toml, pointed at the test servers, with a fresh key prefix.
@@ -191,6 +246,12 @@ fn test_config(options: &ProxyOptions, dir: &Path) -> String {
     );
     let prefix = options.key_prefix.clone().unwrap_or_else(|| unique("it"));
     set(&mut config, "cache", "key_prefix", prefix.into());
+    let store = options
+        .store_url
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}/control.db", dir.display()));
+    set(&mut config, "store", "url", store.into());
+    set(&mut config, "auth", "reload_interval", "200ms".into());
     for (section, key, value) in &options.set {
         set(&mut config, section, key, value.clone());
     }
@@ -249,8 +310,16 @@ pub fn client() -> Client<HttpConnector, Empty<Bytes>> {
 }
 
 pub async fn get(url: &str) -> Result<Reply, String> {
-    let uri: http::Uri = url.parse().map_err(|e| format!("{e}"))?;
-    let response = client().get(uri).await.map_err(|e| format!("{e}"))?;
+    request(url, &[]).await
+}
+
+pub async fn request(url: &str, headers: &[(&str, &str)]) -> Result<Reply, String> {
+    let mut builder = http::Request::get(url);
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let req = builder.body(Empty::new()).map_err(|e| format!("{e}"))?;
+    let response = client().request(req).await.map_err(|e| format!("{e}"))?;
     let status = response.status().as_u16();
     let headers = response.headers().clone();
     let body = response

@@ -11,3 +11,4 @@ mod faults;
 mod freshness;
 mod query;
 mod scheduler;
+mod tenancy;

@@ -57,7 +57,7 @@ async fn revenue_by_day_matches_a_direct_aggregate_of_events() {
     assert_eq!(reply.status, 200, "{}", reply.text());
     let direct = clickhouse(&format!(
         "SELECT toDateTime(toDate(ts)) AS t, sum(revenue) AS revenue, count() AS events, uniq(user_id) AS users \
-         FROM demo.events WHERE ts >= toDateTime({from}) AND ts < toDateTime({to}) \
+         FROM demo.events WHERE tenant_id = 'acme' AND ts >= toDateTime({from}) AND ts < toDateTime({to}) \
          GROUP BY t ORDER BY t FORMAT JSONEachRow"
     ))
     .await;
@@ -79,7 +79,7 @@ async fn revenue_by_hour_with_filters_matches_a_direct_aggregate() {
     assert_eq!(reply.status, 200, "{}", reply.text());
     let direct = clickhouse(&format!(
         "SELECT toStartOfHour(ts) AS t, sum(revenue) AS revenue, count() AS events, uniq(user_id) AS users \
-         FROM demo.events WHERE ts >= toDateTime({from}) AND ts < toDateTime({to}) \
+         FROM demo.events WHERE tenant_id = 'acme' AND ts >= toDateTime({from}) AND ts < toDateTime({to}) \
          AND country IN ('DE', 'FR') AND plan IN ('pro', 'enterprise') \
          GROUP BY t ORDER BY t FORMAT JSONEachRow"
     ))

@@ -1,0 +1,146 @@
+//! Who is calling: API key → tier and tenant, and the per-key rate limit.
+//!
+//! Runs before anything else on `/v1/*` routes: 401 for a missing, unknown,
+//! expired or revoked key; 403 for a key whose tier is not configured; 429 with
+//! `Retry-After` past the tier's rate. Every answer to an authenticated request
+//! carries the `RateLimit-*` headers. The tenant used in queries is the key's,
+//! never anything in the URL.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use dashcache::keys::{ApiKey, KeyError};
+use dashcache::ratelimit::Decision;
+use dashcache::tier::Tier;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+
+use crate::app::App;
+use crate::reply::{self, Body};
+
+/// An authenticated caller.
+pub struct Caller {
+    pub key: Arc<ApiKey>,
+    pub tier: Arc<Tier>,
+    pub rate: Decision,
+}
+
+/// The key a request presents: `Authorization: Bearer <key>` or `X-API-Key: <key>`.
+fn presented(headers: &HeaderMap) -> Option<&str> {
+    if let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        let (scheme, key) = value.trim().split_once(' ')?;
+        return scheme.eq_ignore_ascii_case("bearer").then(|| key.trim());
+    }
+    headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+}
+
+/// Authenticates and rate-limits a request.
+pub async fn authenticate<B>(app: &App, req: &Request<B>) -> Result<Caller, Response<Body>> {
+    let now = chrono::Utc::now();
+    let key = app
+        .keys
+        .check(presented(req.headers()), now.timestamp_millis())
+        .map_err(unauthorized)?;
+    let Some(tier) = app.tiers.get(&key.tier).cloned() else {
+        tracing::warn!(key = %key.id, tier = %key.tier, "key of an unconfigured tier");
+        return Err(reply::error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("this key's tier `{}` is not configured", key.tier),
+        ));
+    };
+    let rate = app
+        .limiter
+        .check(&key.id, &tier, now.timestamp_micros())
+        .await;
+    if !rate.allowed {
+        let mut response = reply::error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "rate limit of {} requests per minute (burst {}) exceeded; retry in {} s",
+                tier.requests_per_minute, tier.burst, rate.retry_after_secs
+            ),
+        );
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(rate.retry_after_secs),
+        );
+        rate_headers(response.headers_mut(), &rate);
+        return Err(response);
+    }
+    Ok(Caller { key, tier, rate })
+}
+
+fn unauthorized(err: KeyError) -> Response<Body> {
+    let mut response = reply::error(StatusCode::UNAUTHORIZED, "unauthorized", err.to_string());
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
+}
+
+/// 403 for a query or export outside the caller's tier.
+pub fn forbidden(caller: &Caller, what: &str) -> Response<Body> {
+    reply::error(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        format!("tier `{}` may not call {what}", caller.tier.name),
+    )
+}
+
+/// The IETF `RateLimit-*` headers.
+pub fn rate_headers(headers: &mut HeaderMap, rate: &Decision) {
+    headers.insert("ratelimit-limit", HeaderValue::from(rate.limit));
+    headers.insert("ratelimit-remaining", HeaderValue::from(rate.remaining));
+    headers.insert("ratelimit-reset", HeaderValue::from(rate.reset_secs));
+}
+
+/// Per-key counts of requests waiting on ClickHouse in this process.
+#[derive(Default)]
+pub struct MissSlots {
+    busy: Mutex<HashMap<String, usize>>,
+}
+
+/// One taken slot, given back on drop.
+pub struct MissSlot<'a> {
+    slots: &'a MissSlots,
+    key: String,
+}
+
+impl MissSlots {
+    /// Takes a slot for `key_id` unless `max` are taken.
+    pub fn take(&self, key_id: &str, max: usize) -> Option<MissSlot<'_>> {
+        let mut busy = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = busy.entry(key_id.to_owned()).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(MissSlot {
+            slots: self,
+            key: key_id.to_owned(),
+        })
+    }
+}
+
+impl Drop for MissSlot<'_> {
+    fn drop(&mut self) {
+        let mut busy = self
+            .slots
+            .busy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = busy.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                busy.remove(&self.key);
+            }
+        }
+    }
+}

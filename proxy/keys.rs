@@ -1,0 +1,91 @@
+//! `dashcache-proxy keys add|list|revoke`: managing API keys in the control store.
+//!
+//! The secret of a new key is printed once, on stdout, and stored nowhere.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::Subcommand;
+use dashcache::config::Config;
+use dashcache::keys::{KeyStore, valid_tenant};
+use dashcache::store::Store;
+use dashcache::tier::Tiers;
+
+#[derive(Subcommand)]
+pub enum KeysCommand {
+    /// Mint a key; prints it once.
+    Add {
+        #[arg(long)]
+        tier: String,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        label: Option<String>,
+        /// Lifetime, e.g. 90d (default: no expiry).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires: Option<Duration>,
+    },
+    /// List keys (never their secrets).
+    List,
+    /// Revoke a key by id; takes effect within `auth.reload_interval`.
+    Revoke { id: String },
+}
+
+pub async fn run(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
+    let store = Store::connect(&config.store.url).await?;
+    let keys = KeyStore::new(store);
+    match command {
+        KeysCommand::Add {
+            tier,
+            tenant,
+            label,
+            expires,
+        } => {
+            let tiers = Tiers::load(config)?;
+            if tiers.get(&tier).is_none() {
+                let known: Vec<&str> = tiers.names().collect();
+                bail!("unknown tier `{tier}` (configured: {})", known.join(", "));
+            }
+            if !valid_tenant(&tenant) {
+                bail!("tenant `{tenant}` must be 1-64 characters of a-z, A-Z, 0-9, _ and -");
+            }
+            let (key, secret) = keys
+                .add(&tier, &tenant, label.as_deref(), expires)
+                .await
+                .context("storing the key")?;
+            eprintln!(
+                "created {} (tier {tier}, tenant {tenant}); the key is shown once:",
+                key.id
+            );
+            println!("{secret}");
+        }
+        KeysCommand::List => {
+            println!(
+                "{:<16} {:<12} {:<16} {:<20} {:<20} {:<20} label",
+                "id", "tier", "tenant", "created", "expires", "revoked"
+            );
+            for key in keys.list().await? {
+                let time = |ms: Option<i64>| {
+                    ms.map_or("-".to_string(), |ms| dashcache::timeexpr::format(ms / 1000))
+                };
+                println!(
+                    "{:<16} {:<12} {:<16} {:<20} {:<20} {:<20} {}",
+                    key.id,
+                    key.tier,
+                    key.tenant,
+                    time(Some(key.created_ms)),
+                    time(key.expires_ms),
+                    time(key.revoked_ms),
+                    key.label.as_deref().unwrap_or("")
+                );
+            }
+        }
+        KeysCommand::Revoke { id } => {
+            if !keys.revoke(&id).await? {
+                bail!("no active key `{id}`");
+            }
+            println!("revoked {id}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,124 @@
+//! Usage tiers: what an API key of a tier may do, and how much.
+//!
+//! Compiled from `[tier.*]`: the request rate and burst (enforced by
+//! [`crate::ratelimit`]), how many requests per key may wait on ClickHouse at
+//! once, which queries and exports the tier may call, export size limits, and
+//! a minimum TTL (a cheaper tier accepts older answers, so it costs less).
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{Config, ConfigError};
+
+/// Names a tier may call: all, or a list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Allowed {
+    All,
+    Only(HashSet<String>),
+}
+
+impl Allowed {
+    fn from_list(list: &[String]) -> Allowed {
+        if list.iter().any(|n| n == "*") {
+            Allowed::All
+        } else {
+            Allowed::Only(list.iter().cloned().collect())
+        }
+    }
+
+    pub fn allows(&self, name: &str) -> bool {
+        match self {
+            Allowed::All => true,
+            Allowed::Only(names) => names.contains(name),
+        }
+    }
+}
+
+/// One tier.
+#[derive(Debug, Clone)]
+pub struct Tier {
+    pub name: String,
+    pub requests_per_minute: u32,
+    pub burst: u32,
+    pub max_concurrent_misses: usize,
+    pub queries: Allowed,
+    pub exports: Allowed,
+    pub export_max_rows: u64,
+    pub export_max_bytes: u64,
+    pub min_ttl: Duration,
+}
+
+/// Every tier of a config, by name.
+#[derive(Debug, Default)]
+pub struct Tiers {
+    by_name: BTreeMap<String, Arc<Tier>>,
+}
+
+impl Tiers {
+    /// Compiles `[tier.*]`; every named query must exist.
+    pub fn load(config: &Config) -> Result<Tiers, ConfigError> {
+        let mut by_name = BTreeMap::new();
+        for (name, tier) in &config.tiers {
+            let invalid = |msg: String| config.invalid(format!("tier `{name}`: {msg}"));
+            if tier.requests_per_minute == 0 || tier.burst == 0 {
+                return Err(invalid(
+                    "requests_per_minute and burst must be at least 1".into(),
+                ));
+            }
+            if let Some(unknown) = tier
+                .queries
+                .iter()
+                .find(|q| *q != "*" && !config.queries.contains_key(*q))
+            {
+                return Err(invalid(format!("allows unknown query `{unknown}`")));
+            }
+            by_name.insert(
+                name.clone(),
+                Arc::new(Tier {
+                    name: name.clone(),
+                    requests_per_minute: tier.requests_per_minute,
+                    burst: tier.burst,
+                    max_concurrent_misses: tier.max_concurrent_misses.max(1),
+                    queries: Allowed::from_list(&tier.queries),
+                    exports: Allowed::from_list(&tier.exports),
+                    export_max_rows: tier.export_max_rows,
+                    export_max_bytes: tier.export_max_bytes,
+                    min_ttl: tier.min_ttl.unwrap_or(Duration::ZERO),
+                }),
+            );
+        }
+        Ok(Tiers { by_name })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Tier>> {
+        self.by_name.get(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.by_name.keys().map(String::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn tiers_compile_and_refuse_unknown_queries() {
+        let text = "[tier.free]\nrequests_per_minute = 60\nburst = 10\nqueries = ['a']\n";
+        let config = Config::parse(text, Path::new("c.toml")).unwrap();
+        let err = Tiers::load(&config).unwrap_err().to_string();
+        assert!(err.contains("unknown query `a`"), "{err}");
+
+        let text =
+            "[tier.all]\nrequests_per_minute = 60\nburst = 10\nqueries = ['*']\nmin_ttl = '15m'\n";
+        let config = Config::parse(text, Path::new("c.toml")).unwrap();
+        let tiers = Tiers::load(&config).unwrap();
+        let tier = tiers.get("all").unwrap();
+        assert!(tier.queries.allows("anything"));
+        assert!(!tier.exports.allows("events"));
+        assert_eq!(tier.min_ttl, Duration::from_secs(900));
+    }
+}
