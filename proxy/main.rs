@@ -4,6 +4,7 @@
 
 mod app;
 mod auth;
+mod export;
 mod keys;
 mod query;
 mod reply;

@@ -21,7 +21,7 @@ use dashcache::coalesce::{FlightError, Role, Subscriber};
 use dashcache::fill::FillJob;
 use dashcache::format::Format;
 use dashcache::freshness::{self, Freshness};
-use dashcache::params::{Clock, Problem, RawParam};
+use dashcache::params::{Clock, RawParam};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 
 use crate::app::App;
@@ -50,7 +50,8 @@ pub async fn handle<B>(
 
     let raw: Vec<RawParam> =
         form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()).collect();
-    let (format, params, mut problems) = split_format(raw);
+    let (format, params, mut problems) = Format::split_param(raw, &Format::ALL);
+    let format = format.unwrap_or(Format::Json);
     let now = Utc::now();
     let clock = Clock {
         now,
@@ -165,34 +166,6 @@ fn refresh(app: &App, key: &CacheKey, entry: &Entry, mut job: FillJob) -> bool {
         }
         Role::Follower(_) | Role::Overloaded => false,
     }
-}
-
-/// Separates the proxy's own `format` parameter from the query's parameters.
-fn split_format(raw: Vec<RawParam<'_>>) -> (Format, Vec<RawParam<'_>>, Vec<Problem>) {
-    let mut format = None;
-    let mut problems = Vec::new();
-    let mut params = Vec::with_capacity(raw.len());
-    for (name, value) in raw {
-        if name != "format" {
-            params.push((name, value));
-        } else if format.is_some() {
-            problems.push(Problem::query(
-                "format",
-                "duplicate_parameter",
-                "given more than once",
-            ));
-        } else if let Some(f) = Format::from_param(&value) {
-            format = Some(f);
-        } else {
-            problems.push(Problem::query(
-                "format",
-                "enum",
-                "must be one of: json, csv, ndjson",
-            ));
-            format = Some(Format::Json);
-        }
-    }
-    (format.unwrap_or(Format::Json), params, problems)
 }
 
 /// A stored answer (HIT or STALE), or 304 when the client has it already.

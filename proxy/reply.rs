@@ -7,17 +7,17 @@ use bytes::Bytes;
 use dashcache::coalesce::Subscriber;
 use dashcache::params::Problem;
 use http::{HeaderValue, Response, StatusCode, header};
-use http_body_util::combinators::BoxBody;
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub type Body = BoxBody<Bytes, BoxError>;
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())
         .map_err(|never| match never {})
-        .boxed()
+        .boxed_unsync()
 }
 
 pub fn empty() -> Body {
@@ -59,5 +59,5 @@ pub fn stream(first: Bytes, rest: Subscriber) -> Body {
         let item = rest.next().await?;
         Some((item.map(Frame::data).map_err(BoxError::from), rest))
     });
-    StreamBody::new(futures_util::StreamExt::chain(first, rest)).boxed()
+    StreamBody::new(futures_util::StreamExt::chain(first, rest)).boxed_unsync()
 }

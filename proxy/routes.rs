@@ -3,6 +3,7 @@
 //! | route | handler |
 //! |---|---|
 //! | `GET /v1/query/{name}` | [`crate::query`] |
+//! | `GET /v1/export/{name}` | [`crate::export`] |
 //! | `GET /healthz` | liveness |
 //! | `GET /metrics` | Prometheus text |
 
@@ -16,7 +17,7 @@ use hyper::body::Incoming;
 
 use crate::app::App;
 use crate::reply::{self, Body};
-use crate::{auth, query};
+use crate::{auth, export, query};
 
 pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
@@ -36,7 +37,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
         .http_duration
         .get_or_create(&RouteLabels { route })
         .observe(started.elapsed().as_secs_f64());
-    if route == "query" {
+    if route == "query" || route == "export" {
         let cache = response
             .headers()
             .get("x-cache")
@@ -77,6 +78,17 @@ async fn route(app: &Arc<App>, req: &Request<Incoming>) -> (&'static str, Respon
             Err(response) => response,
         };
         return ("query", response);
+    }
+    if let Some(name) = path.strip_prefix("/v1/export/") {
+        let response = match auth::authenticate(app, req).await {
+            Ok(caller) => {
+                let mut response = export::handle(app, name, req, &caller).await;
+                auth::rate_headers(response.headers_mut(), &caller.rate);
+                response
+            }
+            Err(response) => response,
+        };
+        return ("export", response);
     }
     let (route, protected) = match path {
         "/healthz" => ("healthz", app.config.auth.protect_health),

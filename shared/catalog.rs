@@ -29,6 +29,7 @@ pub const TENANT: &str = "tenant";
 #[derive(Debug, Default)]
 pub struct Catalog {
     queries: BTreeMap<String, Arc<QueryDef>>,
+    exports: BTreeMap<String, Arc<QueryDef>>,
 }
 
 /// One named query, ready to bind requests.
@@ -89,7 +90,22 @@ impl Catalog {
                 .map_err(|msg| config.invalid(format!("query `{name}`: {msg}")))?;
             queries.insert(name.clone(), Arc::new(def));
         }
-        Ok(Catalog { queries })
+        let mut exports = BTreeMap::new();
+        for (name, export) in &config.exports {
+            let def = QueryDef::compile(name, export, config)
+                .map_err(|msg| config.invalid(format!("export `{name}`: {msg}")))?;
+            exports.insert(name.clone(), Arc::new(def));
+        }
+        Ok(Catalog { queries, exports })
+    }
+
+    /// A streamed export by name (`[export.<name>]`).
+    pub fn export(&self, name: &str) -> Option<&Arc<QueryDef>> {
+        self.exports.get(name)
+    }
+
+    pub fn exports(&self) -> impl Iterator<Item = &Arc<QueryDef>> {
+        self.exports.values()
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<QueryDef>> {

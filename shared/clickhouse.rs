@@ -133,11 +133,33 @@ impl ClickHouse {
         format: Format,
         query_id: &str,
     ) -> Result<Answer, UpstreamError> {
+        self.query_with(sql, format, query_id, &[])
+    }
+
+    /// Like [`ClickHouse::query`], with settings for this query only (an
+    /// export's limits); a `max_execution_time` also bounds the read timeout.
+    pub fn query_with(
+        &self,
+        sql: &str,
+        format: Format,
+        query_id: &str,
+        settings: &[(&str, String)],
+    ) -> Result<Answer, UpstreamError> {
         self.metrics.clickhouse_queries.inc();
-        let cursor = self
+        let mut query = self
             .client
             .query_raw(sql)
-            .with_setting("query_id", query_id)
+            .with_setting("query_id", query_id);
+        let mut read_timeout = self.read_timeout;
+        for (name, value) in settings {
+            if *name == "max_execution_time"
+                && let Ok(secs) = value.parse::<u64>()
+            {
+                read_timeout = Duration::from_secs(secs) + Duration::from_secs(5);
+            }
+            query = query.with_setting(*name, value.as_str());
+        }
+        let cursor = query
             .fetch_bytes(format.clickhouse())
             .map_err(|e| self.failed(UpstreamError::from_crate(e)))?;
         Ok(Answer {
@@ -146,9 +168,34 @@ impl ClickHouse {
             held: VecDeque::new(),
             held_len: 0,
             finished: false,
-            read_timeout: self.read_timeout,
+            salvage: false,
+            failure: None,
+            read_timeout,
             metrics: self.metrics.clone(),
         })
+    }
+
+    /// Asks ClickHouse to stop a query (its id is one dashcache made).
+    pub async fn kill(&self, query_id: &str) -> Result<(), UpstreamError> {
+        if !query_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Ok(());
+        }
+        let sql = format!("KILL QUERY WHERE query_id = '{query_id}' ASYNC");
+        let mut cursor = self
+            .client
+            .query_raw(&sql)
+            .fetch_bytes("TSV")
+            .map_err(UpstreamError::from_crate)?;
+        while cursor
+            .next()
+            .await
+            .map_err(UpstreamError::from_crate)?
+            .is_some()
+        {}
+        Ok(())
     }
 
     fn failed(&self, err: UpstreamError) -> UpstreamError {
@@ -168,11 +215,22 @@ pub struct Answer {
     held: VecDeque<Bytes>,
     held_len: usize,
     finished: bool,
+    /// Yield the complete rows before an appended exception, then fail.
+    salvage: bool,
+    failure: Option<UpstreamError>,
     read_timeout: Duration,
     metrics: Arc<Metrics>,
 }
 
 impl Answer {
+    /// When ClickHouse fails mid-answer, first yield the complete rows it sent
+    /// before the failure, then the error (for streams whose clients can tell
+    /// a truncated answer from a whole one). Only for line formats.
+    pub fn salvaging(mut self) -> Answer {
+        self.salvage = self.format != Format::Json;
+        self
+    }
+
     /// The next chunk that is safe to pass on; `None` at the verified end.
     pub async fn next(&mut self) -> Result<Option<Bytes>, UpstreamError> {
         loop {
@@ -183,7 +241,10 @@ impl Answer {
                 return Ok(self.held.pop_front());
             }
             if self.finished {
-                return Ok(None);
+                return match self.failure.take() {
+                    Some(err) => Err(err),
+                    None => Ok(None),
+                };
             }
             let next = tokio::time::timeout(self.read_timeout, self.cursor.next()).await;
             match next {
@@ -212,10 +273,25 @@ impl Answer {
         let tail = tail.freeze();
         if let Some(at) = exception_start(&tail) {
             let message = String::from_utf8_lossy(&tail[at..]).trim().to_owned();
-            return Err(self.failed(UpstreamError::Body {
+            let err = self.failed(UpstreamError::Body {
                 code: error_code(&tail[at..]),
                 message,
-            }));
+            });
+            if !self.salvage {
+                return Err(err);
+            }
+            // Keep whole lines only: the rows before the failure.
+            let rows = tail[..at]
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |nl| nl + 1);
+            self.held.clear();
+            self.held_len = rows;
+            if rows > 0 {
+                self.held.push_back(tail.slice(..rows));
+            }
+            self.failure = Some(err);
+            return Ok(());
         }
         if self.format == Format::Json && !tail.trim_ascii_end().ends_with(b"}") {
             return Err(self.failed(UpstreamError::Body {

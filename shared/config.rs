@@ -53,6 +53,10 @@ pub struct Config {
     /// Named queries, `[query.<name>]`.
     #[serde(default, rename = "query")]
     pub queries: BTreeMap<String, QueryConfig>,
+    /// Streamed exports, `[export.<name>]`: like queries, never cached
+    /// (`ttl` and `grace` do not apply).
+    #[serde(default, rename = "export")]
+    pub exports: BTreeMap<String, QueryConfig>,
     /// The warm-up scheduler's settings (see [`crate::warmup`]).
     #[serde(default)]
     pub scheduler: crate::warmup::SchedulerConfig,
@@ -243,6 +247,9 @@ pub struct TierConfig {
     pub export_max_rows: u64,
     #[serde(default)]
     pub export_max_bytes: u64,
+    /// Wall-clock limit of one export (ClickHouse `max_execution_time`).
+    #[serde(default = "default_export_duration", with = "humantime_serde")]
+    pub export_max_duration: Duration,
     /// Answers this young count as fresh for this tier even past the query's
     /// TTL: cheaper tiers see slightly older numbers and cost less.
     #[serde(default, with = "humantime_serde")]
@@ -251,6 +258,10 @@ pub struct TierConfig {
 
 fn default_concurrent_misses() -> usize {
     4
+}
+
+fn default_export_duration() -> Duration {
+    Duration::from_secs(600)
 }
 
 /// How concurrent misses for one key wait for a single computation.

@@ -172,8 +172,9 @@ impl Filler {
         self.metrics
             .clickhouse_duration
             .observe(compute.as_secs_f64());
-        producer.complete();
 
+        // Store before completing: a client that has the whole answer and asks
+        // again must find it in the cache.
         let outcome = if size > self.max_entry_bytes {
             tracing::debug!(query = %job.query, size, "answer too large to cache");
             "too_large"
@@ -194,6 +195,7 @@ impl Filler {
             .cache_stores
             .get_or_create(&ResultLabels { result: outcome })
             .inc();
+        producer.complete();
         // The caller drops the producer, which lands the flight: later
         // requests read the cache.
     }

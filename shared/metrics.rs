@@ -56,6 +56,11 @@ pub struct Metrics {
     pub clickhouse_errors: Family<KindLabels, Counter>,
     pub clickhouse_duration: Histogram,
     pub redis_errors: Counter,
+    pub exports_started: Counter,
+    /// Ended exports by outcome: complete, cancelled (client left), failed, truncated.
+    pub exports_ended: Family<ResultLabels, Counter>,
+    pub export_bytes: Counter,
+    pub export_first_byte: Histogram,
     /// The scheduler's warm-up runs.
     pub warmup: WarmupMetrics,
 }
@@ -137,6 +142,30 @@ impl Metrics {
             "Time for ClickHouse to produce a whole answer",
             clickhouse_duration.clone(),
         );
+        let exports_started = Counter::default();
+        registry.register(
+            "exports_started",
+            "Exports that began streaming",
+            exports_started.clone(),
+        );
+        let exports_ended = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "exports_ended",
+            "Exports by outcome (complete, cancelled, failed, truncated)",
+            exports_ended.clone(),
+        );
+        let export_bytes = Counter::default();
+        registry.register(
+            "export_bytes",
+            "Bytes streamed by exports",
+            export_bytes.clone(),
+        );
+        let export_first_byte = latency_histogram();
+        registry.register(
+            "export_first_byte_seconds",
+            "Time from an export request to its first body byte",
+            export_first_byte.clone(),
+        );
         let redis_errors = Counter::default();
         registry.register(
             "redis_errors",
@@ -159,6 +188,10 @@ impl Metrics {
             clickhouse_errors,
             clickhouse_duration,
             redis_errors,
+            exports_started,
+            exports_ended,
+            export_bytes,
+            export_first_byte,
         }
     }
 

@@ -147,6 +147,7 @@ mod tests {
             exports: Allowed::All,
             export_max_rows: 0,
             export_max_bytes: 0,
+            export_max_duration: Duration::ZERO,
             min_ttl: Duration::ZERO,
         }
     }

@@ -46,6 +46,7 @@ pub struct Tier {
     pub exports: Allowed,
     pub export_max_rows: u64,
     pub export_max_bytes: u64,
+    pub export_max_duration: Duration,
     pub min_ttl: Duration,
 }
 
@@ -73,6 +74,13 @@ impl Tiers {
             {
                 return Err(invalid(format!("allows unknown query `{unknown}`")));
             }
+            if let Some(unknown) = tier
+                .exports
+                .iter()
+                .find(|e| *e != "*" && !config.exports.contains_key(*e))
+            {
+                return Err(invalid(format!("allows unknown export `{unknown}`")));
+            }
             by_name.insert(
                 name.clone(),
                 Arc::new(Tier {
@@ -84,6 +92,7 @@ impl Tiers {
                     exports: Allowed::from_list(&tier.exports),
                     export_max_rows: tier.export_max_rows,
                     export_max_bytes: tier.export_max_bytes,
+                    export_max_duration: tier.export_max_duration,
                     min_ttl: tier.min_ttl.unwrap_or(Duration::ZERO),
                 }),
             );

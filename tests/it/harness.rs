@@ -183,6 +183,18 @@ impl Proxy {
         metric(&self.get("/metrics").await.text(), name)
     }
 
+    /// The proxy's resident memory in KiB (VmRSS).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Kills the process at once (no graceful shutdown).
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -255,14 +267,15 @@ fn test_config(options: &ProxyOptions, dir: &Path) -> String {
     for (section, key, value) in &options.set {
         set(&mut config, section, key, value.clone());
     }
-    let queries = config
-        .get_mut("query")
-        .and_then(|q| q.as_table_mut())
-        .expect("[query] tables");
-    for (_, query) in queries.iter_mut() {
-        let table = query.as_table_mut().expect("query table");
-        let sql = table["sql"].as_str().expect("sql path").to_owned();
-        table.insert("sql".into(), root().join(sql).display().to_string().into());
+    for section in ["query", "export"] {
+        let Some(tables) = config.get_mut(section).and_then(|q| q.as_table_mut()) else {
+            continue;
+        };
+        for (_, query) in tables.iter_mut() {
+            let table = query.as_table_mut().expect("query table");
+            let sql = table["sql"].as_str().expect("sql path").to_owned();
+            table.insert("sql".into(), root().join(sql).display().to_string().into());
+        }
     }
     let mut text = toml::to_string(&config).expect("config serializes");
     for (name, sql, body) in &options.extra_queries {

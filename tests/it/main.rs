@@ -7,6 +7,7 @@
 mod harness;
 
 mod coalescing;
+mod export;
 mod faults;
 mod freshness;
 mod query;
