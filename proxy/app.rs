@@ -13,6 +13,7 @@ use dashcache::config::Config;
 use dashcache::fill::Filler;
 use dashcache::keys::{KeyRing, KeyStore};
 use dashcache::metrics::Metrics;
+use dashcache::popularity::Recorder;
 use dashcache::ratelimit::RateLimiter;
 use dashcache::store::Store;
 use dashcache::tier::Tiers;
@@ -24,12 +25,15 @@ pub struct App {
     pub catalog: Catalog,
     pub tiers: Tiers,
     pub keys: Arc<KeyRing>,
+    pub key_store: KeyStore,
     pub limiter: RateLimiter,
     pub misses: MissSlots,
     pub cache: Arc<Cache>,
     pub coalescer: Arc<Coalescer>,
     pub filler: Arc<Filler>,
     pub metrics: Arc<Metrics>,
+    /// Demand per canonical key, for the scheduler's `popular` job.
+    pub popularity: Arc<Recorder>,
 }
 
 impl App {
@@ -44,7 +48,7 @@ impl App {
         let keys = Arc::new(KeyRing::default());
         let count = keys.reload(&key_store).await.context("loading API keys")?;
         tracing::info!(keys = count, "API keys loaded");
-        keys.spawn_reloads(key_store, config.auth.reload_interval);
+        keys.spawn_reloads(key_store.clone(), config.auth.reload_interval);
         let filler = Arc::new(Filler {
             clickhouse: ClickHouse::new(&config.clickhouse, metrics.clone()),
             cache: cache.clone(),
@@ -52,12 +56,20 @@ impl App {
             max_entry_bytes: config.cache.max_entry_bytes,
             coalesce: config.coalesce.clone(),
         });
+        let popularity = Recorder::new(
+            &config.redis.url,
+            &config.cache.key_prefix,
+            &config.popularity,
+        )?;
+        popularity.spawn_flusher();
         Ok(Arc::new(App {
+            popularity,
             limiter: RateLimiter::new(cache.clone(), &config.cache.key_prefix),
             misses: MissSlots::default(),
             catalog,
             tiers,
             keys,
+            key_store,
             cache,
             coalescer: Coalescer::new(),
             filler,

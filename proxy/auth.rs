@@ -44,7 +44,12 @@ pub async fn authenticate<B>(app: &App, req: &Request<B>) -> Result<Caller, Resp
     let now = chrono::Utc::now();
     let key = app
         .keys
-        .check(presented(req.headers()), now.timestamp_millis())
+        .check_or_reload(
+            presented(req.headers()),
+            now.timestamp_millis(),
+            &app.key_store,
+        )
+        .await
         .map_err(unauthorized)?;
     let Some(tier) = app.tiers.get(&key.tier).cloned() else {
         tracing::warn!(key = %key.id, tier = %key.tier, "key of an unconfigured tier");

@@ -84,6 +84,8 @@ pub async fn handle<B>(
         format,
         &sql,
     );
+    app.popularity
+        .record(&key, name, query.key_tenant(tenant), format, &bound);
     let job = || FillJob {
         key: key.clone(),
         query: name.to_owned(),

@@ -58,6 +58,9 @@ pub async fn run(app: Arc<App>, listen: Option<SocketAddr>) -> anyhow::Result<()
         () = graceful.shutdown() => tracing::info!("all connections closed"),
         () = tokio::time::sleep(grace) => tracing::warn!("shutdown grace elapsed; closing remaining connections"),
     }
+    if let Err(err) = app.popularity.flush().await {
+        tracing::warn!(error = %err, "could not flush request counts at shutdown");
+    }
     Ok(())
 }
 

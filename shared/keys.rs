@@ -10,6 +10,7 @@
 //! about stored keys. What a tier allows is [`crate::tier`]'s business.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -181,9 +182,41 @@ fn api_key((id, tier, tenant, label, created_ms, expires_ms, revoked_ms): KeyRow
 #[derive(Default)]
 pub struct KeyRing {
     keys: RwLock<Arc<HashMap<KeyHash, Arc<ApiKey>>>>,
+    /// When the keys were last read (Unix ms), to bound on-demand reloads.
+    loaded_ms: AtomicI64,
 }
 
+/// The shortest time between two reloads caused by unknown keys.
+const ON_DEMAND_RELOAD_MS: i64 = 500;
+
 impl KeyRing {
+    /// Like [`KeyRing::check`], but an unknown key first makes the ring
+    /// re-read the store (at most every 500 ms), so a key minted a moment ago
+    /// works at once instead of after the next periodic reload.
+    pub async fn check_or_reload(
+        &self,
+        presented: Option<&str>,
+        now_ms: i64,
+        store: &KeyStore,
+    ) -> Result<Arc<ApiKey>, KeyError> {
+        match self.check(presented, now_ms) {
+            Err(KeyError::Unknown) => {
+                let last = self.loaded_ms.load(Ordering::Relaxed);
+                if now_ms - last >= ON_DEMAND_RELOAD_MS
+                    && self
+                        .loaded_ms
+                        .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+                    && let Err(err) = self.reload(store).await
+                {
+                    tracing::warn!(error = %err, "cannot reload API keys");
+                }
+                self.check(presented, now_ms)
+            }
+            other => other,
+        }
+    }
+
     /// The key a request presented, if it is valid at `now_ms`.
     pub fn check(&self, presented: Option<&str>, now_ms: i64) -> Result<Arc<ApiKey>, KeyError> {
         let presented = presented.ok_or(KeyError::Missing)?;
@@ -208,6 +241,8 @@ impl KeyRing {
         let count = rows.len();
         let keys = rows.into_iter().map(|(h, k)| (h, Arc::new(k))).collect();
         *self.keys.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(keys);
+        self.loaded_ms
+            .store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
         Ok(count)
     }
 

@@ -19,6 +19,7 @@ use chrono::{DateTime, Utc};
 use redis::aio::ConnectionManager;
 use serde::Deserialize;
 
+use crate::cache::CacheKey;
 use crate::catalog::TENANT;
 use crate::format::Format;
 use crate::params::{Bound, Value};
@@ -121,7 +122,8 @@ fn canonical_params(bound: &Bound) -> String {
 
 /// Counts requests in memory; [`Recorder::flush`] sends them to Redis.
 pub struct Recorder {
-    pending: Mutex<HashMap<String, u64>>,
+    /// Counts by cache key, with the member each count goes to.
+    pending: Mutex<HashMap<String, (String, u64)>>,
     config: PopularityConfig,
     prefix: String,
     conn: ConnectionManager,
@@ -151,24 +153,32 @@ impl Recorder {
         }))
     }
 
-    /// Counts one request for a bound query. Never blocks on I/O.
-    pub fn record(&self, query: &str, tenant: Option<&str>, format: Format, bound: &Bound) {
+    /// Counts one request for a bound query. Never blocks on I/O; a key
+    /// already counted since the last flush costs no allocation.
+    pub fn record(
+        &self,
+        key: &CacheKey,
+        query: &str,
+        tenant: Option<&str>,
+        format: Format,
+        bound: &Bound,
+    ) {
         if !self.config.enabled {
             return;
         }
-        let member = Demand {
-            query: query.to_owned(),
-            tenant: tenant.map(str::to_owned),
-            format,
-            params: canonical_params(bound),
-        }
-        .member();
         let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
         let len = pending.len();
-        match pending.get_mut(&member) {
-            Some(n) => *n += 1,
+        match pending.get_mut(key.as_str()) {
+            Some((_, n)) => *n += 1,
             None if len < self.config.max_pending => {
-                pending.insert(member, 1);
+                let member = Demand {
+                    query: query.to_owned(),
+                    tenant: tenant.map(str::to_owned),
+                    format,
+                    params: canonical_params(bound),
+                }
+                .member();
+                pending.insert(key.as_str().to_owned(), (member, 1));
             }
             None => {
                 self.dropped
@@ -187,7 +197,7 @@ impl Recorder {
         }
         let key = hour_key(&self.prefix, Utc::now());
         let mut pipe = redis::pipe();
-        for (member, count) in &batch {
+        for (member, count) in batch.values() {
             pipe.zincr(&key, member, *count).ignore();
         }
         let retention = i64::try_from(self.config.retention.as_secs()).unwrap_or(i64::MAX);

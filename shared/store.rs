@@ -52,7 +52,20 @@ impl Store {
             AnyPoolOptions::new().max_connections(8).connect(url).await
         }
         .map_err(connect_err)?;
-        sqlx::migrate!("sql/store").run(&pool).await?;
+        // Several processes may start on a new store at once; the losers of
+        // the race see the winner's migrations on a retry.
+        let mut attempt = 0;
+        loop {
+            match sqlx::migrate!("sql/store").run(&pool).await {
+                Ok(()) => break,
+                Err(err) if attempt < 5 => {
+                    attempt += 1;
+                    tracing::debug!(error = %err, attempt, "control store migration raced; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
         Ok(Store { pool })
     }
 

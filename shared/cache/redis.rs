@@ -13,7 +13,7 @@
 //! the entry key plus `:lock`, in the same Redis Cluster slot.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -48,6 +48,8 @@ pub struct RedisCache {
     /// Unix ms before which Redis is not tried (0: up).
     down_until_ms: AtomicI64,
     down: AtomicBool,
+    /// Failures since the last success.
+    failures: AtomicU32,
     metrics: Arc<Metrics>,
 }
 
@@ -71,6 +73,7 @@ impl RedisCache {
             retry_after: config.retry_after,
             down_until_ms: AtomicI64::new(0),
             down: AtomicBool::new(false),
+            failures: AtomicU32::new(0),
             metrics,
         })
     }
@@ -186,12 +189,19 @@ impl RedisCache {
                     tracing::info!("redis is reachable again; caching resumes");
                 }
                 self.down_until_ms.store(0, Ordering::Relaxed);
+                self.failures.store(0, Ordering::Relaxed);
                 return Some(value);
             }
-            Ok(Err(err)) => err.to_string(),
-            Err(_) => format!("no answer within {:?}", self.timeout),
+            Ok(Err(err)) => (err.to_string(), err.is_connection_refusal()),
+            Err(_) => (format!("no answer within {:?}", self.timeout), false),
         };
+        let (error, refused) = error;
         self.metrics.redis_errors.inc();
+        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if !refused && failures < 3 {
+            tracing::debug!(%error, failures, "redis operation failed");
+            return None;
+        }
         let retry_ms = i64::try_from(self.retry_after.as_millis()).unwrap_or(i64::MAX);
         self.down_until_ms
             .store(now_ms().saturating_add(retry_ms), Ordering::Relaxed);

@@ -409,17 +409,24 @@ async fn popular_keys_are_counted_in_redis_and_warmed_by_the_popular_job() {
         query.bind(&raw, &clock, Some(tenant)).expect("binds")
     };
     let format = dashcache::format::Format::Json;
+    let record = |window: &'static str, tenant: &str| {
+        let bound = bind(window, tenant);
+        let sql = query.render(&bound).expect("renders");
+        let key = dashcache::cache::CacheKey::new(
+            &setup.prefix,
+            "active_users",
+            Some(tenant),
+            format,
+            &sql,
+        );
+        recorder.record(&key, "active_users", Some(tenant), format, &bound);
+    };
     for _ in 0..3 {
-        recorder.record("active_users", Some("acme"), format, &bind("day", "acme"));
+        record("day", "acme");
     }
-    recorder.record(
-        "active_users",
-        Some("globex"),
-        format,
-        &bind("hour", "globex"),
-    );
+    record("hour", "globex");
     for _ in 0..2 {
-        recorder.record("active_users", Some("acme"), format, &bind("hour", "acme"));
+        record("hour", "acme");
     }
     assert_eq!(recorder.flush().await.expect("flush"), 3);
 
