@@ -23,6 +23,8 @@ pub async fn run(app: Arc<App>, listen: Option<SocketAddr>) -> anyhow::Result<()
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
     tracing::info!(addr = %listener.local_addr()?, queries = app.catalog.iter().count(), "dashcache-proxy listening");
+    // systemd (Type=notify): config, keys and listener are ready; no-op outside systemd.
+    dashcache::service::ready(&format!("listening on {}", listener.local_addr()?));
 
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
@@ -52,6 +54,7 @@ pub async fn run(app: Arc<App>, listen: Option<SocketAddr>) -> anyhow::Result<()
         }
     }
     drop(listener);
+    dashcache::service::stopping();
     let grace = app.config.proxy.shutdown_grace;
     tracing::info!(?grace, "shutting down: finishing in-flight requests");
     tokio::select! {

@@ -19,6 +19,7 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use dashcache::metrics::{Metrics, ResultLabels};
+use dashcache::service;
 use dashcache::store::Store;
 use dashcache::warmup;
 use tokio::signal::unix::{SignalKind, signal};
@@ -86,6 +87,11 @@ pub async fn serve(
     };
     daemon.schedule_all().await;
     tracing::info!(jobs = daemon.runner.jobs.len(), "scheduler started");
+    // systemd (Type=notify): the schedule is installed; no-op outside systemd.
+    service::ready(&format!(
+        "{} warm-up jobs scheduled",
+        daemon.runner.jobs.len()
+    ));
 
     let mut running = JoinSet::new();
     let stop = CancellationToken::new();
@@ -108,6 +114,7 @@ pub async fn serve(
         }
     }
 
+    service::stopping();
     tracing::info!(
         running = running.len(),
         "stopping: no new runs; waiting for running ones"
@@ -213,6 +220,7 @@ impl Daemon {
 
     /// Loads, validates and swaps in the config; keeps the old schedule on any error.
     async fn reload(&mut self, why: &str) {
+        service::reloading();
         let result = warmup::check(&self.path)
             .map_err(anyhow::Error::from)
             .and_then(|(config, catalog, jobs)| {
@@ -242,6 +250,10 @@ impl Daemon {
                     jobs = self.runner.jobs.len(),
                     "config reloaded"
                 );
+                service::reloaded(&format!(
+                    "{} warm-up jobs scheduled (reloaded)",
+                    self.runner.jobs.len()
+                ));
             }
             Err(err) => {
                 self.metrics
@@ -253,6 +265,7 @@ impl Daemon {
                     trigger = why,
                     "config rejected, the running schedule stays: {err:#}"
                 );
+                service::reloaded("config rejected; the previous schedule keeps running");
             }
         }
     }

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod params;
 pub mod popularity;
 pub mod ratelimit;
+pub mod service;
 pub mod sql;
 pub mod store;
 pub mod telemetry;

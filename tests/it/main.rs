@@ -12,4 +12,5 @@ mod faults;
 mod freshness;
 mod query;
 mod scheduler;
+mod service;
 mod tenancy;
