@@ -3,6 +3,7 @@
 //! Built once from the config at start; cheap to share (`Arc`).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use dashcache::cache::Cache;
@@ -15,6 +16,7 @@ use dashcache::keys::{KeyRing, KeyStore};
 use dashcache::metrics::Metrics;
 use dashcache::popularity::Recorder;
 use dashcache::ratelimit::RateLimiter;
+use dashcache::redis_conn::{RedisConn, Timeouts};
 use dashcache::store::Store;
 use dashcache::tier::Tiers;
 
@@ -56,8 +58,10 @@ impl App {
             max_entry_bytes: config.cache.max_entry_bytes,
             coalesce: config.coalesce.clone(),
         });
+        // Its own connection: a flush is one big pipeline, allowed more time
+        // than the cache's round trips.
         let popularity = Recorder::new(
-            &config.redis.url,
+            RedisConn::open(&config.redis, Timeouts::relaxed(Duration::from_secs(5)))?,
             &config.cache.key_prefix,
             &config.popularity,
         )?;

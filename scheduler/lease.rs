@@ -7,11 +7,14 @@
 //!   its TTL, so two hosts never run the same job at the same time. If its
 //!   holder dies, the lease expires after its TTL and the next run can start.
 //!
+//! Both carry the job name as a Redis Cluster hash tag, and every command or
+//! script touches one key, so they work on any topology ([`RedisConn`]).
+//!
 //! It does not decide what to do when a lease is taken; [`crate::runner`] does.
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use dashcache::redis_conn::RedisConn;
 
 /// How long a claimed slot is remembered.
 const SLOT_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -31,7 +34,7 @@ fn lease_key(prefix: &str, job: &str) -> String {
 
 /// Claims a scheduled time of `job` for this host; false when another host did.
 pub async fn claim_slot(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     prefix: &str,
     job: &str,
     scheduled_ms: i64,
@@ -50,7 +53,7 @@ pub async fn claim_slot(
 
 /// A held job lease; renewed in the background until [`Lease::release`].
 pub struct Lease {
-    conn: ConnectionManager,
+    conn: RedisConn,
     key: String,
     token: String,
     renewal: tokio::task::JoinHandle<()>,
@@ -58,7 +61,7 @@ pub struct Lease {
 
 /// Takes `job`'s lease, or tells who holds it.
 pub async fn acquire(
-    conn: &ConnectionManager,
+    conn: &RedisConn,
     prefix: &str,
     job: &str,
     holder: &str,

@@ -22,10 +22,10 @@ use dashcache::freshness::{self, Freshness};
 use dashcache::metrics::{JobLabels, JobOutcomeLabels, Metrics};
 use dashcache::params::Clock;
 use dashcache::popularity;
+use dashcache::redis_conn::{RedisConn, Timeouts};
 use dashcache::store::Store;
 use dashcache::warmup::{JobKind, Target, WarmupJob};
 use futures_util::StreamExt;
-use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
 use crate::history::{self, Counts};
@@ -41,7 +41,7 @@ pub struct Runner {
     coalescer: Arc<Coalescer>,
     metrics: Arc<Metrics>,
     store: Store,
-    redis: ConnectionManager,
+    redis: RedisConn,
 }
 
 /// How a run ended.
@@ -103,10 +103,9 @@ impl Runner {
         let mut cache_config = config.clone();
         cache_config.redis.timeout = config.redis.timeout.max(config.scheduler.redis_timeout);
         let cache = Arc::new(Cache::new(&cache_config, metrics.clone(), false)?);
-        let client = redis::Client::open(config.redis.url.as_str())?;
-        let redis = ConnectionManager::new_lazy_with_config(
-            client,
-            redis::aio::ConnectionManagerConfig::new(),
+        let redis = RedisConn::open(
+            &config.redis,
+            Timeouts::relaxed(config.scheduler.redis_timeout),
         )?;
         let host = config.scheduler.host.clone().unwrap_or_else(hostname);
         Ok(Runner {

@@ -8,17 +8,25 @@
 //! [`TAIL_HOLDBACK`] bytes of every body and checks them at the end, so such a
 //! body fails instead of being served or cached. Small answers are held whole,
 //! so their failures become clean HTTP errors before any byte is sent.
+//!
+//! With several replicas (`[clickhouse] replicas`), [`crate::upstream`] picks
+//! the server of each query; a query whose server cannot be reached before its
+//! first byte (a network error: refused, reset, unreachable) moves to another
+//! replica, each tried at most once. A query that has started streaming is
+//! never retried. The replica of each running query is remembered so that
+//! [`ClickHouse::kill`] reaches the server that runs it.
 
-use std::collections::VecDeque;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use clickhouse::query::BytesCursor;
 
-use crate::config::ClickHouseConfig;
+use crate::config::{ClickHouseConfig, ReplicaConfig};
 use crate::format::Format;
 use crate::metrics::{KindLabels, Metrics};
+use crate::upstream::{InFlight, Pool};
 
 /// Bytes at the end of every answer held back until the answer is complete.
 pub const TAIL_HOLDBACK: usize = 64 * 1024;
@@ -78,35 +86,159 @@ impl UpstreamError {
 /// The ClickHouse client with dashcache's query settings.
 #[derive(Clone)]
 pub struct ClickHouse {
-    client: clickhouse::Client,
+    upstream: Upstream,
+    /// `export_replicas`, when configured.
+    exports: Option<Upstream>,
     /// Network-side bound on waiting for the next chunk.
     read_timeout: Duration,
     metrics: Arc<Metrics>,
 }
 
-impl ClickHouse {
-    pub fn new(config: &ClickHouseConfig, metrics: Arc<Metrics>) -> ClickHouse {
-        let mut client = clickhouse::Client::default()
-            .with_url(&config.url)
-            .with_user(&config.user)
-            .with_validation(false)
-            .with_setting("readonly", config.readonly.to_string())
-            .with_setting(
-                "max_execution_time",
-                config.max_execution_time.as_secs().max(1).to_string(),
-            )
-            .with_setting("max_result_rows", config.max_result_rows.to_string())
-            .with_setting("max_result_bytes", config.max_result_bytes.to_string())
-            .with_setting("result_overflow_mode", "throw")
-            .with_setting("output_format_json_quote_64bit_integers", "0");
-        if let Some(password) = &config.password {
-            client = client.with_password(password);
+/// The replicas of one upstream: their health and one client each.
+#[derive(Clone)]
+struct Upstream {
+    pool: Arc<Pool>,
+    /// One per replica, in the pool's order, with every query setting.
+    clients: Vec<clickhouse::Client>,
+    /// The replica of each running query, by query id (for `kill`).
+    running: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// Entries of `running` past this are dropped (answers dropped mid-stream
+/// without a kill leave theirs behind).
+const MAX_RUNNING: usize = 10_000;
+
+impl Upstream {
+    fn new(
+        config: &ClickHouseConfig,
+        replicas: &[ReplicaConfig],
+        metrics: &Arc<Metrics>,
+    ) -> Upstream {
+        let clients: Vec<clickhouse::Client> =
+            replicas.iter().map(|r| client(config, &r.url)).collect();
+        let pool = Pool::new(replicas, config.eject_after, metrics.clone());
+        let probes = clients.clone();
+        let timeout = config.health_timeout;
+        pool.spawn_checks(config.health_interval, move |index| {
+            let client = probes[index].clone();
+            async move { probe(&client, timeout).await }
+        });
+        Upstream {
+            pool,
+            clients,
+            running: Arc::default(),
         }
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        self.running.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts `query` on `replica` (nothing is sent until the cursor is read).
+    fn start(
+        &self,
+        replica: usize,
+        query: &Pending,
+    ) -> Result<(BytesCursor, InFlight), UpstreamError> {
+        let mut request = self.clients[replica]
+            .query_raw(&query.sql)
+            .with_setting("query_id", query.query_id.as_str());
+        for (name, value) in &query.settings {
+            request = request.with_setting(name.as_str(), value.as_str());
+        }
+        let cursor = request
+            .fetch_bytes(query.format.clickhouse())
+            .map_err(UpstreamError::from_crate)?;
+        let mut running = self.running();
+        if running.len() >= MAX_RUNNING {
+            running.clear();
+        }
+        running.insert(query.query_id.clone(), replica);
+        Ok((cursor, self.pool.start(replica)))
+    }
+}
+
+/// One replica's client with the settings every query carries.
+fn client(config: &ClickHouseConfig, url: &str) -> clickhouse::Client {
+    let mut client = clickhouse::Client::default()
+        .with_url(url)
+        .with_user(&config.user)
+        .with_validation(false)
+        .with_setting("readonly", config.readonly.to_string())
+        .with_setting(
+            "max_execution_time",
+            config.max_execution_time.as_secs().max(1).to_string(),
+        )
+        .with_setting("max_result_rows", config.max_result_rows.to_string())
+        .with_setting("max_result_bytes", config.max_result_bytes.to_string())
+        .with_setting("result_overflow_mode", "throw")
+        .with_setting("output_format_json_quote_64bit_integers", "0");
+    if let Some(password) = &config.password {
+        client = client.with_password(password);
+    }
+    client
+}
+
+/// The background health check: `SELECT 1` within `timeout`.
+async fn probe(client: &clickhouse::Client, timeout: Duration) -> Result<(), String> {
+    let check = async {
+        let mut cursor = client
+            .query_raw("SELECT 1")
+            .fetch_bytes("TSV")
+            .map_err(|e| e.to_string())?;
+        let mut body = Vec::new();
+        while let Some(chunk) = cursor.next().await.map_err(|e| e.to_string())? {
+            body.extend_from_slice(&chunk);
+        }
+        if body.trim_ascii() == b"1" {
+            Ok(())
+        } else {
+            Err(format!(
+                "unexpected answer to SELECT 1: {}",
+                String::from_utf8_lossy(&body)
+            ))
+        }
+    };
+    tokio::time::timeout(timeout, check)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer to SELECT 1 within {timeout:?}")))
+}
+
+/// What it takes to send a query again, to another replica.
+struct Pending {
+    sql: String,
+    format: Format,
+    query_id: String,
+    settings: Vec<(String, String)>,
+}
+
+impl ClickHouse {
+    /// Clients for `[clickhouse]`'s replicas (or its one `url`), with
+    /// background health checks while any clone of this value lives.
+    pub fn new(config: &ClickHouseConfig, metrics: Arc<Metrics>) -> ClickHouse {
+        let upstream = Upstream::new(config, &config.query_replicas(), &metrics);
+        let exports = (!config.export_replicas.is_empty())
+            .then(|| Upstream::new(config, &config.export_replicas, &metrics));
         ClickHouse {
-            client,
+            upstream,
+            exports,
             read_timeout: config.max_execution_time + Duration::from_secs(5),
             metrics,
         }
+    }
+
+    /// The client for exports: `export_replicas` when configured, else this one.
+    pub fn for_exports(&self) -> ClickHouse {
+        let mut exports = self.clone();
+        if let Some(upstream) = exports.exports.take() {
+            exports.upstream = upstream;
+        }
+        exports
+    }
+
+    /// How many replicas queries choose from.
+    pub fn replicas(&self) -> usize {
+        self.upstream.pool.len()
     }
 
     /// This client with extra ClickHouse settings on every query (e.g. a
@@ -121,7 +253,11 @@ impl ClickHouse {
             {
                 self.read_timeout = Duration::from_secs(secs) + Duration::from_secs(5);
             }
-            self.client = self.client.with_setting(name, value);
+            for upstream in std::iter::once(&mut self.upstream).chain(self.exports.as_mut()) {
+                for client in &mut upstream.clients {
+                    *client = client.clone().with_setting(name, value);
+                }
+            }
         }
         self
     }
@@ -146,10 +282,6 @@ impl ClickHouse {
         settings: &[(&str, String)],
     ) -> Result<Answer, UpstreamError> {
         self.metrics.clickhouse_queries.inc();
-        let mut query = self
-            .client
-            .query_raw(sql)
-            .with_setting("query_id", query_id);
         let mut read_timeout = self.read_timeout;
         for (name, value) in settings {
             if *name == "max_execution_time"
@@ -157,13 +289,35 @@ impl ClickHouse {
             {
                 read_timeout = Duration::from_secs(secs) + Duration::from_secs(5);
             }
-            query = query.with_setting(*name, value.as_str());
         }
-        let cursor = query
-            .fetch_bytes(format.clickhouse())
-            .map_err(|e| self.failed(UpstreamError::from_crate(e)))?;
+        let pending = Pending {
+            sql: sql.to_owned(),
+            format,
+            query_id: query_id.to_owned(),
+            settings: settings
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), v.clone()))
+                .collect(),
+        };
+        let replica = self
+            .upstream
+            .pool
+            .pick(&[])
+            .ok_or_else(|| UpstreamError::Connect("no ClickHouse replica configured".into()))?;
+        let (cursor, in_flight) = self
+            .upstream
+            .start(replica, &pending)
+            .map_err(|e| self.failed(e))?;
         Ok(Answer {
             cursor,
+            source: Source {
+                upstream: self.upstream.clone(),
+                query_id: query_id.to_owned(),
+                in_flight,
+                pending: Some(pending),
+                tried: vec![replica],
+                metrics: self.metrics.clone(),
+            },
             format,
             held: VecDeque::new(),
             held_len: 0,
@@ -175,7 +329,8 @@ impl ClickHouse {
         })
     }
 
-    /// Asks ClickHouse to stop a query (its id is one dashcache made).
+    /// Asks ClickHouse to stop a query (its id is one dashcache made), on the
+    /// replica that runs it (on every replica if that is not known).
     pub async fn kill(&self, query_id: &str) -> Result<(), UpstreamError> {
         if !query_id
             .bytes()
@@ -183,19 +338,32 @@ impl ClickHouse {
         {
             return Ok(());
         }
+        let upstream = &self.upstream;
+        let replicas: Vec<usize> = match upstream.running().remove(query_id) {
+            Some(replica) => vec![replica],
+            None => (0..upstream.clients.len()).collect(),
+        };
         let sql = format!("KILL QUERY WHERE query_id = '{query_id}' ASYNC");
-        let mut cursor = self
-            .client
-            .query_raw(&sql)
-            .fetch_bytes("TSV")
-            .map_err(UpstreamError::from_crate)?;
-        while cursor
-            .next()
-            .await
-            .map_err(UpstreamError::from_crate)?
-            .is_some()
-        {}
-        Ok(())
+        let mut result = Ok(());
+        for replica in replicas {
+            let kill = async {
+                let mut cursor = upstream.clients[replica]
+                    .query_raw(&sql)
+                    .fetch_bytes("TSV")
+                    .map_err(UpstreamError::from_crate)?;
+                while cursor
+                    .next()
+                    .await
+                    .map_err(UpstreamError::from_crate)?
+                    .is_some()
+                {}
+                Ok(())
+            };
+            if let Err(err) = kill.await {
+                result = Err(err);
+            }
+        }
+        result
     }
 
     fn failed(&self, err: UpstreamError) -> UpstreamError {
@@ -207,10 +375,83 @@ impl ClickHouse {
     }
 }
 
+/// Where an answer's bytes come from: the replica it runs on, and until its
+/// first byte, what it takes to move it to another replica.
+struct Source {
+    upstream: Upstream,
+    query_id: String,
+    in_flight: InFlight,
+    /// `None` once the first byte (or the end) arrived: no failover after that.
+    pending: Option<Pending>,
+    tried: Vec<usize>,
+    metrics: Arc<Metrics>,
+}
+
+impl Source {
+    /// Reads the next chunk of `cursor`; before the first byte, a network
+    /// error ejects the replica and starts the query on an untried one.
+    async fn next(
+        &mut self,
+        cursor: &mut BytesCursor,
+    ) -> Result<Option<Bytes>, clickhouse::error::Error> {
+        // At most one attempt per replica.
+        for _ in 0..=self.upstream.pool.len() {
+            let err = match cursor.next().await {
+                Ok(chunk) => {
+                    self.pending = None;
+                    if chunk.is_none() {
+                        self.done();
+                    }
+                    return Ok(chunk);
+                }
+                Err(err) => err,
+            };
+            if self.pending.is_none() || !matches!(err, clickhouse::error::Error::Network(_)) {
+                self.done();
+                return Err(err);
+            }
+            let failed = self.in_flight.replica();
+            self.upstream.pool.unreachable(failed, &err.to_string());
+            let Some(next) = self.upstream.pool.pick(&self.tried) else {
+                self.done();
+                return Err(err);
+            };
+            self.tried.push(next);
+            tracing::warn!(
+                from = %self.upstream.pool.replica(failed).name,
+                to = %self.upstream.pool.replica(next).name,
+                error = %err,
+                "ClickHouse replica unreachable; query moved"
+            );
+            self.metrics.clickhouse_failovers.inc();
+            let Some(pending) = self.pending.as_ref() else {
+                return Err(err);
+            };
+            match self.upstream.start(next, pending) {
+                Ok((again, in_flight)) => {
+                    *cursor = again;
+                    self.in_flight = in_flight;
+                }
+                Err(_) => return Err(err),
+            }
+        }
+        Err(clickhouse::error::Error::Network(
+            "every ClickHouse replica was tried".into(),
+        ))
+    }
+
+    /// The query ended: it no longer needs killing.
+    fn done(&mut self) {
+        self.pending = None;
+        self.upstream.running().remove(&self.query_id);
+    }
+}
+
 /// A ClickHouse answer being read: yields chunks that are known not to be
 /// (part of) an appended exception.
 pub struct Answer {
     cursor: BytesCursor,
+    source: Source,
     format: Format,
     held: VecDeque<Bytes>,
     held_len: usize,
@@ -246,7 +487,8 @@ impl Answer {
                     None => Ok(None),
                 };
             }
-            let next = tokio::time::timeout(self.read_timeout, self.cursor.next()).await;
+            let next =
+                tokio::time::timeout(self.read_timeout, self.source.next(&mut self.cursor)).await;
             match next {
                 Ok(Ok(Some(chunk))) => {
                     if !chunk.is_empty() {

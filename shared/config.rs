@@ -108,6 +108,51 @@ pub struct ClickHouseConfig {
     /// Per-query result limits (`max_result_rows`, `max_result_bytes`).
     pub max_result_rows: u64,
     pub max_result_bytes: u64,
+    /// Several servers with the same data: when given, they replace `url`.
+    /// Queries go to the healthy replica with the fewest queries in flight
+    /// per unit of weight (see [`crate::upstream`]).
+    pub replicas: Vec<ReplicaConfig>,
+    /// Servers for exports only, so big downloads do not compete with
+    /// dashboards (default: the same replicas as queries).
+    pub export_replicas: Vec<ReplicaConfig>,
+    /// How often every replica is checked with `SELECT 1`.
+    #[serde(with = "humantime_serde")]
+    pub health_interval: Duration,
+    /// How long a check may take before it counts as failed.
+    #[serde(with = "humantime_serde")]
+    pub health_timeout: Duration,
+    /// Failed checks in a row that eject a replica (a query that cannot
+    /// connect ejects it at once); one good check re-admits it.
+    pub eject_after: u32,
+}
+
+/// One ClickHouse server of `[clickhouse] replicas`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaConfig {
+    /// Its HTTP interface, e.g. `http://10.0.0.2:8123`.
+    pub url: String,
+    /// Its share of the queries relative to the others (default 1).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+impl ClickHouseConfig {
+    /// The servers for queries: `replicas`, or `url` as a list of one.
+    pub fn query_replicas(&self) -> Vec<ReplicaConfig> {
+        if self.replicas.is_empty() {
+            vec![ReplicaConfig {
+                url: self.url.clone(),
+                weight: 1,
+            }]
+        } else {
+            self.replicas.clone()
+        }
+    }
 }
 
 impl Default for ClickHouseConfig {
@@ -120,6 +165,11 @@ impl Default for ClickHouseConfig {
             max_execution_time: Duration::from_secs(30),
             max_result_rows: 1_000_000,
             max_result_bytes: 256 << 20,
+            replicas: Vec::new(),
+            export_replicas: Vec::new(),
+            health_interval: Duration::from_secs(2),
+            health_timeout: Duration::from_secs(1),
+            eject_after: 2,
         }
     }
 }
@@ -135,6 +185,13 @@ pub struct RedisConfig {
     /// After a Redis failure, how long to skip Redis before trying again.
     #[serde(with = "humantime_serde")]
     pub retry_after: Duration,
+    /// Redis Cluster: some of its nodes (`redis://host:port`); the others are
+    /// discovered. When given, `url` is not used.
+    pub cluster_nodes: Vec<String>,
+    /// Sentinel: the monitored master's name and the sentinels to ask for it
+    /// (`redis://host:26379`). The master's password and db come from `url`.
+    pub sentinel_master: Option<String>,
+    pub sentinel_addresses: Vec<String>,
 }
 
 impl Default for RedisConfig {
@@ -143,6 +200,9 @@ impl Default for RedisConfig {
             url: "redis://127.0.0.1:6379".into(),
             timeout: Duration::from_millis(250),
             retry_after: Duration::from_secs(1),
+            cluster_nodes: Vec::new(),
+            sentinel_master: None,
+            sentinel_addresses: Vec::new(),
         }
     }
 }

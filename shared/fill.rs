@@ -154,7 +154,15 @@ impl Filler {
         let size = loop {
             match self.attempt(job, producer).await {
                 Ok(size) => break size,
-                Err(err) if attempt == 1 && !producer.started() => {
+                // With several replicas, a query that could not connect has
+                // already been tried on each of them: retrying would only
+                // multiply the attempts.
+                Err(err)
+                    if attempt == 1
+                        && !producer.started()
+                        && !(matches!(err, UpstreamError::Connect(_))
+                            && self.clickhouse.replicas() > 1) =>
+                {
                     tracing::warn!(query = %job.query, error = %err, "ClickHouse query failed; retrying once");
                     attempt += 1;
                 }

@@ -32,6 +32,11 @@ pub struct KindLabels {
     pub kind: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReplicaLabels {
+    pub replica: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -56,6 +61,13 @@ pub struct Metrics {
     pub clickhouse_errors: Family<KindLabels, Counter>,
     pub clickhouse_duration: Histogram,
     pub redis_errors: Counter,
+    /// Per ClickHouse replica (see [`crate::upstream`]): 1 up, 0 ejected.
+    pub clickhouse_replica_up: Family<ReplicaLabels, Gauge>,
+    /// Attempts sent to each replica (failovers and retries included).
+    pub clickhouse_replica_queries: Family<ReplicaLabels, Counter>,
+    pub clickhouse_replica_ejections: Family<ReplicaLabels, Counter>,
+    /// Queries moved to another replica because theirs could not be reached.
+    pub clickhouse_failovers: Counter,
     pub exports_started: Counter,
     /// Ended exports by outcome: complete, cancelled (client left), failed, truncated.
     pub exports_ended: Family<ResultLabels, Counter>,
@@ -172,6 +184,30 @@ impl Metrics {
             "Failed or timed-out Redis operations",
             redis_errors.clone(),
         );
+        let clickhouse_replica_up = Family::<ReplicaLabels, Gauge>::default();
+        registry.register(
+            "clickhouse_replica_up",
+            "Whether a ClickHouse replica takes queries (1) or is ejected (0)",
+            clickhouse_replica_up.clone(),
+        );
+        let clickhouse_replica_queries = Family::<ReplicaLabels, Counter>::default();
+        registry.register(
+            "clickhouse_replica_queries",
+            "Query attempts sent to each ClickHouse replica",
+            clickhouse_replica_queries.clone(),
+        );
+        let clickhouse_replica_ejections = Family::<ReplicaLabels, Counter>::default();
+        registry.register(
+            "clickhouse_replica_ejections",
+            "Times a ClickHouse replica was ejected (unreachable, or failing checks)",
+            clickhouse_replica_ejections.clone(),
+        );
+        let clickhouse_failovers = Counter::default();
+        registry.register(
+            "clickhouse_failovers",
+            "Queries moved to another replica because theirs could not be reached",
+            clickhouse_failovers.clone(),
+        );
         let warmup = WarmupMetrics::register(&mut registry);
         Metrics {
             warmup,
@@ -188,6 +224,10 @@ impl Metrics {
             clickhouse_errors,
             clickhouse_duration,
             redis_errors,
+            clickhouse_replica_up,
+            clickhouse_replica_queries,
+            clickhouse_replica_ejections,
+            clickhouse_failovers,
             exports_started,
             exports_ended,
             export_bytes,

@@ -16,13 +16,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use redis::aio::ConnectionManager;
+use redis::aio::ConnectionLike;
 use serde::Deserialize;
 
 use crate::cache::CacheKey;
 use crate::catalog::TENANT;
 use crate::format::Format;
 use crate::params::{Bound, Value};
+use crate::redis_conn::RedisConn;
 
 /// `[popularity]`: how the proxy counts demand.
 #[derive(Debug, Clone, Deserialize)]
@@ -126,24 +127,20 @@ pub struct Recorder {
     pending: Mutex<HashMap<String, (String, u64)>>,
     config: PopularityConfig,
     prefix: String,
-    conn: ConnectionManager,
+    conn: RedisConn,
     /// Requests not counted because `max_pending` was reached.
     dropped: std::sync::atomic::AtomicU64,
 }
 
 impl Recorder {
-    /// A recorder writing under `prefix` (the config's `cache.key_prefix`).
-    /// Connects lazily: no Redis round trip happens here.
+    /// A recorder writing under `prefix` (the config's `cache.key_prefix`)
+    /// through `conn` (any topology: one flush touches one hour's key).
+    /// No Redis round trip happens here.
     pub fn new(
-        redis_url: &str,
+        conn: RedisConn,
         prefix: &str,
         config: &PopularityConfig,
     ) -> Result<Arc<Recorder>, PopularityError> {
-        let client = redis::Client::open(redis_url)?;
-        let conn = ConnectionManager::new_lazy_with_config(
-            client,
-            redis::aio::ConnectionManagerConfig::new(),
-        )?;
         Ok(Arc::new(Recorder {
             pending: Mutex::new(HashMap::new()),
             config: config.clone(),
@@ -236,8 +233,9 @@ pub fn hour_key(prefix: &str, at: DateTime<Utc>) -> String {
 
 /// The `k` most requested answers of the `hours` hours up to `now` (the
 /// current hour included), most requested first, with their counts.
+/// One atomic pipeline on keys of one hash tag, so it works on Cluster too.
 pub async fn top(
-    conn: &mut ConnectionManager,
+    conn: &mut impl ConnectionLike,
     prefix: &str,
     hours: u32,
     k: usize,

@@ -1,7 +1,8 @@
 //! Entries in Redis, with graceful degradation.
 //!
-//! One multiplexed connection (redis' `ConnectionManager`, which reconnects by
-//! itself) serves every task. Each operation is bounded by the configured
+//! One connection ([`RedisConn`]: a multiplexed connection that reconnects by
+//! itself, to a single server, a Redis Cluster or a Sentinel-found master)
+//! serves every task. Each operation is bounded by the configured
 //! timeout; a failure marks Redis down for `retry_after`, during which reads are
 //! misses and writes are skipped without waiting, so a dead Redis costs requests
 //! nothing but the cache. The first operation after that window probes again,
@@ -10,7 +11,9 @@
 //! It also holds the per-key computation locks that make several proxy
 //! processes run a missing key once: `SET NX PX` with a random token, renewed
 //! and released only by the holder (compare-and-act Lua scripts). A lock key is
-//! the entry key plus `:lock`, in the same Redis Cluster slot.
+//! the entry key plus `:lock`, in the same Redis Cluster slot (the key's hash
+//! tag). Every command and script here touches one key, so all of it works
+//! on Cluster.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
@@ -18,11 +21,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use redis::AsyncCommands;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::{CacheKey, Entry};
 use crate::config::RedisConfig;
 use crate::metrics::Metrics;
+use crate::redis_conn::{RedisConn, RedisConnError, Timeouts};
 
 /// What trying to take a computation lock gave.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,7 +45,7 @@ const RELEASE_SCRIPT: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
 
 /// The Redis side of the cache.
 pub struct RedisCache {
-    conn: ConnectionManager,
+    conn: RedisConn,
     timeout: Duration,
     retry_after: Duration,
     /// Unix ms before which Redis is not tried (0: up).
@@ -60,13 +63,17 @@ impl RedisCache {
         config: &RedisConfig,
         metrics: Arc<Metrics>,
     ) -> Result<RedisCache, redis::RedisError> {
-        let client = redis::Client::open(config.url.as_str())?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.timeout))
-            .set_response_timeout(Some(config.timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(config.retry_after);
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)?;
+        let conn = match RedisConn::open(config, Timeouts::of(config)) {
+            Ok(conn) => conn,
+            Err(RedisConnError::Redis(err)) => return Err(err),
+            Err(RedisConnError::Config(msg)) => {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "bad [redis] topology",
+                    msg,
+                )));
+            }
+        };
         Ok(RedisCache {
             conn,
             timeout: config.timeout,
@@ -164,13 +171,34 @@ impl RedisCache {
         self.settle(reply)
     }
 
+    /// The connection, for other users of the same Redis (rate limits go
+    /// through [`RedisCache::invoke`]; the popularity recorder shares it).
+    pub fn connection(&self) -> RedisConn {
+        self.conn.clone()
+    }
+
     /// Whether Redis is currently considered reachable.
     pub fn is_up(&self) -> bool {
         !self.down.load(Ordering::Relaxed)
     }
 
+    /// Asks Redis for a PONG now (readiness checks), bypassing the down window.
+    pub async fn ping(&self) -> Result<(), String> {
+        let mut conn = self.conn.clone();
+        let reply = tokio::time::timeout(
+            self.timeout,
+            redis::cmd("PING").query_async::<String>(&mut conn),
+        )
+        .await;
+        match reply {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(err)) => Err(err.to_string()),
+            Err(_) => Err(format!("no answer within {:?}", self.timeout)),
+        }
+    }
+
     /// A connection handle, unless Redis is in its down window.
-    fn available(&self) -> Option<ConnectionManager> {
+    fn available(&self) -> Option<RedisConn> {
         let until = self.down_until_ms.load(Ordering::Relaxed);
         if until != 0 && now_ms() < until {
             return None;

@@ -481,3 +481,153 @@ impl Drop for Relay {
 pub fn config_text(options: &ProxyOptions, dir: &Path) -> String {
     test_config(options, dir)
 }
+
+/// The second ClickHouse (same demo data, other ports) that `scripts/test`
+/// starts with `scripts/services`: a replica for failover tests.
+pub fn replica_http_port() -> u16 {
+    std::env::var("DASHCACHE_CH2_HTTP_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(8124)
+}
+
+pub fn replica_tcp_port() -> u16 {
+    std::env::var("DASHCACHE_CH2_TCP_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(9001)
+}
+
+pub fn replica_clickhouse_url() -> String {
+    format!("http://127.0.0.1:{}", replica_http_port())
+}
+
+/// Runs `scripts/services ACTION clickhouse` for the replica's ports.
+pub fn replica_services(action: &str) {
+    let out = Command::new(root().join("scripts/services"))
+        .args([action, "clickhouse"])
+        .env("DASHCACHE_CH_HTTP_PORT", replica_http_port().to_string())
+        .env("DASHCACHE_CH_TCP_PORT", replica_tcp_port().to_string())
+        .output()
+        .expect("run scripts/services");
+    assert!(
+        out.status.success(),
+        "scripts/services {action} clickhouse (replica): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A three-master Redis Cluster on loopback, each node with its own dir.
+pub struct RedisCluster {
+    pub ports: Vec<u16>,
+    dir: TempDir,
+    children: Vec<Child>,
+}
+
+impl RedisCluster {
+    pub async fn start() -> RedisCluster {
+        let mut cluster = RedisCluster {
+            ports: (0..3).map(|_| free_port()).collect(),
+            dir: TempDir::new("redis-cluster"),
+            children: Vec::new(),
+        };
+        cluster.restart().await;
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for port in &cluster.ports {
+            create.arg(format!("127.0.0.1:{port}"));
+        }
+        let out = create
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli on PATH");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.wait_ok().await;
+        cluster
+    }
+
+    /// Seed node URLs for `[redis] cluster_nodes`.
+    pub fn nodes(&self) -> toml::Value {
+        toml::Value::Array(
+            self.ports
+                .iter()
+                .map(|p| format!("redis://127.0.0.1:{p}").into())
+                .collect(),
+        )
+    }
+
+    /// Starts every node (again: each keeps its `nodes.conf`, so the
+    /// cluster comes back as it was).
+    pub async fn restart(&mut self) {
+        for port in &self.ports {
+            let dir = self.dir.0.join(port.to_string());
+            std::fs::create_dir_all(&dir).expect("node dir");
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                ])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server on PATH (scripts/services up installs it)");
+            self.children.push(child);
+        }
+        for port in &self.ports {
+            let mut up = false;
+            for _ in 0..100 {
+                if std::net::TcpStream::connect(("127.0.0.1", *port)).is_ok() {
+                    up = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert!(up, "redis cluster node did not start on {port}");
+        }
+    }
+
+    /// Waits until every node reports `cluster_state:ok`.
+    pub async fn wait_ok(&self) {
+        for _ in 0..200 {
+            let all_ok = self.ports.iter().all(|port| {
+                Command::new("redis-cli")
+                    .args(["-p", &port.to_string(), "cluster", "info"])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
+                    .unwrap_or(false)
+            });
+            if all_ok {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "redis cluster on {:?} never reached cluster_state:ok",
+            self.ports
+        );
+    }
+
+    pub fn stop(&mut self) {
+        for mut child in self.children.drain(..) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

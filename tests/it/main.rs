@@ -11,6 +11,7 @@ mod export;
 mod faults;
 mod freshness;
 mod query;
+mod scale;
 mod scheduler;
 mod service;
 mod tenancy;

@@ -396,9 +396,16 @@ async fn popular_keys_are_counted_in_redis_and_warmed_by_the_popular_job() {
         "[[warmup]]\nname = \"popular\"\ncron = \"0 * * * *\"\npopular = { top = 2, hours = 2 }\n",
     ));
     let (config, catalog, _) = dashcache::warmup::check(&setup.path()).expect("config");
-    let recorder =
-        dashcache::popularity::Recorder::new(&redis_url(), &setup.prefix, &config.popularity)
-            .expect("recorder");
+    let recorder = dashcache::popularity::Recorder::new(
+        dashcache::redis_conn::RedisConn::open(
+            &config.redis,
+            dashcache::redis_conn::Timeouts::relaxed(std::time::Duration::from_secs(5)),
+        )
+        .expect("redis"),
+        &setup.prefix,
+        &config.popularity,
+    )
+    .expect("recorder");
     let clock = Clock {
         now: chrono::Utc::now(),
         now_step: NOW_STEP,

@@ -1,0 +1,295 @@
+//! Scaling out on the engines users run: ClickHouse replicas with failover
+//! (the second server is `scripts/services`' replica on its own ports, with
+//! the same demo data), and a three-master Redis Cluster on loopback carrying
+//! coalescing, cached answers and shared rate limits for several proxies.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::harness::{
+    Proxy, ProxyOptions, RedisCluster, Reply, TempDir, clickhouse_url, replica_clickhouse_url,
+    replica_services, shared_prefix,
+};
+
+/// Each `n` is its own cache key, so every request below reaches ClickHouse.
+fn probe_query() -> (String, String, String) {
+    (
+        "probe".into(),
+        "SELECT {n} AS n, count() AS events FROM demo.events".into(),
+        "ttl = \"5m\"\n[query.probe.params.n]\ntype = \"int\"\nmin = 0\nmax = 100000000\n".into(),
+    )
+}
+
+fn replicas() -> toml::Value {
+    let replica = |url: String| {
+        let mut table = toml::Table::new();
+        table.insert("url".into(), url.into());
+        toml::Value::Table(table)
+    };
+    toml::Value::Array(vec![
+        replica(clickhouse_url()),
+        replica(replica_clickhouse_url()),
+    ])
+}
+
+fn series(name: &str, url: &str) -> String {
+    format!("{name}{{replica=\"{url}\"}}")
+}
+
+/// Polls `proxy`'s metric until `accept` holds; bounded.
+async fn metric_until(proxy: &Proxy, name: &str, accept: impl Fn(f64) -> bool) -> f64 {
+    let mut value = 0.0;
+    for _ in 0..200 {
+        value = proxy.metric(name).await;
+        if accept(value) {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{name} stayed at {value}; log:\n{}", proxy.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopped_clickhouse_replica_is_failed_over_ejected_and_readmitted() {
+    // The replica may be down after an earlier failed run.
+    replica_services("up");
+    let proxy = Arc::new(
+        Proxy::start_with(ProxyOptions {
+            extra_queries: vec![probe_query()],
+            set: vec![
+                ("clickhouse", "replicas", replicas()),
+                ("clickhouse", "health_interval", "100ms".into()),
+                ("clickhouse", "health_timeout", "500ms".into()),
+                ("cache", "l1_max_bytes", 0.into()),
+            ],
+            ..Default::default()
+        })
+        .await,
+    );
+    let replica_up = series("dashcache_clickhouse_replica_up", &replica_clickhouse_url());
+    let replica_queries = series(
+        "dashcache_clickhouse_replica_queries_total",
+        &replica_clickhouse_url(),
+    );
+
+    // Steady load: 4 clients, each request a new key (a ClickHouse query).
+    let next = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (proxy, next, stop) = (proxy.clone(), next.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let mut failed: Vec<String> = Vec::new();
+            let mut done = 0u32;
+            // Bounded: the test stops the clients long before this.
+            while !stop.load(Ordering::Relaxed) && done < 100_000 {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let reply = proxy.get(&format!("/v1/query/probe?n={n}")).await;
+                if reply.status != 200 || reply.body.is_err() {
+                    failed.push(format!("{} {:?}", reply.status, reply.body));
+                }
+                done += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            failed
+        }));
+    }
+    // Both replicas take queries while both are up.
+    metric_until(&proxy, &replica_queries, |n| n >= 5.0).await;
+
+    replica_services("down");
+    metric_until(&proxy, &replica_up, |v| v == 0.0).await;
+    let ejections = series(
+        "dashcache_clickhouse_replica_ejections_total",
+        &replica_clickhouse_url(),
+    );
+    assert!(proxy.metric(&ejections).await >= 1.0);
+    // Once ejected, it gets no queries; the load goes on.
+    let sent_before = proxy.metric(&replica_queries).await;
+    let served_before = next.load(Ordering::Relaxed);
+    for _ in 0..200 {
+        if next.load(Ordering::Relaxed) >= served_before + 40 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(next.load(Ordering::Relaxed) >= served_before + 40);
+    assert_eq!(proxy.metric(&replica_queries).await, sent_before);
+
+    replica_services("up");
+    metric_until(&proxy, &replica_up, |v| v == 1.0).await;
+    metric_until(&proxy, &replica_queries, |n| n > sent_before).await;
+
+    stop.store(true, Ordering::Relaxed);
+    let mut failed = Vec::new();
+    for client in clients {
+        failed.extend(client.await.expect("client task"));
+    }
+    assert!(
+        failed.is_empty(),
+        "{} requests failed: {:?}; log:\n{}",
+        failed.len(),
+        &failed[..failed.len().min(5)],
+        proxy.log()
+    );
+}
+
+fn on_cluster(cluster: &RedisCluster, prefix: &str) -> ProxyOptions {
+    ProxyOptions {
+        key_prefix: Some(prefix.to_owned()),
+        set: vec![
+            ("redis", "cluster_nodes", cluster.nodes()),
+            ("cache", "l1_max_bytes", 0.into()),
+        ],
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_a_redis_cluster_answers_are_cached_and_two_proxies_coalesce_256_cold_requests() {
+    let cluster = RedisCluster::start().await;
+    let prefix = shared_prefix();
+    let proxies = Arc::new([
+        Proxy::start_with(on_cluster(&cluster, &prefix)).await,
+        Proxy::start_with(on_cluster(&cluster, &prefix)).await,
+    ]);
+
+    // MISS then HIT (no in-process tier: the HIT comes from the cluster),
+    // also on the other proxy.
+    let url = "/v1/query/revenue?from=today-3d&to=today&granularity=hour";
+    let first = proxies[0].get(url).await;
+    assert_eq!(
+        (first.status, first.cache()),
+        (200, "MISS"),
+        "{}",
+        first.text()
+    );
+    let again = proxies[0].get(url).await;
+    assert_eq!(again.cache(), "HIT");
+    let other = proxies[1].get(url).await;
+    assert_eq!(other.cache(), "HIT");
+    assert_eq!(other.text(), first.text());
+
+    // 256 concurrent cold requests over both proxies: one ClickHouse query.
+    let cold = "/v1/query/revenue?from=today-1d&to=today&granularity=minute&format=csv";
+    let before = total_queries(&proxies[..]).await;
+    let mut tasks = Vec::new();
+    for i in 0..256 {
+        let proxies = proxies.clone();
+        tasks.push(tokio::spawn(async move { proxies[i % 2].get(cold).await }));
+    }
+    let mut bodies = HashSet::new();
+    let mut results: HashMap<String, usize> = HashMap::new();
+    for task in tasks {
+        let reply = task.await.expect("request task");
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        *results.entry(reply.cache().to_owned()).or_default() += 1;
+        bodies.insert(reply.text());
+    }
+    assert_eq!(bodies.len(), 1, "every client got the same answer");
+    assert_eq!(
+        total_queries(&proxies[..]).await - before,
+        1.0,
+        "{results:?}"
+    );
+    assert_eq!(results.get("MISS"), Some(&1), "{results:?}");
+    for proxy in proxies.iter() {
+        assert_eq!(proxy.metric("dashcache_redis_errors_total").await, 0.0);
+    }
+}
+
+async fn total_queries(proxies: &[Proxy]) -> f64 {
+    let mut total = 0.0;
+    for proxy in proxies {
+        total += proxy.metric("dashcache_clickhouse_queries_total").await;
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_a_rate_limit_is_shared_by_two_proxies() {
+    let cluster = RedisCluster::start().await;
+    let dir = TempDir::new("cluster-store");
+    let store = format!("sqlite://{}/control.db", dir.0.display());
+    let prefix = shared_prefix();
+    let options = || {
+        let mut options = on_cluster(&cluster, &prefix);
+        options.store_url = Some(store.clone());
+        let tier: toml::Value = "requests_per_minute = 10\nburst = 10\nqueries = ['*']"
+            .parse::<toml::Table>()
+            .expect("tier")
+            .into();
+        options.set.push(("tier", "test", tier));
+        options
+    };
+    let a = Proxy::start_with(options()).await;
+    let b = Proxy::start_with(options()).await;
+    let key = a.add_key("test", "acme");
+    let auth = format!("Bearer {key}");
+    let headers = [("authorization", auth.as_str())];
+    // Both proxies load the new key (404: known key, unknown query).
+    for proxy in [&a, &b] {
+        let mut known = false;
+        for _ in 0..50 {
+            if proxy.get_with("/v1/query/nope", &headers).await.status == 404 {
+                known = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(known, "proxy did not load the new key");
+    }
+    // The two probes counted: 8 left of the burst of 10, whichever proxy asks.
+    let url = "/v1/query/top_countries?from=today-7d&to=today";
+    let mut statuses: Vec<u16> = Vec::new();
+    for i in 0..13 {
+        let proxy = if i % 2 == 0 { &a } else { &b };
+        statuses.push(proxy.get_with(url, &headers).await.status);
+    }
+    let allowed = statuses.iter().filter(|&&s| s == 200).count();
+    let denied = statuses.iter().filter(|&&s| s == 429).count();
+    assert_eq!((allowed, denied), (8, 5), "{statuses:?}");
+    assert_eq!(a.metric("dashcache_redis_errors_total").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_the_redis_cluster_down_for_10s_requests_succeed_and_caching_resumes() {
+    let mut cluster = RedisCluster::start().await;
+    let proxy = Arc::new(Proxy::start_with(on_cluster(&cluster, &shared_prefix())).await);
+    let url = "/v1/query/revenue?from=today-2d&to=today&granularity=hour";
+    assert_eq!(proxy.get(url).await.cache(), "MISS");
+    assert_eq!(proxy.get(url).await.cache(), "HIT");
+
+    cluster.stop();
+    // Steady requests for 10 s: every one answered (from ClickHouse).
+    let mut results: HashMap<String, usize> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut sent = 0;
+    while tokio::time::Instant::now() < deadline && sent < 10_000 {
+        let reply: Reply = proxy.get(url).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert!(reply.body.is_ok());
+        *results.entry(reply.cache().to_owned()).or_default() += 1;
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !results.contains_key("HIT"),
+        "nothing can be a HIT without Redis: {results:?}"
+    );
+    assert!(proxy.metric("dashcache_redis_errors_total").await >= 1.0);
+
+    cluster.restart().await;
+    cluster.wait_ok().await;
+    let mut resumed = false;
+    for _ in 0..200 {
+        if proxy.get(url).await.cache() == "HIT" {
+            resumed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(resumed, "caching did not resume; log:\n{}", proxy.log());
+}
