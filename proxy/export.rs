@@ -8,6 +8,9 @@
 //! export has its own ClickHouse `query_id`; if the client goes away before
 //! the end, the upstream connection is dropped and `KILL QUERY` is sent.
 //!
+//! Clients that send `Accept-Encoding: zstd` or `gzip` get the stream
+//! compressed on the fly, chunk by chunk.
+//!
 //! How an export ends:
 //! - a failure before the first byte (limit, timeout, ClickHouse down) is a
 //!   JSON error with a proper status;
@@ -23,6 +26,7 @@ use bytes::Bytes;
 use chrono::Utc;
 use dashcache::catalog::NOW_STEP;
 use dashcache::clickhouse::{Answer, ClickHouse, UpstreamError};
+use dashcache::encoding::{self, Encoding};
 use dashcache::format::Format;
 use dashcache::metrics::{Metrics, ResultLabels};
 use dashcache::params::{Clock, RawParam};
@@ -140,9 +144,15 @@ pub async fn handle<B>(
         Some((item, s))
     }))
     .boxed_unsync();
+    let accept = req
+        .headers()
+        .get(header::ACCEPT_ENCODING)
+        .and_then(|v| v.to_str().ok());
+    let encoding = encoding::negotiate(accept, &[Encoding::Zstd, Encoding::Gzip]);
 
-    let mut response = Response::new(body);
+    let mut response = Response::new(reply::compressed(body, encoding));
     let headers = response.headers_mut();
+    reply::set_encoding(headers, encoding);
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static(format.content_type()),

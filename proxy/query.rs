@@ -11,6 +11,7 @@
 //!   another request, in this process or another one.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use chrono::Utc;
@@ -18,6 +19,7 @@ use dashcache::cache::{CacheKey, Entry};
 use dashcache::catalog::{NOW_STEP, QueryDef};
 use dashcache::clickhouse::UpstreamError;
 use dashcache::coalesce::{FlightError, Role, Subscriber};
+use dashcache::encoding::{self, Encoding};
 use dashcache::fill::FillJob;
 use dashcache::format::Format;
 use dashcache::freshness::{self, Freshness};
@@ -97,7 +99,11 @@ pub async fn handle<B>(
     };
 
     let now_ms = now.timestamp_millis();
-    if let Some(entry) = app.cache.get(&key, now_ms).await {
+    let mut timing = ServerTiming::default();
+    let lookup = Instant::now();
+    let found = app.cache.get(&key, now_ms).await;
+    timing.add("cache", lookup);
+    if let Some(entry) = found {
         let beta = app.config.cache.xfetch_beta;
         let min_ttl = i64::try_from(caller.tier.min_ttl.as_millis()).unwrap_or(i64::MAX);
         match freshness::judge_with_min_ttl(
@@ -112,12 +118,12 @@ pub async fn handle<B>(
                     app.metrics.early_refreshes.inc();
                 }
                 app.metrics.cache_result("HIT");
-                return stored(&entry, "HIT", req.headers(), now_ms);
+                return stored(app, &entry, "HIT", req.headers(), now_ms, &timing).await;
             }
             Freshness::Stale => {
                 refresh(app, &key, &entry, job());
                 app.metrics.cache_result("STALE");
-                return stored(&entry, "STALE", req.headers(), now_ms);
+                return stored(app, &entry, "STALE", req.headers(), now_ms, &timing).await;
             }
             Freshness::Expired => {}
         }
@@ -152,7 +158,16 @@ pub async fn handle<B>(
             );
         }
     };
-    let response = streamed(app, query, subscriber, slot.is_some(), format).await;
+    let response = streamed(
+        app,
+        query,
+        subscriber,
+        slot.is_some(),
+        format,
+        req.headers(),
+        &mut timing,
+    )
+    .await;
     drop(slot);
     response
 }
@@ -171,7 +186,16 @@ fn refresh(app: &App, key: &CacheKey, entry: &Entry, mut job: FillJob) -> bool {
 }
 
 /// A stored answer (HIT or STALE), or 304 when the client has it already.
-fn stored(entry: &Entry, cache: &'static str, request: &HeaderMap, now_ms: i64) -> Response<Body> {
+/// The stored body goes out as it is when the client accepts its encoding
+/// (no compression work on a hit); otherwise it is decompressed.
+async fn stored(
+    app: &App,
+    entry: &Entry,
+    cache: &'static str,
+    request: &HeaderMap,
+    now_ms: i64,
+    timing: &ServerTiming,
+) -> Response<Body> {
     let age = (now_ms - entry.header.created_ms).max(0) / 1000;
     let max_age = (entry.header.fresh_until_ms - now_ms).max(0) / 1000;
     let not_modified = request
@@ -181,12 +205,24 @@ fn stored(entry: &Entry, cache: &'static str, request: &HeaderMap, now_ms: i64) 
             v.split(',')
                 .any(|tag| tag.trim() == entry.header.etag || tag.trim() == "*")
         });
+    let stored_encoding = entry.encoding();
+    let accepted = encoding::negotiate(accept_encoding(request), &[stored_encoding]);
+    let mut sent_encoding = Encoding::Identity;
     let mut response = if not_modified {
         let mut response = Response::new(reply::empty());
         *response.status_mut() = StatusCode::NOT_MODIFIED;
         response
-    } else {
+    } else if stored_encoding == Encoding::Identity || accepted == stored_encoding {
+        sent_encoding = stored_encoding;
         Response::new(reply::full(entry.body.clone()))
+    } else {
+        match decoded(app, entry, stored_encoding).await {
+            Ok(body) => Response::new(reply::full(body)),
+            Err(err) => {
+                tracing::error!(error = %err, "stored answer does not decompress");
+                return unavailable("internal", "a stored answer is damaged; retry shortly");
+            }
+        }
     };
     let headers = response.headers_mut();
     headers.insert("x-cache", HeaderValue::from_static(cache));
@@ -198,7 +234,35 @@ fn stored(entry: &Entry, cache: &'static str, request: &HeaderMap, now_ms: i64) 
     }
     headers.insert(header::AGE, HeaderValue::from(age));
     cache_control(headers, max_age);
+    reply::set_encoding(headers, sent_encoding);
+    timing.write(headers);
     response
+}
+
+/// The uncompressed body of a stored answer, decompressed off the async
+/// runtime when large.
+async fn decoded(app: &App, entry: &Entry, stored: Encoding) -> std::io::Result<Bytes> {
+    if let Some(body) = entry.identity.get() {
+        return Ok(body.clone());
+    }
+    let limit = app.config.cache.max_entry_bytes;
+    let body = if entry.body.len() < 16 * 1024 {
+        encoding::decompress(&entry.body, stored, limit)?
+    } else {
+        let packed = entry.body.clone();
+        tokio::task::spawn_blocking(move || encoding::decompress(&packed, stored, limit))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))?
+    };
+    // Kept with the entry: while it sits in L1, the next such client costs nothing.
+    let _ = entry.identity.set(body.clone());
+    Ok(body)
+}
+
+fn accept_encoding(request: &HeaderMap) -> Option<&str> {
+    request
+        .get(header::ACCEPT_ENCODING)
+        .and_then(|v| v.to_str().ok())
 }
 
 /// Answers from a flight: waits (bounded) for the first chunk or the verdict,
@@ -209,12 +273,16 @@ async fn streamed(
     mut subscriber: Subscriber,
     leader: bool,
     format: Format,
+    request: &HeaderMap,
+    timing: &mut ServerTiming,
 ) -> Response<Body> {
     let wait = app.config.coalesce.wait_timeout;
+    let started = Instant::now();
     let first = match tokio::time::timeout(wait, subscriber.next()).await {
         Ok(first) => first,
         Err(_) => Some(Err(FlightError::WaitTimeout(wait))),
     };
+    timing.add("clickhouse", started);
     // Only the request that started the flight, in the process that ran the
     // query, is the MISS; everyone else read along.
     let cache = if leader && subscriber.computed_here() {
@@ -228,7 +296,8 @@ async fn streamed(
         Some(Err(err)) => return upstream_error(&err),
     };
     app.metrics.cache_result(cache);
-    let mut response = Response::new(body);
+    let encoding = encoding::negotiate(accept_encoding(request), &[Encoding::Zstd, Encoding::Gzip]);
+    let mut response = Response::new(reply::compressed(body, encoding));
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
@@ -236,12 +305,39 @@ async fn streamed(
     );
     headers.insert("x-cache", HeaderValue::from_static(cache));
     cache_control(headers, query.ttl.as_secs() as i64);
+    reply::set_encoding(headers, encoding);
+    timing.write(headers);
     response
 }
 
+/// Answers are per tenant: browsers may keep them, shared caches may not.
 fn cache_control(headers: &mut HeaderMap, max_age: i64) {
-    if let Ok(value) = HeaderValue::from_str(&format!("max-age={max_age}")) {
+    if let Ok(value) = HeaderValue::from_str(&format!("private, max-age={max_age}")) {
         headers.insert(header::CACHE_CONTROL, value);
+    }
+}
+
+/// The `Server-Timing` header: where a request's time went.
+#[derive(Default)]
+struct ServerTiming {
+    entries: Vec<(&'static str, f64)>,
+}
+
+impl ServerTiming {
+    fn add(&mut self, name: &'static str, since: Instant) {
+        self.entries
+            .push((name, since.elapsed().as_secs_f64() * 1000.0));
+    }
+
+    fn write(&self, headers: &mut HeaderMap) {
+        let text: Vec<String> = self
+            .entries
+            .iter()
+            .map(|(name, ms)| format!("{name};dur={ms:.2}"))
+            .collect();
+        if let Ok(value) = HeaderValue::from_str(&text.join(", ")) {
+            headers.insert("server-timing", value);
+        }
     }
 }
 

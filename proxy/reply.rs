@@ -2,9 +2,14 @@
 //!
 //! Every error leaves the proxy as JSON: `{"detail": "...", "type": "..."}`, or
 //! for invalid parameters FastAPI's 422 shape, `{"detail": [{loc, msg, type}]}`.
+//! Streamed bodies can be compressed on the fly ([`compressed`]).
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use dashcache::coalesce::Subscriber;
+use dashcache::encoding::{Encoding, StreamEncoder};
 use dashcache::params::Problem;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::combinators::UnsyncBoxBody;
@@ -60,4 +65,75 @@ pub fn stream(first: Bytes, rest: Subscriber) -> Body {
         Some((item.map(Frame::data).map_err(BoxError::from), rest))
     });
     StreamBody::new(futures_util::StreamExt::chain(first, rest)).boxed_unsync()
+}
+
+/// `body` compressed on the fly with `encoding` (identity: unchanged).
+pub fn compressed(body: Body, encoding: Encoding) -> Body {
+    match StreamEncoder::new(encoding) {
+        Ok(Some(encoder)) => Compressed {
+            inner: body,
+            encoder: Some(encoder),
+        }
+        .boxed_unsync(),
+        Ok(None) => body,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot start compression; sending identity");
+            body
+        }
+    }
+}
+
+/// A body compressed chunk by chunk.
+struct Compressed {
+    inner: Body,
+    encoder: Option<StreamEncoder>,
+}
+
+impl http_body::Body for Compressed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        loop {
+            if self.encoder.is_none() {
+                return Poll::Ready(None);
+            }
+            match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue; // trailers: none are sent
+                    };
+                    let Some(encoder) = self.encoder.as_mut() else {
+                        return Poll::Ready(None);
+                    };
+                    let out = encoder.chunk(&data).map_err(BoxError::from)?;
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(out))));
+                    }
+                }
+                Some(Err(err)) => return Poll::Ready(Some(Err(err))),
+                None => {
+                    let Some(encoder) = self.encoder.take() else {
+                        return Poll::Ready(None);
+                    };
+                    let out = encoder.finish().map_err(BoxError::from)?;
+                    return Poll::Ready(Some(Ok(Frame::data(out))));
+                }
+            }
+        }
+    }
+}
+
+/// Marks a response as negotiated on `Accept-Encoding`, with `encoding`.
+pub fn set_encoding(headers: &mut http::HeaderMap, encoding: Encoding) {
+    headers.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    if encoding != Encoding::Identity {
+        headers.insert(
+            header::CONTENT_ENCODING,
+            HeaderValue::from_static(encoding.token()),
+        );
+    }
 }

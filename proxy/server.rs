@@ -2,7 +2,8 @@
 //!
 //! HTTP/1.1 and HTTP/2 (hyper-util's auto builder). On SIGTERM or Ctrl-C it
 //! stops accepting, lets in-flight requests and streams finish for up to
-//! `proxy.shutdown_grace`, then returns.
+//! `proxy.shutdown_grace`, then returns. The socket has `SO_REUSEPORT`, so
+//! a new process can take over the port before the old one stops.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 
 use crate::app::App;
@@ -19,9 +21,7 @@ use crate::routes;
 
 pub async fn run(app: Arc<App>, listen: Option<SocketAddr>) -> anyhow::Result<()> {
     let addr = listen.unwrap_or(app.config.proxy.listen);
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr}"))?;
+    let listener = bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
     tracing::info!(addr = %listener.local_addr()?, queries = app.catalog.iter().count(), "dashcache-proxy listening");
     // systemd (Type=notify): config, keys and listener are ready; no-op outside systemd.
     dashcache::service::ready(&format!("listening on {}", listener.local_addr()?));
@@ -42,12 +42,15 @@ pub async fn run(app: Arc<App>, listen: Option<SocketAddr>) -> anyhow::Result<()
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let app = app.clone();
-                let service = service_fn(move |req| routes::handle(app.clone(), req));
+                let service_app = app.clone();
+                let service = service_fn(move |req| routes::handle(service_app.clone(), req));
                 let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                 let conn = graceful.watch(conn);
+                let open = app.metrics.open_connections.clone();
+                open.inc();
                 tokio::spawn(async move {
                     let _ = conn.await;
+                    open.dec();
                 });
             }
             () = &mut shutdown => break,
@@ -65,6 +68,18 @@ pub async fn run(app: Arc<App>, listen: Option<SocketAddr>) -> anyhow::Result<()
         tracing::warn!(error = %err, "could not flush request counts at shutdown");
     }
     Ok(())
+}
+
+/// The listening socket, with `SO_REUSEPORT`: a new process can bind the same
+/// port while the old one drains, so restarts lose no connection.
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
 }
 
 async fn shutdown_signal() {

@@ -17,12 +17,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 
 use crate::cache::{Cache, CacheKey, Entry, EntryHeader, LockOutcome};
 use crate::clickhouse::{ClickHouse, UpstreamError};
 use crate::coalesce::{FlightError, Producer};
 use crate::config::CoalesceConfig;
+use crate::encoding::{self, Encoding, STORE_THRESHOLD};
 use crate::format::Format;
 use crate::metrics::{Metrics, ResultLabels};
 
@@ -72,8 +73,7 @@ impl Filler {
             if outcome == LockOutcome::Held {
                 match self.await_remote(&job, deadline).await {
                     Remote::Landed(entry) => {
-                        producer.push(entry.body.clone());
-                        producer.complete();
+                        self.hand_over(&entry, &mut producer).await;
                         return;
                     }
                     Remote::Released => continue,
@@ -87,8 +87,7 @@ impl Filler {
             if locked && let Some(entry) = self.landed(&job).await {
                 // Stored by someone between our lookup and our lock.
                 redis.unlock(&job.key, &token).await;
-                producer.push(entry.body.clone());
-                producer.complete();
+                self.hand_over(&entry, &mut producer).await;
                 return;
             }
             let renewal = locked.then(|| self.keep_locked(&job.key, &token));
@@ -98,6 +97,29 @@ impl Filler {
                 redis.unlock(&job.key, &token).await;
             }
             return;
+        }
+    }
+
+    /// Gives readers a stored answer (uncompressed: readers get identity bytes).
+    async fn hand_over(&self, entry: &Entry, producer: &mut Producer) {
+        let encoding = entry.encoding();
+        let body = if encoding == Encoding::Identity {
+            Ok(entry.body.clone())
+        } else {
+            let (packed, limit) = (entry.body.clone(), self.max_entry_bytes);
+            tokio::task::spawn_blocking(move || encoding::decompress(&packed, encoding, limit))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        };
+        match body {
+            Ok(body) => {
+                producer.push(body);
+                producer.complete();
+            }
+            Err(err) => {
+                tracing::error!(etag = %entry.header.etag, error = %err, "stored answer does not decompress");
+                producer.fail(FlightError::Aborted);
+            }
         }
     }
 
@@ -191,8 +213,11 @@ impl Filler {
             for chunk in producer.chunks() {
                 body.extend_from_slice(&chunk);
             }
+            let body = body.freeze();
+            let etag = Entry::etag_of(&body);
+            let (body, encoding) = stored_form(body).await;
             let now = now_ms();
-            let entry = Arc::new(new_entry(body.freeze(), job, compute, now));
+            let entry = Arc::new(new_entry(body, encoding, etag, job, compute, now));
             if self.cache.put(&job.key, entry, now).await {
                 "stored"
             } else {
@@ -221,7 +246,37 @@ impl Filler {
     }
 }
 
-fn new_entry(body: bytes::Bytes, job: &FillJob, compute: Duration, now: i64) -> Entry {
+/// The body as it is stored: gzip from [`STORE_THRESHOLD`] bytes on
+/// (compressed off the async runtime when large), else as it came.
+async fn stored_form(body: Bytes) -> (Bytes, Encoding) {
+    if body.len() < STORE_THRESHOLD {
+        return (body, Encoding::Identity);
+    }
+    let packed = if body.len() < 64 * 1024 {
+        encoding::compress(&body, Encoding::Gzip)
+    } else {
+        let copy = body.clone();
+        tokio::task::spawn_blocking(move || encoding::compress(&copy, Encoding::Gzip))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    };
+    match packed {
+        Ok(packed) => (packed, Encoding::Gzip),
+        Err(err) => {
+            tracing::warn!(error = %err, "compression failed; storing the answer as it is");
+            (body, Encoding::Identity)
+        }
+    }
+}
+
+fn new_entry(
+    body: Bytes,
+    encoding: Encoding,
+    etag: String,
+    job: &FillJob,
+    compute: Duration,
+    now: i64,
+) -> Entry {
     let fresh_until = now.saturating_add(millis(job.ttl));
     Entry {
         header: EntryHeader {
@@ -229,11 +284,12 @@ fn new_entry(body: bytes::Bytes, job: &FillJob, compute: Duration, now: i64) -> 
             fresh_until_ms: fresh_until,
             stale_until_ms: fresh_until.saturating_add(millis(job.grace)),
             compute_ms: u64::try_from(compute.as_millis()).unwrap_or(u64::MAX),
-            etag: Entry::etag_of(&body),
+            etag,
             content_type: job.format.content_type().to_owned(),
-            encoding: "identity".into(),
+            encoding: encoding.token().into(),
         },
         body,
+        identity: Default::default(),
     }
 }
 

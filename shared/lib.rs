@@ -12,6 +12,7 @@ pub mod catalog;
 pub mod clickhouse;
 pub mod coalesce;
 pub mod config;
+pub mod encoding;
 pub mod fill;
 pub mod format;
 pub mod freshness;

@@ -20,6 +20,8 @@ pub struct HttpLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     pub route: &'static str,
+    /// X-Cache of the answer (`-` for routes without one).
+    pub cache: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -50,6 +52,7 @@ pub struct Metrics {
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_duration: HistogramFamily<RouteLabels>,
     pub http_in_flight: Gauge,
+    pub open_connections: Gauge,
     /// HIT, STALE, MISS, COALESCED per request.
     pub cache_requests: Family<ResultLabels, Counter>,
     /// Outcome of storing a computed answer: stored, too_large, failed.
@@ -97,7 +100,7 @@ impl Metrics {
         );
         registry.register(
             "http_request_duration_seconds",
-            "Time to the response head by route",
+            "Time to the response head by route and cache result",
             http_duration.clone(),
         );
         let http_in_flight = Gauge::default();
@@ -105,6 +108,12 @@ impl Metrics {
             "http_in_flight_requests",
             "Requests being answered",
             http_in_flight.clone(),
+        );
+        let open_connections = Gauge::default();
+        registry.register(
+            "open_connections",
+            "Client connections open",
+            open_connections.clone(),
         );
         let cache_requests = Family::<ResultLabels, Counter>::default();
         registry.register(
@@ -215,6 +224,7 @@ impl Metrics {
             http_requests,
             http_duration,
             http_in_flight,
+            open_connections,
             cache_requests,
             cache_stores,
             l1_hits,

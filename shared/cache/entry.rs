@@ -39,7 +39,7 @@ pub struct EntryHeader {
     pub compute_ms: u64,
     pub etag: String,
     pub content_type: String,
-    /// Content encoding of the stored body (`identity`).
+    /// Content encoding of the stored body (`identity` or `gzip`).
     pub encoding: String,
 }
 
@@ -48,13 +48,22 @@ pub struct EntryHeader {
 pub struct Entry {
     pub header: EntryHeader,
     pub body: Bytes,
+    /// The uncompressed body, once some request needed it (not stored).
+    pub identity: std::sync::OnceLock<Bytes>,
 }
 
 impl Entry {
-    /// A strong ETag derived from the body bytes.
+    /// A weak ETag derived from the uncompressed body: the same answer has
+    /// the same tag whichever content encoding carries it.
     pub fn etag_of(body: &[u8]) -> String {
         let digest = Sha256::digest(body);
-        format!("\"{}\"", hex::encode(&digest[..12]))
+        format!("W/\"{}\"", hex::encode(&digest[..12]))
+    }
+
+    /// The stored body's content encoding.
+    pub fn encoding(&self) -> crate::encoding::Encoding {
+        crate::encoding::Encoding::from_token(&self.header.encoding)
+            .unwrap_or(crate::encoding::Encoding::Identity)
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -85,6 +94,7 @@ impl Entry {
         Ok(Entry {
             header,
             body: bytes.slice(body_start..),
+            identity: Default::default(),
         })
     }
 }
@@ -106,6 +116,7 @@ mod tests {
                 encoding: "identity".into(),
             },
             body,
+            identity: Default::default(),
         }
     }
 

@@ -195,6 +195,26 @@ impl Proxy {
             .unwrap_or(0)
     }
 
+    /// Sends SIGTERM (graceful shutdown).
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+    }
+
+    /// Waits (bounded) for the process to exit; its exit status.
+    pub async fn exit_status(&mut self) -> std::process::ExitStatus {
+        for _ in 0..600 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("proxy did not exit; log:\n{}", self.log());
+    }
+
     /// Kills the process at once (no graceful shutdown).
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -10,6 +10,7 @@ mod coalescing;
 mod export;
 mod faults;
 mod freshness;
+mod http;
 mod query;
 mod scale;
 mod scheduler;
