@@ -651,3 +651,147 @@ impl Drop for RedisCluster {
         self.stop();
     }
 }
+
+/// A Redis master, one replica and one Sentinel watching them (quorum 1,
+/// fast failure detection), each on its own loopback port and dir.
+pub struct RedisSentinel {
+    pub master_port: u16,
+    pub replica_port: u16,
+    pub sentinel_port: u16,
+    pub name: String,
+    dir: TempDir,
+    master: Option<Child>,
+    others: Vec<Child>,
+}
+
+impl RedisSentinel {
+    pub async fn start() -> RedisSentinel {
+        let mut group = RedisSentinel {
+            master_port: free_port(),
+            replica_port: free_port(),
+            sentinel_port: free_port(),
+            name: "dashcache-it".into(),
+            dir: TempDir::new("redis-sentinel"),
+            master: None,
+            others: Vec::new(),
+        };
+        let redis = |port: u16, extra: &[String]| {
+            Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server on PATH (scripts/services up installs it)")
+        };
+        group.master = Some(redis(group.master_port, &[]));
+        wait_port(group.master_port).await;
+        let replicaof = vec![
+            "--replicaof".to_string(),
+            "127.0.0.1".to_string(),
+            group.master_port.to_string(),
+        ];
+        group.others.push(redis(group.replica_port, &replicaof));
+        wait_port(group.replica_port).await;
+        let synced = until_output(
+            group.master_port,
+            &["info", "replication"],
+            "connected_slaves:1",
+        )
+        .await;
+        assert!(synced, "the replica never connected to its master");
+        let config = group.dir.0.join("sentinel.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                 sentinel monitor {name} 127.0.0.1 {master} 1\n\
+                 sentinel down-after-milliseconds {name} 500\n\
+                 sentinel failover-timeout {name} 3000\n\
+                 sentinel parallel-syncs {name} 1\n",
+                port = group.sentinel_port,
+                dir = group.dir.0.display(),
+                name = group.name,
+                master = group.master_port,
+            ),
+        )
+        .expect("sentinel.conf");
+        let sentinel = Command::new("redis-server")
+            .arg(&config)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server --sentinel");
+        group.others.push(sentinel);
+        wait_port(group.sentinel_port).await;
+        let knows_replica = until_output(
+            group.sentinel_port,
+            &["sentinel", "replicas", &group.name],
+            &group.replica_port.to_string(),
+        )
+        .await;
+        assert!(knows_replica, "the sentinel never found the replica");
+        group
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.sentinel_port)
+    }
+
+    /// Kills the master: the sentinel promotes the replica.
+    pub fn kill_master(&mut self) {
+        if let Some(mut child) = self.master.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits until the sentinel names the replica as the master.
+    pub async fn await_failover(&self) -> bool {
+        until_output(
+            self.sentinel_port,
+            &["sentinel", "get-master-addr-by-name", &self.name],
+            &self.replica_port.to_string(),
+        )
+        .await
+    }
+}
+
+impl Drop for RedisSentinel {
+    fn drop(&mut self) {
+        self.kill_master();
+        for mut child in self.others.drain(..) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+async fn wait_port(port: u16) {
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("nothing listens on {port}");
+}
+
+/// Polls `redis-cli -p PORT ARGS` (bounded, ~15 s) until its output contains `needle`.
+async fn until_output(port: u16, args: &[&str], needle: &str) -> bool {
+    for _ in 0..300 {
+        let out = Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .output();
+        if let Ok(out) = out
+            && String::from_utf8_lossy(&out.stdout).contains(needle)
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}

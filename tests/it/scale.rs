@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::harness::{
-    Proxy, ProxyOptions, RedisCluster, Reply, TempDir, clickhouse_url, replica_clickhouse_url,
-    replica_services, shared_prefix,
+    Proxy, ProxyOptions, RedisCluster, RedisSentinel, Reply, TempDir, clickhouse_url,
+    replica_clickhouse_url, replica_services, shared_prefix,
 };
 
 /// Each `n` is its own cache key, so every request below reaches ClickHouse.
@@ -292,4 +292,52 @@ async fn with_the_redis_cluster_down_for_10s_requests_succeed_and_caching_resume
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(resumed, "caching did not resume; log:\n{}", proxy.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_sentinel_the_proxy_follows_a_master_failover() {
+    let mut group = RedisSentinel::start().await;
+    let proxy = Proxy::start_with(ProxyOptions {
+        set: vec![
+            ("redis", "sentinel_master", group.name.clone().into()),
+            (
+                "redis",
+                "sentinel_addresses",
+                toml::Value::Array(vec![group.url().into()]),
+            ),
+            ("cache", "l1_max_bytes", 0.into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let url = "/v1/query/revenue?from=today-4d&to=today&granularity=hour";
+    assert_eq!(proxy.get(url).await.cache(), "MISS");
+    assert_eq!(proxy.get(url).await.cache(), "HIT");
+
+    group.kill_master();
+    // Requests go on while the sentinel notices and promotes the replica.
+    let reply = proxy.get(url).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert!(
+        group.await_failover().await,
+        "the sentinel never failed over"
+    );
+
+    // A new answer is stored on the new master: the old one is dead.
+    let fresh = "/v1/query/revenue?from=today-5d&to=today&granularity=hour";
+    let mut cached = false;
+    for _ in 0..100 {
+        let reply = proxy.get(fresh).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        if reply.cache() == "HIT" {
+            cached = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        cached,
+        "caching did not resume on the new master; log:\n{}",
+        proxy.log()
+    );
 }
