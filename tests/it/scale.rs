@@ -341,3 +341,78 @@ async fn through_sentinel_the_proxy_follows_a_master_failover() {
         proxy.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_the_scheduler_lease_holds_and_warmed_answers_are_proxy_hits() {
+    let cluster = RedisCluster::start().await;
+    let prefix = shared_prefix();
+    let proxy = Proxy::start_with(on_cluster(&cluster, &prefix)).await;
+    // The scheduler shares the proxy's config (and so its cluster and prefix).
+    let dir = TempDir::new("cluster-scheduler");
+    let config = dir.0.join("config.toml");
+    let mut text: toml::Table = std::fs::read_to_string(proxy.dir.0.join("config.toml"))
+        .expect("proxy config")
+        .parse()
+        .expect("toml");
+    text.remove("warmup");
+    let mut text = toml::to_string(&text).expect("serializes");
+    text.push_str(
+        "\n[[warmup]]\nname = \"cl\"\ncron = \"0 6 * * *\"\nquery = \"revenue\"\n\
+         tenants = [\"acme\"]\nparams = [{ from = \"2026-01-01\", to = \"2026-01-08\" }]\n",
+    );
+    std::fs::write(&config, text).expect("write config");
+    let run = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_dashcache-scheduler"))
+            .arg("--config")
+            .arg(&config)
+            .args(["run", "cl"])
+            .env("RUST_LOG", "info")
+            .env_remove("DASHCACHE_REDIS_URL")
+            .env_remove("DASHCACHE_CLICKHOUSE_URL")
+            .env_remove("DASHCACHE_STORE_URL")
+            .output()
+            .expect("run dashcache-scheduler")
+    };
+    // Another host holds the job's lease (a key in the job's hash tag).
+    let lease = format!("{prefix}:warmup:{{cl}}:lease");
+    let redis_cli = |args: &[&str]| {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-c", "-p", &cluster.ports[0].to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(
+        redis_cli(&["SET", &lease, "elsewhere 1", "PX", "60000"]),
+        "OK"
+    );
+    let held = run();
+    let log = String::from_utf8_lossy(&held.stderr).into_owned();
+    assert!(!held.status.success(), "ran despite the lease:\n{log}");
+    assert!(log.contains("elsewhere"), "{log}");
+
+    assert_eq!(redis_cli(&["DEL", &lease]), "1");
+    let ran = run();
+    let log = String::from_utf8_lossy(&ran.stderr).into_owned();
+    assert!(ran.status.success(), "{log}");
+    assert_eq!(
+        redis_cli(&["EXISTS", &lease]),
+        "0",
+        "the lease was released"
+    );
+
+    let warmed = proxy
+        .get("/v1/query/revenue?from=2026-01-01&to=2026-01-08")
+        .await;
+    assert_eq!(
+        (warmed.status, warmed.cache()),
+        (200, "HIT"),
+        "{}",
+        warmed.text()
+    );
+    assert_eq!(
+        proxy.metric("dashcache_clickhouse_queries_total").await,
+        0.0
+    );
+}
