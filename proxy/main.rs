@@ -6,6 +6,7 @@ mod app;
 mod auth;
 mod export;
 mod keys;
+mod openapi;
 mod query;
 mod reply;
 mod routes;
@@ -17,6 +18,11 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use dashcache::telemetry::{self, LogFormat};
+
+/// mimalloc: the request path allocates small, short-lived buffers; glibc's
+/// malloc was a fifth of the proxy's CPU under load (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(

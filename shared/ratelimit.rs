@@ -51,7 +51,7 @@ struct Rate {
 
 impl Rate {
     fn of(tier: &Tier) -> Rate {
-        let interval_us = 60_000_000 / i64::from(tier.requests_per_minute.max(1));
+        let interval_us = (60_000_000 / i64::from(tier.requests_per_minute.max(1))).max(1);
         Rate {
             interval_us,
             tau_us: interval_us * i64::from(tier.burst.max(1) - 1),
