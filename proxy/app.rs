@@ -36,6 +36,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// Demand per canonical key, for the scheduler's `popular` job.
     pub popularity: Arc<Recorder>,
+    /// `GET /openapi.json`, generated from the catalog at start.
+    pub openapi: bytes::Bytes,
 }
 
 impl App {
@@ -67,6 +69,7 @@ impl App {
         )?;
         popularity.spawn_flusher();
         Ok(Arc::new(App {
+            openapi: crate::openapi::build(&catalog, &config.auth),
             popularity,
             limiter: RateLimiter::new(cache.clone(), &config.cache.key_prefix),
             misses: MissSlots::default(),
