@@ -28,7 +28,7 @@ pub struct App {
     pub tiers: Tiers,
     pub keys: Arc<KeyRing>,
     pub key_store: KeyStore,
-    pub limiter: RateLimiter,
+    pub limiter: Arc<RateLimiter>,
     pub misses: MissSlots,
     pub cache: Arc<Cache>,
     pub coalescer: Arc<Coalescer>,

@@ -184,6 +184,7 @@ pub struct KeyRing {
     keys: RwLock<Arc<HashMap<KeyHash, Arc<ApiKey>>>>,
     /// When the keys were last read (Unix ms), to bound on-demand reloads.
     loaded_ms: AtomicI64,
+    reloading: tokio::sync::Mutex<()>,
 }
 
 /// The shortest time between two reloads caused by unknown keys.
@@ -201,15 +202,16 @@ impl KeyRing {
     ) -> Result<Arc<ApiKey>, KeyError> {
         match self.check(presented, now_ms) {
             Err(KeyError::Unknown) => {
-                let last = self.loaded_ms.load(Ordering::Relaxed);
-                if now_ms - last >= ON_DEMAND_RELOAD_MS
-                    && self
-                        .loaded_ms
-                        .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
-                        .is_ok()
-                    && let Err(err) = self.reload(store).await
-                {
-                    tracing::warn!(error = %err, "cannot reload API keys");
+                let seen = self.loaded_ms.load(Ordering::Relaxed);
+                if now_ms - seen >= ON_DEMAND_RELOAD_MS {
+                    // Concurrent requests wait for one reload instead of each
+                    // running their own (or failing while it runs).
+                    let _one = self.reloading.lock().await;
+                    if self.loaded_ms.load(Ordering::Relaxed) == seen
+                        && let Err(err) = self.reload(store).await
+                    {
+                        tracing::warn!(error = %err, "cannot reload API keys");
+                    }
                 }
                 self.check(presented, now_ms)
             }

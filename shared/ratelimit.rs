@@ -7,25 +7,37 @@
 //! sees one limit. While Redis is unreachable the same algorithm runs in
 //! process memory, so limits still hold per process. Answers carry what the
 //! IETF `RateLimit-*` headers need.
+//!
+//! Checks of one key that arrive while a script for that key is in flight
+//! wait and go to Redis together, as one script call deciding `n` requests in
+//! arrival order: a busy key costs one Redis round trip per batch, not per
+//! request, and the decisions are the same as one by one.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use tokio::sync::oneshot;
+
 use crate::cache::Cache;
 use crate::tier::Tier;
 
-/// Lua: KEYS[1] = the key's TAT; ARGV = now, interval, tau (microseconds).
-/// Returns {allowed, tat after the decision}.
+/// Lua: KEYS[1] = the key's TAT; ARGV = now, interval, tau (microseconds),
+/// n requests. Returns {how many of the n are allowed, TAT before them}.
 const GCRA_SCRIPT: &str = r"
 local now = tonumber(ARGV[1])
 local interval = tonumber(ARGV[2])
 local tau = tonumber(ARGV[3])
+local n = tonumber(ARGV[4])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
-if tat - now > tau then return {0, tat} end
-local new_tat = tat + interval
-redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
-return {1, new_tat}
+local fits = math.floor((tau - (tat - now)) / interval) + 1
+if fits < 0 then fits = 0 end
+local allowed = math.min(n, fits)
+if allowed > 0 then
+  local new_tat = tat + allowed * interval
+  redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+end
+return {allowed, string.format('%.0f', tat)}
 ";
 
 /// The verdict on one request, with what the response headers say.
@@ -83,6 +95,21 @@ impl Rate {
         }
     }
 
+    /// Decisions for `n` requests in order, given how many Redis allowed and
+    /// the TAT before them.
+    fn decide_batch(&self, n: usize, allowed: usize, tat_us: i64, now_us: i64) -> Vec<Decision> {
+        let start = tat_us.max(now_us);
+        (0..n)
+            .map(|i| {
+                if i < allowed {
+                    self.decide(true, start + (i as i64 + 1) * self.interval_us, now_us)
+                } else {
+                    self.decide(false, start + allowed as i64 * self.interval_us, now_us)
+                }
+            })
+            .collect()
+    }
+
     /// One GCRA step on a locally kept TAT.
     fn step(&self, tat_us: &mut i64, now_us: i64) -> Decision {
         let tat = (*tat_us).max(now_us);
@@ -99,30 +126,86 @@ pub struct RateLimiter {
     cache: Arc<Cache>,
     prefix: String,
     script: redis::Script,
+    /// TATs kept in process while Redis is unreachable.
     local: Mutex<HashMap<String, i64>>,
+    /// Per key: checks waiting for the next script call, and whether one runs.
+    batches: Mutex<HashMap<String, Batch>>,
+}
+
+#[derive(Default)]
+struct Batch {
+    waiting: Vec<(Rate, oneshot::Sender<Decision>)>,
+    running: bool,
 }
 
 impl RateLimiter {
-    pub fn new(cache: Arc<Cache>, key_prefix: &str) -> RateLimiter {
-        RateLimiter {
+    pub fn new(cache: Arc<Cache>, key_prefix: &str) -> Arc<RateLimiter> {
+        Arc::new(RateLimiter {
             cache,
             prefix: format!("{key_prefix}:rl:"),
             script: redis::Script::new(GCRA_SCRIPT),
             local: Mutex::new(HashMap::new()),
-        }
+            batches: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Counts one request of `key_id` against its tier's rate.
-    pub async fn check(&self, key_id: &str, tier: &Tier, now_us: i64) -> Decision {
+    pub async fn check(self: &Arc<Self>, key_id: &str, tier: &Tier, now_us: i64) -> Decision {
         let rate = Rate::of(tier);
-        let mut invocation = self.script.key(format!("{}{key_id}", self.prefix));
-        invocation
-            .arg(now_us)
-            .arg(rate.interval_us)
-            .arg(rate.tau_us);
-        if let Some((allowed, tat)) = self.cache.redis().invoke::<(i64, i64)>(invocation).await {
-            return rate.decide(allowed == 1, tat, now_us);
+        let (tx, rx) = oneshot::channel();
+        let lead = {
+            let mut batches = self.batches.lock().unwrap_or_else(PoisonError::into_inner);
+            let batch = batches.entry(key_id.to_owned()).or_default();
+            batch.waiting.push((rate, tx));
+            !std::mem::replace(&mut batch.running, true)
+        };
+        if lead {
+            let limiter = self.clone();
+            let key_id = key_id.to_owned();
+            tokio::spawn(async move { limiter.drain(&key_id).await });
         }
+        match rx.await {
+            Ok(decision) => decision,
+            // The draining task died: decide locally rather than fail.
+            Err(_) => self.local_step(key_id, rate, now_us),
+        }
+    }
+
+    /// Decides every waiting check of `key_id`, batch by batch.
+    async fn drain(&self, key_id: &str) {
+        loop {
+            let waiting = {
+                let mut batches = self.batches.lock().unwrap_or_else(PoisonError::into_inner);
+                let Some(batch) = batches.get_mut(key_id) else {
+                    return;
+                };
+                if batch.waiting.is_empty() {
+                    batches.remove(key_id);
+                    return;
+                }
+                std::mem::take(&mut batch.waiting)
+            };
+            // A tier change between checks is rare; the batch uses the newest rate.
+            let Some(&(rate, _)) = waiting.last() else {
+                continue;
+            };
+            let now_us = chrono::Utc::now().timestamp_micros();
+            let n = waiting.len();
+            let mut invocation = self.script.key(format!("{}{key_id}", self.prefix));
+            invocation.arg(now_us).arg(rate.interval_us).arg(rate.tau_us).arg(n);
+            let decisions = match self.cache.redis().invoke::<(i64, i64)>(invocation).await {
+                Some((allowed, tat)) => {
+                    rate.decide_batch(n, usize::try_from(allowed).unwrap_or(0), tat, now_us)
+                }
+                None => (0..n).map(|_| self.local_step(key_id, rate, now_us)).collect(),
+            };
+            for ((_, tx), decision) in waiting.into_iter().zip(decisions) {
+                let _ = tx.send(decision);
+            }
+        }
+    }
+
+    fn local_step(&self, key_id: &str, rate: Rate, now_us: i64) -> Decision {
         let mut local = self.local.lock().unwrap_or_else(PoisonError::into_inner);
         if local.len() > 100_000 {
             local.retain(|_, tat| *tat > now_us);
@@ -150,6 +233,16 @@ mod tests {
             export_max_duration: Duration::ZERO,
             min_ttl: Duration::ZERO,
         }
+    }
+
+    #[test]
+    fn a_batch_decides_like_one_by_one() {
+        let rate = Rate::of(&tier(60, 3));
+        let now = 1_000_000_000;
+        let mut tat = 0;
+        let single: Vec<Decision> = (0..5).map(|_| rate.step(&mut tat, now)).collect();
+        // What the script returns for 5 requests on a fresh key: 3 allowed, TAT before = 0.
+        assert_eq!(rate.decide_batch(5, 3, 0, now), single);
     }
 
     #[test]

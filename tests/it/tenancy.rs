@@ -187,7 +187,35 @@ async fn a_rate_limit_is_shared_by_every_proxy() {
     // Those two probes counted: 8 left of the burst; 8 + 5 requests → 5 denied.
     let (allowed, denied) = limited(&[&a, &b], &key, 13).await;
     assert_eq!((allowed, denied.len()), (8, 5));
+    // A second key, all requests at once (checks of one key are batched):
+    // still exactly the burst is allowed.
+    let other = a.add_key("test", "acme");
+    for proxy in [&a, &b] {
+        for _ in 0..50 {
+            if proxy.get_with("/v1/query/nope", &[("authorization", &bearer(&other))]).await.status == 404 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // Those two probes counted: 8 left of 10.
+    let proxies = std::sync::Arc::new([a, b]);
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let (proxies, other) = (proxies.clone(), other.clone());
+        tasks.push(tokio::spawn(async move {
+            proxies[i % 2].get_with(URL, &[("authorization", &bearer(&other))]).await.status
+        }));
+    }
+    let mut statuses = Vec::new();
+    for task in tasks {
+        statuses.push(task.await.unwrap());
+    }
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 8, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 8, "{statuses:?}");
+    let [a, _b] = &*proxies;
     let last = denied.last().unwrap();
+    let _ = a;
     assert_eq!(last.json()["type"], "rate_limited");
     assert!(last.header("retry-after").unwrap().parse::<u64>().unwrap() >= 1);
     assert_eq!(last.header("ratelimit-remaining"), Some("0"));
