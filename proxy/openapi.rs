@@ -57,6 +57,7 @@ pub fn document(catalog: &Catalog, auth: &AuthConfig) -> Value {
         );
     }
     paths.insert("/healthz".into(), json!({ "get": health_operation(auth) }));
+    paths.insert("/readyz".into(), json!({ "get": ready_operation(auth) }));
     paths.insert("/metrics".into(), json!({ "get": metrics_operation(auth) }));
     paths.insert(
         "/openapi.json".into(),
@@ -87,7 +88,7 @@ pub fn document(catalog: &Catalog, auth: &AuthConfig) -> Value {
         "tags": [
             { "name": "queries", "description": "Cached answers (`X-Cache` says where from)" },
             { "name": "exports", "description": "Raw rows streamed from ClickHouse, never cached" },
-            { "name": "service", "description": "Liveness, metrics and this document" },
+            { "name": "service", "description": "Liveness, readiness, metrics and this document" },
         ],
         "security": api_key(),
         "paths": paths,
@@ -115,6 +116,9 @@ fn query_operation(query: &QueryDef) -> Value {
         "ETag": { "$ref": "#/components/headers/ETag" },
         "Age": { "$ref": "#/components/headers/Age" },
         "Cache-Control": { "$ref": "#/components/headers/Cache-Control" },
+        "Content-Encoding": { "$ref": "#/components/headers/Content-Encoding" },
+        "Vary": { "$ref": "#/components/headers/Vary" },
+        "Server-Timing": { "$ref": "#/components/headers/Server-Timing" },
         "RateLimit-Limit": { "$ref": "#/components/headers/RateLimit-Limit" },
         "RateLimit-Remaining": { "$ref": "#/components/headers/RateLimit-Remaining" },
         "RateLimit-Reset": { "$ref": "#/components/headers/RateLimit-Reset" },
@@ -188,6 +192,8 @@ fn export_operation(export: &QueryDef) -> Value {
                         "description": "Always `no-store`",
                         "schema": { "type": "string" },
                     },
+                    "Content-Encoding": { "$ref": "#/components/headers/Content-Encoding" },
+                    "Vary": { "$ref": "#/components/headers/Vary" },
                     "RateLimit-Limit": { "$ref": "#/components/headers/RateLimit-Limit" },
                     "RateLimit-Remaining": { "$ref": "#/components/headers/RateLimit-Remaining" },
                     "RateLimit-Reset": { "$ref": "#/components/headers/RateLimit-Reset" },
@@ -440,6 +446,34 @@ fn health_operation(auth: &AuthConfig) -> Value {
     })
 }
 
+fn ready_operation(auth: &AuthConfig) -> Value {
+    let check = json!({
+        "type": "object",
+        "required": ["ok"],
+        "properties": { "ok": { "type": "boolean" }, "error": { "type": "string" } },
+    });
+    let body = json!({ "application/json": { "schema": {
+        "type": "object",
+        "required": ["status", "checks"],
+        "properties": {
+            "status": { "type": "string", "enum": ["ready", "not_ready"] },
+            "checks": { "type": "object", "additionalProperties": check },
+        },
+    } } });
+    let mut responses = json!({
+        "200": { "description": "ClickHouse and Redis answer", "content": body.clone() },
+        "503": { "description": "A dependency does not answer; `checks` says which", "content": body },
+    });
+    protect(&mut responses, auth.protect_health);
+    json!({
+        "operationId": "readyz",
+        "summary": "Readiness: ClickHouse and Redis reachable",
+        "tags": ["service"],
+        "security": if auth.protect_health { api_key() } else { json!([]) },
+        "responses": responses,
+    })
+}
+
 fn metrics_operation(auth: &AuthConfig) -> Value {
     let mut responses = json!({
         "200": {
@@ -593,7 +627,7 @@ fn components() -> Value {
                 "schema": { "type": "string", "enum": ["HIT", "STALE", "MISS", "COALESCED"] },
             },
             "ETag": {
-                "description": "The stored answer's entity tag (HIT and STALE)",
+                "description": "The stored answer's weak entity tag (`W/\"…\"`, HIT and STALE); send it back in `If-None-Match` for a 304",
                 "schema": { "type": "string" },
             },
             "Age": {
@@ -601,7 +635,19 @@ fn components() -> Value {
                 "schema": { "type": "integer", "minimum": 0 },
             },
             "Cache-Control": {
-                "description": "`max-age=<seconds the answer stays fresh>`",
+                "description": "`private, max-age=<seconds the answer stays fresh>`",
+                "schema": { "type": "string" },
+            },
+            "Content-Encoding": {
+                "description": "`gzip` or `zstd` when the request's `Accept-Encoding` allows it; absent for identity",
+                "schema": { "type": "string", "enum": ["gzip", "zstd"] },
+            },
+            "Vary": {
+                "description": "`accept-encoding`: the body's encoding was negotiated",
+                "schema": { "type": "string" },
+            },
+            "Server-Timing": {
+                "description": "Where the request's time went (cache lookup, ClickHouse, …)",
                 "schema": { "type": "string" },
             },
             "RateLimit-Limit": {
@@ -678,6 +724,12 @@ mod tests {
             assert!(op["responses"].get("413").is_some(), "{}", export.name);
         }
         assert_eq!(doc["paths"]["/openapi.json"]["get"]["security"], json!([]));
+        for path in ["/healthz", "/readyz", "/metrics"] {
+            assert!(
+                doc["paths"][path]["get"]["responses"].get("200").is_some(),
+                "{path}"
+            );
+        }
     }
 
     #[test]
