@@ -192,12 +192,18 @@ impl RateLimiter {
             let now_us = chrono::Utc::now().timestamp_micros();
             let n = waiting.len();
             let mut invocation = self.script.key(format!("{}{key_id}", self.prefix));
-            invocation.arg(now_us).arg(rate.interval_us).arg(rate.tau_us).arg(n);
+            invocation
+                .arg(now_us)
+                .arg(rate.interval_us)
+                .arg(rate.tau_us)
+                .arg(n);
             let decisions = match self.cache.redis().invoke::<(i64, i64)>(invocation).await {
                 Some((allowed, tat)) => {
                     rate.decide_batch(n, usize::try_from(allowed).unwrap_or(0), tat, now_us)
                 }
-                None => (0..n).map(|_| self.local_step(key_id, rate, now_us)).collect(),
+                None => (0..n)
+                    .map(|_| self.local_step(key_id, rate, now_us))
+                    .collect(),
             };
             for ((_, tx), decision) in waiting.into_iter().zip(decisions) {
                 let _ = tx.send(decision);

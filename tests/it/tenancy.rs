@@ -192,7 +192,12 @@ async fn a_rate_limit_is_shared_by_every_proxy() {
     let other = a.add_key("test", "acme");
     for proxy in [&a, &b] {
         for _ in 0..50 {
-            if proxy.get_with("/v1/query/nope", &[("authorization", &bearer(&other))]).await.status == 404 {
+            if proxy
+                .get_with("/v1/query/nope", &[("authorization", &bearer(&other))])
+                .await
+                .status
+                == 404
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -204,15 +209,26 @@ async fn a_rate_limit_is_shared_by_every_proxy() {
     for i in 0..16 {
         let (proxies, other) = (proxies.clone(), other.clone());
         tasks.push(tokio::spawn(async move {
-            proxies[i % 2].get_with(URL, &[("authorization", &bearer(&other))]).await.status
+            proxies[i % 2]
+                .get_with(URL, &[("authorization", &bearer(&other))])
+                .await
+                .status
         }));
     }
     let mut statuses = Vec::new();
     for task in tasks {
         statuses.push(task.await.unwrap());
     }
-    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 8, "{statuses:?}");
-    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 8, "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        8,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        8,
+        "{statuses:?}"
+    );
     let [a, _b] = &*proxies;
     let last = denied.last().unwrap();
     let _ = a;
