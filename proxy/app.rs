@@ -30,6 +30,8 @@ pub struct App {
     pub key_store: KeyStore,
     pub limiter: Arc<RateLimiter>,
     pub misses: MissSlots,
+    /// Recently prepared requests (see `query::prepare`).
+    pub prepared: moka::sync::Cache<String, Arc<crate::query::Prepared>>,
     pub cache: Arc<Cache>,
     pub coalescer: Arc<Coalescer>,
     pub filler: Arc<Filler>,
@@ -73,6 +75,10 @@ impl App {
             popularity,
             limiter: RateLimiter::new(cache.clone(), &config.cache.key_prefix),
             misses: MissSlots::default(),
+            prepared: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(dashcache::catalog::NOW_STEP)
+                .build(),
             catalog,
             tiers,
             keys,

@@ -23,7 +23,7 @@ use dashcache::encoding::{self, Encoding};
 use dashcache::fill::FillJob;
 use dashcache::format::Format;
 use dashcache::freshness::{self, Freshness};
-use dashcache::params::{Clock, RawParam};
+use dashcache::params::{Bound, Clock, RawParam};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 
 use crate::app::App;
@@ -50,44 +50,21 @@ pub async fn handle<B>(
         return auth::forbidden(caller, &format!("query `{name}`"));
     }
 
-    let raw: Vec<RawParam> =
-        form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()).collect();
-    let (format, params, mut problems) = Format::split_param(raw, &Format::ALL);
-    let format = format.unwrap_or(Format::Json);
     let now = Utc::now();
-    let clock = Clock {
-        now,
-        now_step: NOW_STEP,
-    };
     let tenant = Some(caller.key.tenant.as_str());
-    let bound = match query.bind(&params, &clock, tenant) {
-        Ok(bound) if problems.is_empty() => bound,
-        Ok(_) => return reply::invalid(&problems),
-        Err(more) => {
-            problems.extend(more);
-            return reply::invalid(&problems);
-        }
+    let prepared = match prepare(app, query, req.uri().query().unwrap_or(""), tenant, now) {
+        Ok(prepared) => prepared,
+        Err(response) => return *response,
     };
-    let sql = match query.render(&bound) {
-        Ok(sql) => sql,
-        Err(err) => {
-            tracing::error!(query = name, error = %err, "template rendering failed");
-            return reply::error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "query template error",
-            );
-        }
-    };
-    let key = CacheKey::new(
-        &app.config.cache.key_prefix,
-        name,
-        query.key_tenant(tenant),
+    let Prepared {
+        key,
+        sql,
+        bound,
         format,
-        &sql,
-    );
+    } = &*prepared;
+    let format = *format;
     app.popularity
-        .record(&key, name, query.key_tenant(tenant), format, &bound);
+        .record(key, name, query.key_tenant(tenant), format, bound);
     let job = || FillJob {
         key: key.clone(),
         query: name.to_owned(),
@@ -101,7 +78,7 @@ pub async fn handle<B>(
     let now_ms = now.timestamp_millis();
     let mut timing = ServerTiming::default();
     let lookup = Instant::now();
-    let found = app.cache.get(&key, now_ms).await;
+    let found = app.cache.get(key, now_ms).await;
     timing.add("cache", lookup);
     if let Some(entry) = found {
         let beta = app.config.cache.xfetch_beta;
@@ -114,14 +91,14 @@ pub async fn handle<B>(
             min_ttl,
         ) {
             Freshness::Fresh { refresh_early } => {
-                if refresh_early && refresh(app, &key, &entry, job()) {
+                if refresh_early && refresh(app, key, &entry, job()) {
                     app.metrics.early_refreshes.inc();
                 }
                 app.metrics.cache_result("HIT");
                 return stored(app, &entry, "HIT", req.headers(), now_ms, &timing).await;
             }
             Freshness::Stale => {
-                refresh(app, &key, &entry, job());
+                refresh(app, key, &entry, job());
                 app.metrics.cache_result("STALE");
                 return stored(app, &entry, "STALE", req.headers(), now_ms, &timing).await;
             }
@@ -129,7 +106,7 @@ pub async fn handle<B>(
         }
     }
 
-    let (subscriber, slot) = match app.coalescer.join(&key, app.config.coalesce.max_waiters) {
+    let (subscriber, slot) = match app.coalescer.join(key, app.config.coalesce.max_waiters) {
         Role::Leader(producer, subscriber) => {
             // Only requests that start a computation count against the key's
             // concurrency limit; reading along costs ClickHouse nothing.
@@ -170,6 +147,76 @@ pub async fn handle<B>(
     .await;
     drop(slot);
     response
+}
+
+/// A request reduced to what the cache needs: validated, bound, rendered, keyed.
+pub struct Prepared {
+    key: CacheKey,
+    sql: String,
+    bound: Bound,
+    format: Format,
+}
+
+/// Validates, binds, renders and keys a request, or says why not (422/500).
+///
+/// Within one `now` step the same query string from the same tenant always
+/// gives the same result, so it is remembered (`App::prepared`): a repeated
+/// dashboard request skips parsing, binding, rendering and hashing.
+fn prepare(
+    app: &App,
+    query: &QueryDef,
+    raw_query: &str,
+    tenant: Option<&str>,
+    now: chrono::DateTime<Utc>,
+) -> Result<Arc<Prepared>, Box<Response<Body>>> {
+    let step = NOW_STEP.as_secs().max(1) as i64;
+    let memo = format!(
+        "{}\u{0}{}\u{0}{}\u{0}{raw_query}",
+        query.name,
+        tenant.unwrap_or(""),
+        now.timestamp().div_euclid(step)
+    );
+    if let Some(prepared) = app.prepared.get(&memo) {
+        return Ok(prepared);
+    }
+    let raw: Vec<RawParam> = form_urlencoded::parse(raw_query.as_bytes()).collect();
+    let (format, params, mut problems) = Format::split_param(raw, &Format::ALL);
+    let format = format.unwrap_or(Format::Json);
+    let clock = Clock {
+        now,
+        now_step: NOW_STEP,
+    };
+    let bound = match query.bind(&params, &clock, tenant) {
+        Ok(bound) if problems.is_empty() => bound,
+        Ok(_) => return Err(Box::new(reply::invalid(&problems))),
+        Err(more) => {
+            problems.extend(more);
+            return Err(Box::new(reply::invalid(&problems)));
+        }
+    };
+    let sql = query.render(&bound).map_err(|err| {
+        tracing::error!(query = %query.name, error = %err, "template rendering failed");
+        Box::new(reply::error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "query template error",
+        ))
+    })?;
+    let key = CacheKey::new(
+        &app.config.cache.key_prefix,
+        &query.name,
+        query.key_tenant(tenant),
+        format,
+        &sql,
+    );
+    let prepared = Arc::new(Prepared {
+        key,
+        sql,
+        bound,
+        format,
+    });
+    app.prepared.insert(memo, prepared.clone());
+    Ok(prepared)
 }
 
 /// Starts a background refresh of `entry` unless one is already running in
