@@ -57,7 +57,9 @@ impl Coalescer {
     /// `max_waiters` readers per flight.
     pub fn join(self: &Arc<Self>, key: &CacheKey, max_waiters: usize) -> Role {
         let mut flights = lock(&self.flights);
-        if let Some(flight) = flights.get(key) {
+        // A flight that already failed is not joined: its failure belongs to
+        // the requests that were waiting for it, not to newcomers.
+        if let Some(flight) = flights.get(key).filter(|f| !f.failed()) {
             if flight.readers.load(Ordering::Relaxed) >= max_waiters {
                 return Role::Overloaded;
             }
@@ -113,6 +115,10 @@ impl Flight {
             readers: AtomicUsize::new(0),
             computed: AtomicBool::new(false),
         }
+    }
+
+    fn failed(&self) -> bool {
+        matches!(lock(&self.state).outcome, Some(Err(_)))
     }
 
     fn subscribe(self: &Arc<Self>) -> Subscriber {
@@ -269,6 +275,27 @@ mod tests {
         assert!(matches!(coalescer.join(&key(1), 10), Role::Follower(_)));
         drop(producer);
         assert!(matches!(coalescer.join(&key(1), 10), Role::Leader(..)));
+    }
+
+    #[tokio::test]
+    async fn newcomers_never_join_a_failed_flight() {
+        let coalescer = Coalescer::new();
+        let Role::Leader(mut producer, mut reader) = coalescer.join(&key(5), 10) else {
+            panic!("first join must lead")
+        };
+        producer.fail(FlightError::Aborted);
+        assert!(matches!(
+            reader.next().await,
+            Some(Err(FlightError::Aborted))
+        ));
+        // The failed producer has not landed yet: a newcomer still leads.
+        let Role::Leader(second, _) = coalescer.join(&key(5), 10) else {
+            panic!("a newcomer must start a new flight")
+        };
+        drop(producer);
+        // Landing the failed flight leaves the new one in place.
+        assert!(matches!(coalescer.join(&key(5), 10), Role::Follower(_)));
+        drop(second);
     }
 
     #[tokio::test]
