@@ -26,17 +26,19 @@ pub struct Caller {
 
 /// The key a request presents: `Authorization: Bearer <key>` or `X-API-Key: <key>`.
 fn presented(headers: &HeaderMap) -> Option<&str> {
-    if let Some(value) = headers
+    let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-    {
-        let (scheme, key) = value.trim().split_once(' ')?;
-        return scheme.eq_ignore_ascii_case("bearer").then(|| key.trim());
-    }
-    headers
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, key)| key.trim());
+    // Another scheme (say Basic, added by a gateway) does not hide X-API-Key.
+    bearer.or_else(|| {
+        headers
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    })
 }
 
 /// Authenticates and rate-limits a request.

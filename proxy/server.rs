@@ -26,6 +26,7 @@ pub async fn run(app: Arc<App>, listen: Option<SocketAddr>) -> anyhow::Result<()
     // systemd (Type=notify): config, keys and listener are ready; no-op outside systemd.
     dashcache::service::ready(&format!("listening on {}", listener.local_addr()?));
 
+    ignore_sighup();
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown_signal());
@@ -80,6 +81,21 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
     TcpListener::from_std(socket.into())
+}
+
+/// SIGHUP would end the process by default; the proxy reads its config at
+/// start, so it says so and goes on (restart to apply a config change).
+fn ignore_sighup() {
+    #[cfg(unix)]
+    if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::warn!(
+                    "SIGHUP ignored: dashcache-proxy reads its config at start; restart it to apply changes"
+                );
+            }
+        });
+    }
 }
 
 async fn shutdown_signal() {

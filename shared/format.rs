@@ -45,6 +45,9 @@ impl Format {
                 params.push((name, value));
                 continue;
             }
+            if value.is_empty() {
+                continue; // `format=`: not given, like any other empty parameter
+            }
             if seen {
                 problems.push(Problem::query(
                     "format",

@@ -23,7 +23,7 @@ async fn keys_are_required_stored_hashed_and_revocable_without_a_restart() {
     for header in ["ratelimit-limit", "ratelimit-remaining", "ratelimit-reset"] {
         assert!(ok.header(header).is_some(), "{header} missing");
     }
-    // Also accepted as X-API-Key.
+    // Also accepted as X-API-Key, even next to another Authorization scheme.
     assert_eq!(
         proxy
             .get_with(URL, &[("x-api-key", &proxy.key)])
@@ -31,6 +31,13 @@ async fn keys_are_required_stored_hashed_and_revocable_without_a_restart() {
             .status,
         200
     );
+    let both = [
+        ("authorization", "Basic Zm9vOmJhcg=="),
+        ("x-api-key", proxy.key.as_str()),
+    ];
+    assert_eq!(proxy.get_with(URL, &both).await.status, 200);
+    // An empty format= is "not given", like any empty parameter.
+    assert_eq!(proxy.get(&format!("{URL}&format=")).await.status, 200);
 
     for (headers, msg) in [
         (vec![], "missing API key"),
