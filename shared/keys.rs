@@ -10,7 +10,7 @@
 //! about stored keys. What a tier allows is [`crate::tier`]'s business.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -182,18 +182,22 @@ fn api_key((id, tier, tenant, label, created_ms, expires_ms, revoked_ms): KeyRow
 #[derive(Default)]
 pub struct KeyRing {
     keys: RwLock<Arc<HashMap<KeyHash, Arc<ApiKey>>>>,
-    /// When the keys were last read (Unix ms), to bound on-demand reloads.
-    loaded_ms: AtomicI64,
+    /// Reloads started so far; every reload holds `reloading`.
+    started: AtomicU64,
     reloading: tokio::sync::Mutex<()>,
+    /// When the last reload caused by an unknown key ran (Unix ms).
+    on_demand_ms: AtomicI64,
 }
 
-/// The shortest time between two reloads caused by unknown keys.
-const ON_DEMAND_RELOAD_MS: i64 = 500;
+/// The shortest time between two reloads caused by unknown keys, so a flood
+/// of made-up keys costs the store at most ten reads a second.
+const ON_DEMAND_RELOAD_MS: i64 = 100;
 
 impl KeyRing {
-    /// Like [`KeyRing::check`], but an unknown key first makes the ring
-    /// re-read the store (at most every 500 ms), so a key minted a moment ago
-    /// works at once instead of after the next periodic reload.
+    /// Like [`KeyRing::check`], but an unknown key first makes sure the ring
+    /// has read the store since the request arrived, so a key minted a moment
+    /// ago works at once instead of after the next periodic reload.
+    /// Concurrent requests share one reload.
     pub async fn check_or_reload(
         &self,
         presented: Option<&str>,
@@ -202,14 +206,16 @@ impl KeyRing {
     ) -> Result<Arc<ApiKey>, KeyError> {
         match self.check(presented, now_ms) {
             Err(KeyError::Unknown) => {
-                let seen = self.loaded_ms.load(Ordering::Relaxed);
-                if now_ms - seen >= ON_DEMAND_RELOAD_MS {
-                    // Concurrent requests wait for one reload instead of each
-                    // running their own (or failing while it runs).
-                    let _one = self.reloading.lock().await;
-                    if self.loaded_ms.load(Ordering::Relaxed) == seen
-                        && let Err(err) = self.reload(store).await
-                    {
+                let arrived = self.started.load(Ordering::Acquire);
+                let _one = self.reloading.lock().await;
+                // A reload that started after we arrived has finished by now
+                // (reloads hold the lock) and saw every key minted before.
+                let last = self.on_demand_ms.load(Ordering::Relaxed);
+                if self.started.load(Ordering::Acquire) == arrived
+                    && now_ms - last >= ON_DEMAND_RELOAD_MS
+                {
+                    self.on_demand_ms.store(now_ms, Ordering::Relaxed);
+                    if let Err(err) = self.reload_locked(store).await {
                         tracing::warn!(error = %err, "cannot reload API keys");
                     }
                 }
@@ -239,12 +245,16 @@ impl KeyRing {
 
     /// Re-reads every key from the store.
     pub async fn reload(&self, store: &KeyStore) -> Result<usize, StoreError> {
+        let _one = self.reloading.lock().await;
+        self.reload_locked(store).await
+    }
+
+    async fn reload_locked(&self, store: &KeyStore) -> Result<usize, StoreError> {
+        self.started.fetch_add(1, Ordering::AcqRel);
         let rows = store.rows().await?;
         let count = rows.len();
         let keys = rows.into_iter().map(|(h, k)| (h, Arc::new(k))).collect();
         *self.keys.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(keys);
-        self.loaded_ms
-            .store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
         Ok(count)
     }
 
