@@ -307,7 +307,7 @@ impl ClickHouse {
         let (cursor, in_flight) = self
             .upstream
             .start(replica, &pending)
-            .map_err(|e| self.failed(e))?;
+            .map_err(|e| counted(&self.metrics, e))?;
         Ok(Answer {
             cursor,
             source: Source {
@@ -364,14 +364,6 @@ impl ClickHouse {
             }
         }
         result
-    }
-
-    fn failed(&self, err: UpstreamError) -> UpstreamError {
-        self.metrics
-            .clickhouse_errors
-            .get_or_create(&KindLabels { kind: err.kind() })
-            .inc();
-        err
     }
 }
 
@@ -500,8 +492,13 @@ impl Answer {
                     self.finished = true;
                     self.verify_tail()?;
                 }
-                Ok(Err(err)) => return Err(self.failed(UpstreamError::from_crate(err))),
-                Err(_) => return Err(self.failed(UpstreamError::Timeout(self.read_timeout))),
+                Ok(Err(err)) => return Err(counted(&self.metrics, UpstreamError::from_crate(err))),
+                Err(_) => {
+                    return Err(counted(
+                        &self.metrics,
+                        UpstreamError::Timeout(self.read_timeout),
+                    ));
+                }
             }
         }
     }
@@ -515,10 +512,13 @@ impl Answer {
         let tail = tail.freeze();
         if let Some(at) = exception_start(&tail) {
             let message = String::from_utf8_lossy(&tail[at..]).trim().to_owned();
-            let err = self.failed(UpstreamError::Body {
-                code: error_code(&tail[at..]),
-                message,
-            });
+            let err = counted(
+                &self.metrics,
+                UpstreamError::Body {
+                    code: error_code(&tail[at..]),
+                    message,
+                },
+            );
             if !self.salvage {
                 return Err(err);
             }
@@ -536,10 +536,13 @@ impl Answer {
             return Ok(());
         }
         if self.format == Format::Json && !tail.trim_ascii_end().ends_with(b"}") {
-            return Err(self.failed(UpstreamError::Body {
-                code: None,
-                message: "JSON answer ended before its closing brace".into(),
-            }));
+            return Err(counted(
+                &self.metrics,
+                UpstreamError::Body {
+                    code: None,
+                    message: "JSON answer ended before its closing brace".into(),
+                },
+            ));
         }
         self.held.clear();
         if !tail.is_empty() {
@@ -547,14 +550,15 @@ impl Answer {
         }
         Ok(())
     }
+}
 
-    fn failed(&self, err: UpstreamError) -> UpstreamError {
-        self.metrics
-            .clickhouse_errors
-            .get_or_create(&KindLabels { kind: err.kind() })
-            .inc();
-        err
-    }
+/// Counts a failed query by kind and passes the error on.
+fn counted(metrics: &Metrics, err: UpstreamError) -> UpstreamError {
+    metrics
+        .clickhouse_errors
+        .get_or_create(&KindLabels { kind: err.kind() })
+        .inc();
+    err
 }
 
 /// Where an exception that ClickHouse appended to a body starts, if any.
