@@ -66,16 +66,7 @@ pub struct KeyStore {
     store: Store,
 }
 
-type KeyRow = (
-    String,
-    String,
-    String,
-    Option<String>,
-    i64,
-    Option<i64>,
-    Option<i64>,
-);
-/// `key_hash` followed by a [`KeyRow`].
+/// One `api_keys` row: `key_hash`, then the fields of an [`ApiKey`].
 type StoredRow = (
     String,
     String,
@@ -156,25 +147,21 @@ impl KeyStore {
             .into_iter()
             .filter_map(
                 |(key_hash, id, tier, tenant, label, created_ms, expires_ms, revoked_ms)| {
-                    let row: KeyRow = (id, tier, tenant, label, created_ms, expires_ms, revoked_ms);
                     let mut digest = [0u8; 32];
                     hex::decode_to_slice(&key_hash, &mut digest).ok()?;
-                    Some((digest, api_key(row)))
+                    let key = ApiKey {
+                        id,
+                        tier,
+                        tenant,
+                        label,
+                        created_ms,
+                        expires_ms,
+                        revoked_ms,
+                    };
+                    Some((digest, key))
                 },
             )
             .collect())
-    }
-}
-
-fn api_key((id, tier, tenant, label, created_ms, expires_ms, revoked_ms): KeyRow) -> ApiKey {
-    ApiKey {
-        id,
-        tier,
-        tenant,
-        label,
-        created_ms,
-        expires_ms,
-        revoked_ms,
     }
 }
 
