@@ -20,7 +20,7 @@ use dashcache::redis_conn::{RedisConn, Timeouts};
 use dashcache::store::Store;
 use dashcache::tier::Tiers;
 
-use crate::auth::MissSlots;
+use crate::missqueue::MissQueue;
 
 pub struct App {
     pub config: Config,
@@ -29,7 +29,8 @@ pub struct App {
     pub keys: Arc<KeyRing>,
     pub key_store: KeyStore,
     pub limiter: Arc<RateLimiter>,
-    pub misses: MissSlots,
+    /// Per-key turns at starting a computation (`max_concurrent_misses`).
+    pub misses: MissQueue,
     /// Recently prepared requests (see `query::prepare`).
     pub prepared: moka::sync::Cache<String, Arc<crate::query::Prepared>>,
     pub cache: Arc<Cache>,
@@ -74,7 +75,7 @@ impl App {
             openapi: crate::openapi::build(&catalog, &config.auth),
             popularity,
             limiter: RateLimiter::new(cache.clone(), &config.cache.key_prefix),
-            misses: MissSlots::default(),
+            misses: MissQueue::new(metrics.clone()),
             prepared: moka::sync::Cache::builder()
                 .max_capacity(10_000)
                 .time_to_live(dashcache::catalog::NOW_STEP)

@@ -6,10 +6,10 @@
 //! carries the `RateLimit-*` headers. The tenant used in queries is the key's,
 //! never anything in the URL.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use dashcache::keys::{ApiKey, KeyError};
+use dashcache::outcome::RateOutcome;
 use dashcache::ratelimit::Decision;
 use dashcache::tier::Tier;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
@@ -65,6 +65,11 @@ pub async fn authenticate<B>(app: &App, req: &Request<B>) -> Result<Caller, Resp
         .limiter
         .check(&key.id, &tier, now.timestamp_micros())
         .await;
+    app.metrics.rate_outcome(if rate.allowed {
+        RateOutcome::Allowed
+    } else {
+        RateOutcome::Limited
+    });
     if !rate.allowed {
         let mut response = reply::error(
             StatusCode::TOO_MANY_REQUESTS,
@@ -106,48 +111,4 @@ pub fn rate_headers(headers: &mut HeaderMap, rate: &Decision) {
     headers.insert("ratelimit-limit", HeaderValue::from(rate.limit));
     headers.insert("ratelimit-remaining", HeaderValue::from(rate.remaining));
     headers.insert("ratelimit-reset", HeaderValue::from(rate.reset_secs));
-}
-
-/// Per-key counts of requests waiting on ClickHouse in this process.
-#[derive(Default)]
-pub struct MissSlots {
-    busy: Mutex<HashMap<String, usize>>,
-}
-
-/// One taken slot, given back on drop.
-pub struct MissSlot<'a> {
-    slots: &'a MissSlots,
-    key: String,
-}
-
-impl MissSlots {
-    /// Takes a slot for `key_id` unless `max` are taken.
-    pub fn take(&self, key_id: &str, max: usize) -> Option<MissSlot<'_>> {
-        let mut busy = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
-        let count = busy.entry(key_id.to_owned()).or_insert(0);
-        if *count >= max {
-            return None;
-        }
-        *count += 1;
-        Some(MissSlot {
-            slots: self,
-            key: key_id.to_owned(),
-        })
-    }
-}
-
-impl Drop for MissSlot<'_> {
-    fn drop(&mut self) {
-        let mut busy = self
-            .slots
-            .busy
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(count) = busy.get_mut(&self.key) {
-            *count -= 1;
-            if *count == 0 {
-                busy.remove(&self.key);
-            }
-        }
-    }
 }

@@ -28,7 +28,8 @@ use dashcache::catalog::NOW_STEP;
 use dashcache::clickhouse::{Answer, ClickHouse, UpstreamError};
 use dashcache::encoding::{self, Encoding};
 use dashcache::format::Format;
-use dashcache::metrics::{Metrics, ResultLabels};
+use dashcache::metrics::Metrics;
+use dashcache::outcome::ExportOutcome;
 use dashcache::params::{Clock, RawParam};
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, StreamBody};
@@ -225,14 +226,14 @@ impl ExportStream {
                 self.metrics.export_bytes.inc_by(chunk.len() as u64);
                 Some(Ok(Frame::data(chunk)))
             }
-            Ok(None) => self.end("complete"),
+            Ok(None) => self.end(ExportOutcome::Complete),
             Err(err) => {
                 tracing::warn!(query_id = %self.kill.query_id, error = %err, "export failed mid-stream");
                 if self.format == Format::Ndjson {
-                    self.end::<()>("truncated");
+                    self.end::<()>(ExportOutcome::Truncated);
                     Some(Ok(Frame::data(error_line(&err))))
                 } else {
-                    self.end::<()>("failed");
+                    self.end::<()>(ExportOutcome::Failed);
                     Some(Err(BoxError::from(format!(
                         "export failed: {}",
                         err.kind()
@@ -242,13 +243,10 @@ impl ExportStream {
         }
     }
 
-    fn end<T>(&mut self, outcome: &'static str) -> Option<T> {
+    fn end<T>(&mut self, outcome: ExportOutcome) -> Option<T> {
         self.done = true;
         self.kill.disarm();
-        self.metrics
-            .exports_ended
-            .get_or_create(&ResultLabels { result: outcome })
-            .inc();
+        self.metrics.export_ended(outcome);
         None
     }
 }
@@ -256,12 +254,7 @@ impl ExportStream {
 impl Drop for ExportStream {
     fn drop(&mut self) {
         if !self.done {
-            self.metrics
-                .exports_ended
-                .get_or_create(&ResultLabels {
-                    result: "cancelled",
-                })
-                .inc();
+            self.metrics.export_ended(ExportOutcome::Cancelled);
         }
     }
 }

@@ -6,6 +6,7 @@ mod app;
 mod auth;
 mod export;
 mod keys;
+mod missqueue;
 mod openapi;
 mod query;
 mod reply;

@@ -23,6 +23,7 @@ use dashcache::encoding::{self, Encoding};
 use dashcache::fill::FillJob;
 use dashcache::format::Format;
 use dashcache::freshness::{self, Freshness};
+use dashcache::outcome::CacheStatus;
 use dashcache::params::{Bound, Clock, RawParam};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 
@@ -94,40 +95,44 @@ pub async fn handle<B>(
                 if refresh_early && refresh(app, key, &entry, job()) {
                     app.metrics.early_refreshes.inc();
                 }
-                app.metrics.cache_result("HIT");
-                return stored(app, &entry, "HIT", req.headers(), now_ms, &timing).await;
+                app.metrics.cache_result(CacheStatus::Hit);
+                return stored(
+                    app,
+                    &entry,
+                    CacheStatus::Hit,
+                    req.headers(),
+                    now_ms,
+                    &timing,
+                )
+                .await;
             }
             Freshness::Stale => {
                 refresh(app, key, &entry, job());
-                app.metrics.cache_result("STALE");
-                return stored(app, &entry, "STALE", req.headers(), now_ms, &timing).await;
+                app.metrics.cache_result(CacheStatus::Stale);
+                return stored(
+                    app,
+                    &entry,
+                    CacheStatus::Stale,
+                    req.headers(),
+                    now_ms,
+                    &timing,
+                )
+                .await;
             }
             Freshness::Expired => {}
         }
     }
 
-    let (subscriber, slot) = match app.coalescer.join(key, app.config.coalesce.max_waiters) {
+    let (subscriber, leader) = match app.coalescer.join(key, app.config.coalesce.max_waiters) {
         Role::Leader(producer, subscriber) => {
-            // Only requests that start a computation count against the key's
-            // concurrency limit; reading along costs ClickHouse nothing.
-            let Some(slot) = app
-                .misses
-                .take(&caller.key.id, caller.tier.max_concurrent_misses)
-            else {
-                drop(producer);
-                return reply::error(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "too_many_uncached",
-                    format!(
-                        "at most {} uncached queries per key at once for tier `{}`",
-                        caller.tier.max_concurrent_misses, caller.tier.name
-                    ),
-                );
-            };
-            app.filler.spawn(job(), producer);
-            (subscriber, Some(slot))
+            // Only requests that start a computation take a turn of the key's
+            // allowance (waiting in line when it is used up); reading along
+            // costs ClickHouse nothing.
+            let turn = app.misses.admit(&caller.key.id, &caller.tier);
+            app.filler.spawn_after(job(), producer, turn);
+            (subscriber, true)
         }
-        Role::Follower(subscriber) => (subscriber, None),
+        Role::Follower(subscriber) => (subscriber, false),
         Role::Overloaded => {
             return unavailable(
                 "too_many_waiters",
@@ -135,18 +140,16 @@ pub async fn handle<B>(
             );
         }
     };
-    let response = streamed(
+    streamed(
         app,
         query,
         subscriber,
-        slot.is_some(),
+        leader,
         format,
         req.headers(),
         &mut timing,
     )
-    .await;
-    drop(slot);
-    response
+    .await
 }
 
 /// A request reduced to what the cache needs: validated, bound, rendered, keyed.
@@ -238,7 +241,7 @@ fn refresh(app: &App, key: &CacheKey, entry: &Entry, mut job: FillJob) -> bool {
 async fn stored(
     app: &App,
     entry: &Entry,
-    cache: &'static str,
+    cache: CacheStatus,
     request: &HeaderMap,
     now_ms: i64,
     timing: &ServerTiming,
@@ -271,8 +274,9 @@ async fn stored(
             }
         }
     };
+    response.extensions_mut().insert(cache);
     let headers = response.headers_mut();
-    headers.insert("x-cache", HeaderValue::from_static(cache));
+    headers.insert("x-cache", HeaderValue::from_static(cache.as_str()));
     if let Ok(etag) = HeaderValue::from_str(&entry.header.etag) {
         headers.insert(header::ETAG, etag);
     }
@@ -333,9 +337,9 @@ async fn streamed(
     // Only the request that started the flight, in the process that ran the
     // query, is the MISS; everyone else read along.
     let cache = if leader && subscriber.computed_here() {
-        "MISS"
+        CacheStatus::Miss
     } else {
-        "COALESCED"
+        CacheStatus::Coalesced
     };
     let body = match first {
         Some(Ok(first)) => reply::stream(first, subscriber),
@@ -345,12 +349,13 @@ async fn streamed(
     app.metrics.cache_result(cache);
     let encoding = encoding::negotiate(accept_encoding(request), &[Encoding::Zstd, Encoding::Gzip]);
     let mut response = Response::new(reply::compressed(body, encoding));
+    response.extensions_mut().insert(cache);
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static(format.content_type()),
     );
-    headers.insert("x-cache", HeaderValue::from_static(cache));
+    headers.insert("x-cache", HeaderValue::from_static(cache.as_str()));
     cache_control(headers, query.ttl.as_secs() as i64);
     reply::set_encoding(headers, encoding);
     timing.write(headers);
@@ -421,5 +426,13 @@ fn upstream_error(err: &FlightError) -> Response<Body> {
             &format!("no answer within {}s", wait.as_secs()),
         ),
         FlightError::Aborted => unavailable("upstream_error", "the query ended without an answer"),
+        FlightError::OverCapacity(detail) => {
+            let mut response =
+                reply::error(StatusCode::TOO_MANY_REQUESTS, "too_many_uncached", detail);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(1u64));
+            response
+        }
     }
 }

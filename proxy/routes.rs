@@ -21,6 +21,7 @@ use crate::app::App;
 use crate::reply::{self, Body};
 use crate::{auth, export, query};
 use dashcache::format::Format;
+use dashcache::outcome::CacheStatus;
 
 pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
@@ -37,16 +38,12 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
         })
         .inc();
     let cache = response
-        .headers()
-        .get("x-cache")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-");
+        .extensions()
+        .get::<CacheStatus>()
+        .map_or("-", |status| status.as_str());
     app.metrics
         .http_duration
-        .get_or_create(&RouteLabels {
-            route,
-            cache: cache_label(cache),
-        })
+        .get_or_create(&RouteLabels { route, cache })
         .observe(started.elapsed().as_secs_f64());
     if route == "query" || route == "export" {
         let key = response
@@ -141,17 +138,6 @@ async fn route(app: &Arc<App>, req: &Request<Incoming>) -> (&'static str, Respon
 /// The API key id a response was made for (never the key), for the log line.
 #[derive(Clone)]
 struct KeyId(String);
-
-/// A fixed label value for the latency histogram.
-fn cache_label(cache: &str) -> &'static str {
-    match cache {
-        "HIT" => "HIT",
-        "STALE" => "STALE",
-        "MISS" => "MISS",
-        "COALESCED" => "COALESCED",
-        _ => "-",
-    }
-}
 
 /// `/readyz`: 200 when ClickHouse and Redis answer, else 503; the body names
 /// each dependency's state. (The config was loaded, or the process would not run.)

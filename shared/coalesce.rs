@@ -30,6 +30,10 @@ pub enum FlightError {
     Aborted,
     #[error("no answer from the process computing it within {0:?}")]
     WaitTimeout(std::time::Duration),
+    /// The computation never started: its caller is over its concurrency
+    /// allowance (the proxy's miss queue was full or its wait ran out).
+    #[error("{0}")]
+    OverCapacity(String),
 }
 
 /// The flights currently in the air, by cache key.

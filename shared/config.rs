@@ -296,6 +296,14 @@ pub struct TierConfig {
     /// Requests per key waiting on ClickHouse at once, per proxy process.
     #[serde(default = "default_concurrent_misses")]
     pub max_concurrent_misses: usize,
+    /// Requests of one key that may wait, in arrival order, for one of its
+    /// `max_concurrent_misses` slots (a dashboard loading many cold panels at
+    /// once); past that, 429.
+    #[serde(default = "default_miss_queue")]
+    pub miss_queue: usize,
+    /// How long a request waits in that queue before it gets 429.
+    #[serde(default = "default_miss_queue_wait", with = "humantime_serde")]
+    pub miss_queue_wait: Duration,
     /// Queries this tier may call (`"*"`: all).
     #[serde(default)]
     pub queries: Vec<String>,
@@ -318,6 +326,14 @@ pub struct TierConfig {
 
 fn default_concurrent_misses() -> usize {
     4
+}
+
+fn default_miss_queue() -> usize {
+    64
+}
+
+fn default_miss_queue_wait() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_export_duration() -> Duration {

@@ -21,11 +21,13 @@ use bytes::{Bytes, BytesMut};
 
 use crate::cache::{Cache, CacheKey, Entry, EntryHeader, LockOutcome};
 use crate::clickhouse::{ClickHouse, UpstreamError};
+use crate::clock::now_ms;
 use crate::coalesce::{FlightError, Producer};
 use crate::config::CoalesceConfig;
 use crate::encoding::{self, Encoding, STORE_THRESHOLD};
 use crate::format::Format;
-use crate::metrics::{Metrics, ResultLabels};
+use crate::metrics::Metrics;
+use crate::outcome::StoreOutcome;
 
 /// One answer to compute.
 #[derive(Debug, Clone)]
@@ -62,6 +64,30 @@ impl Filler {
     pub fn spawn(self: &Arc<Self>, job: FillJob, producer: Producer) {
         let filler = self.clone();
         tokio::spawn(async move { filler.run(job, producer).await });
+    }
+
+    /// Like [`Filler::spawn`], but the computation first waits for `turn`
+    /// (e.g. a slot of the caller's concurrency allowance), and holds what it
+    /// yields until the computation ends, so the allowance counts the whole
+    /// computation, not just the time to the first byte. If `turn` refuses,
+    /// the flight fails with that refusal and nothing is computed. The wait
+    /// happens in the detached task: the leading client leaving the queue does
+    /// not fail the requests reading along.
+    pub fn spawn_after<T, P>(self: &Arc<Self>, job: FillJob, mut producer: Producer, turn: T)
+    where
+        T: Future<Output = Result<P, FlightError>> + Send + 'static,
+        P: Send + 'static,
+    {
+        let filler = self.clone();
+        tokio::spawn(async move {
+            match turn.await {
+                Ok(held) => {
+                    filler.run(job, producer).await;
+                    drop(held);
+                }
+                Err(refused) => producer.fail(refused),
+            }
+        });
     }
 
     async fn run(&self, job: FillJob, mut producer: Producer) {
@@ -207,7 +233,7 @@ impl Filler {
         // again must find it in the cache.
         let outcome = if size > self.max_entry_bytes {
             tracing::debug!(query = %job.query, size, "answer too large to cache");
-            "too_large"
+            StoreOutcome::TooLarge
         } else {
             let mut body = BytesMut::with_capacity(size);
             for chunk in producer.chunks() {
@@ -219,15 +245,12 @@ impl Filler {
             let now = now_ms();
             let entry = Arc::new(new_entry(body, encoding, etag, job, compute, now));
             if self.cache.put(&job.key, entry, now).await {
-                "stored"
+                StoreOutcome::Stored
             } else {
-                "failed"
+                StoreOutcome::Failed
             }
         };
-        self.metrics
-            .cache_stores
-            .get_or_create(&ResultLabels { result: outcome })
-            .inc();
+        self.metrics.store_outcome(outcome);
         producer.complete();
         // The caller drops the producer, which lands the flight: later
         // requests read the cache.
@@ -295,10 +318,6 @@ fn new_entry(
 
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
-
-pub fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
 }
 
 /// An id unique across processes and restarts: ClickHouse query ids (to find

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+use crate::clock;
 use crate::store::{Store, StoreError};
 
 /// Every key starts with this, so leaked keys are easy to recognise and scan for.
@@ -197,11 +198,18 @@ impl KeyRing {
                 let _one = self.reloading.lock().await;
                 // A reload that started after we arrived has finished by now
                 // (reloads hold the lock) and saw every key minted before.
-                let last = self.on_demand_ms.load(Ordering::Relaxed);
-                if self.started.load(Ordering::Acquire) == arrived
-                    && now_ms - last >= ON_DEMAND_RELOAD_MS
-                {
-                    self.on_demand_ms.store(now_ms, Ordering::Relaxed);
+                if self.started.load(Ordering::Acquire) == arrived {
+                    // None has: run one, but no sooner than ON_DEMAND_RELOAD_MS
+                    // after the last on-demand one. The wait is bounded, and
+                    // everyone queued behind it is answered by that one reload,
+                    // so a flood of made-up keys costs the store at most ten
+                    // reads a second and never refuses a key minted a moment ago.
+                    let last = self.on_demand_ms.load(Ordering::Relaxed);
+                    let wait = last + ON_DEMAND_RELOAD_MS - clock::now_ms();
+                    if wait > 0 {
+                        tokio::time::sleep(Duration::from_millis(wait.unsigned_abs())).await;
+                    }
+                    self.on_demand_ms.store(clock::now_ms(), Ordering::Relaxed);
                     if let Err(err) = self.reload_locked(store).await {
                         tracing::warn!(error = %err, "cannot reload API keys");
                     }

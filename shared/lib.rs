@@ -10,6 +10,7 @@
 pub mod cache;
 pub mod catalog;
 pub mod clickhouse;
+pub mod clock;
 pub mod coalesce;
 pub mod config;
 pub mod encoding;
@@ -18,6 +19,7 @@ pub mod format;
 pub mod freshness;
 pub mod keys;
 pub mod metrics;
+pub mod outcome;
 pub mod params;
 pub mod popularity;
 pub mod ratelimit;

@@ -11,6 +11,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::outcome::{
+    CacheStatus, ExportOutcome, QueueOutcome, RateOutcome, StoreOutcome, UPSTREAM_ERROR_KINDS,
+};
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
     pub route: &'static str,
@@ -27,6 +31,11 @@ pub struct RouteLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -76,6 +85,13 @@ pub struct Metrics {
     pub exports_ended: Family<ResultLabels, Counter>,
     pub export_bytes: Counter,
     pub export_first_byte: Histogram,
+    /// Requests that had to start a computation, by how they got a slot
+    /// under their key's `max_concurrent_misses` (see [`QueueOutcome`]).
+    pub miss_queue: Family<OutcomeLabels, Counter>,
+    /// Requests waiting in a key's miss queue now.
+    pub miss_queue_waiting: Gauge,
+    /// Rate-limit decisions (allowed, limited).
+    pub rate_limit: Family<OutcomeLabels, Counter>,
     /// The scheduler's warm-up runs.
     pub warmup: WarmupMetrics,
 }
@@ -217,8 +233,29 @@ impl Metrics {
             "Queries moved to another replica because theirs could not be reached",
             clickhouse_failovers.clone(),
         );
+        let miss_queue = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "miss_queue",
+            "Requests that started a computation, by how they got a slot (immediate, queued, full, timed_out)",
+            miss_queue.clone(),
+        );
+        let miss_queue_waiting = Gauge::default();
+        registry.register(
+            "miss_queue_waiting",
+            "Requests waiting for a computation slot of their key",
+            miss_queue_waiting.clone(),
+        );
+        let rate_limit = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "rate_limit",
+            "Rate-limit decisions (allowed, limited)",
+            rate_limit.clone(),
+        );
         let warmup = WarmupMetrics::register(&mut registry);
-        Metrics {
+        let metrics = Metrics {
+            miss_queue,
+            miss_queue_waiting,
+            rate_limit,
             warmup,
             registry,
             http_requests,
@@ -242,13 +279,85 @@ impl Metrics {
             exports_ended,
             export_bytes,
             export_first_byte,
+        };
+        metrics.zero_known_series();
+        metrics
+    }
+
+    /// Creates every series whose label values are known in advance, at 0,
+    /// so that alerts and panels on them have data before the first event.
+    fn zero_known_series(&self) {
+        for status in CacheStatus::ALL {
+            let _ = self.cache_requests.get_or_create(&ResultLabels {
+                result: status.as_str(),
+            });
+        }
+        for outcome in StoreOutcome::ALL {
+            let _ = self.cache_stores.get_or_create(&ResultLabels {
+                result: outcome.as_str(),
+            });
+        }
+        for outcome in ExportOutcome::ALL {
+            let _ = self.exports_ended.get_or_create(&ResultLabels {
+                result: outcome.as_str(),
+            });
+        }
+        for kind in UPSTREAM_ERROR_KINDS {
+            let _ = self.clickhouse_errors.get_or_create(&KindLabels { kind });
+        }
+        for outcome in QueueOutcome::ALL {
+            let _ = self.miss_queue.get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
+            });
+        }
+        for outcome in RateOutcome::ALL {
+            let _ = self.rate_limit.get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
+            });
+        }
+        for result in ["ok", "rejected"] {
+            let _ = self.warmup.reloads.get_or_create(&ResultLabels { result });
         }
     }
 
-    /// Counts one cache result (`HIT`, `MISS`, `COALESCED`).
-    pub fn cache_result(&self, result: &'static str) {
+    /// Counts one cache result.
+    pub fn cache_result(&self, status: CacheStatus) {
         self.cache_requests
-            .get_or_create(&ResultLabels { result })
+            .get_or_create(&ResultLabels {
+                result: status.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn store_outcome(&self, outcome: StoreOutcome) {
+        self.cache_stores
+            .get_or_create(&ResultLabels {
+                result: outcome.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn export_ended(&self, outcome: ExportOutcome) {
+        self.exports_ended
+            .get_or_create(&ResultLabels {
+                result: outcome.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn queue_outcome(&self, outcome: QueueOutcome) {
+        self.miss_queue
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn rate_outcome(&self, outcome: RateOutcome) {
+        self.rate_limit
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
+            })
             .inc();
     }
 

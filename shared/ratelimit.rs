@@ -232,6 +232,8 @@ mod tests {
             requests_per_minute: per_minute,
             burst,
             max_concurrent_misses: 1,
+            miss_queue: 0,
+            miss_queue_wait: Duration::ZERO,
             queries: Allowed::All,
             exports: Allowed::All,
             export_max_rows: 0,

@@ -42,6 +42,9 @@ pub struct Tier {
     pub requests_per_minute: u32,
     pub burst: u32,
     pub max_concurrent_misses: usize,
+    /// Requests of one key that may wait for a miss slot, and for how long.
+    pub miss_queue: usize,
+    pub miss_queue_wait: Duration,
     pub queries: Allowed,
     pub exports: Allowed,
     pub export_max_rows: u64,
@@ -88,6 +91,8 @@ impl Tiers {
                     requests_per_minute: tier.requests_per_minute,
                     burst: tier.burst,
                     max_concurrent_misses: tier.max_concurrent_misses.max(1),
+                    miss_queue: tier.miss_queue,
+                    miss_queue_wait: tier.miss_queue_wait,
                     queries: Allowed::from_list(&tier.queries),
                     exports: Allowed::from_list(&tier.exports),
                     export_max_rows: tier.export_max_rows,

@@ -15,6 +15,7 @@
 //! tag). Every command and script here touches one key, so all of it works
 //! on Cluster.
 
+use crate::clock::now_ms;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::time::Duration;
@@ -246,8 +247,4 @@ fn lock_key(key: &CacheKey) -> String {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
-}
-
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
 }

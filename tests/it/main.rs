@@ -7,6 +7,7 @@
 mod harness;
 
 mod coalescing;
+mod dashboards;
 mod export;
 mod faults;
 mod freshness;

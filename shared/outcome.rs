@@ -1,0 +1,148 @@
+//! States that cross modules, as enums: where an answer came from, what
+//! happened to a computed answer, how a request fared in the miss queue.
+//!
+//! Each gives its header value, metric label and log field from one place
+//! ([`CacheStatus::as_str`] and friends), and lists every value (`ALL`) so
+//! that metrics can export each series at 0 from the start. This module is a
+//! leaf: it owns no behaviour and imports nothing of the crate.
+
+/// Where an answer came from: the `X-Cache` header, the `result` label of
+/// `dashcache_cache_requests_total` and the request log's `cache` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CacheStatus {
+    /// A fresh stored answer (in-process L1 or Redis).
+    Hit,
+    /// Past its TTL, within grace: served while one background refresh runs.
+    Stale,
+    /// This request started the computation, in this process.
+    Miss,
+    /// Read along with a computation another request started.
+    Coalesced,
+}
+
+impl CacheStatus {
+    pub const ALL: [CacheStatus; 4] = [
+        CacheStatus::Hit,
+        CacheStatus::Stale,
+        CacheStatus::Miss,
+        CacheStatus::Coalesced,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "HIT",
+            CacheStatus::Stale => "STALE",
+            CacheStatus::Miss => "MISS",
+            CacheStatus::Coalesced => "COALESCED",
+        }
+    }
+}
+
+/// What became of a computed answer: `dashcache_cache_stores_total{result}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StoreOutcome {
+    Stored,
+    /// Larger than `cache.max_entry_bytes`: served, not kept.
+    TooLarge,
+    /// Redis refused or did not answer in time.
+    Failed,
+}
+
+impl StoreOutcome {
+    pub const ALL: [StoreOutcome; 3] = [
+        StoreOutcome::Stored,
+        StoreOutcome::TooLarge,
+        StoreOutcome::Failed,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            StoreOutcome::Stored => "stored",
+            StoreOutcome::TooLarge => "too_large",
+            StoreOutcome::Failed => "failed",
+        }
+    }
+}
+
+/// How an export ended: `dashcache_exports_ended_total{result}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExportOutcome {
+    Complete,
+    /// The client left before the end.
+    Cancelled,
+    Failed,
+    /// Cut at the tier's row or byte limit.
+    Truncated,
+}
+
+impl ExportOutcome {
+    pub const ALL: [ExportOutcome; 4] = [
+        ExportOutcome::Complete,
+        ExportOutcome::Cancelled,
+        ExportOutcome::Failed,
+        ExportOutcome::Truncated,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ExportOutcome::Complete => "complete",
+            ExportOutcome::Cancelled => "cancelled",
+            ExportOutcome::Failed => "failed",
+            ExportOutcome::Truncated => "truncated",
+        }
+    }
+}
+
+/// How a request that had to start a computation got its turn under the
+/// key's `max_concurrent_misses`: `dashcache_miss_queue_total{outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QueueOutcome {
+    /// A slot was free.
+    Immediate,
+    /// Waited in line, then got a slot.
+    Queued,
+    /// The line was full: 429.
+    Full,
+    /// Waited `miss_queue_wait` without a slot: 429.
+    TimedOut,
+}
+
+impl QueueOutcome {
+    pub const ALL: [QueueOutcome; 4] = [
+        QueueOutcome::Immediate,
+        QueueOutcome::Queued,
+        QueueOutcome::Full,
+        QueueOutcome::TimedOut,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            QueueOutcome::Immediate => "immediate",
+            QueueOutcome::Queued => "queued",
+            QueueOutcome::Full => "full",
+            QueueOutcome::TimedOut => "timed_out",
+        }
+    }
+}
+
+/// A rate-limit decision: `dashcache_rate_limit_total{outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RateOutcome {
+    Allowed,
+    Limited,
+}
+
+impl RateOutcome {
+    pub const ALL: [RateOutcome; 2] = [RateOutcome::Allowed, RateOutcome::Limited];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RateOutcome::Allowed => "allowed",
+            RateOutcome::Limited => "limited",
+        }
+    }
+}
+
+/// Kinds of failed ClickHouse queries: `dashcache_clickhouse_errors_total{kind}`
+/// (the values of `UpstreamError::kind`).
+pub const UPSTREAM_ERROR_KINDS: [&str; 4] = ["connect", "status", "body", "timeout"];
