@@ -49,8 +49,9 @@ impl App {
         let catalog = Catalog::load(&config)?;
         let tiers = Tiers::load(&config)?;
         let metrics = Arc::new(Metrics::new());
+        crate::routes::Route::zero_series(&metrics);
         let cache = Arc::new(Cache::new(&config, metrics.clone(), true)?);
-        let store = Store::connect(&config.store.url).await?;
+        let store = Store::from_config(&config).await?;
         let key_store = KeyStore::new(store);
         let keys = Arc::new(KeyRing::default());
         let count = keys.reload(&key_store).await.context("loading API keys")?;

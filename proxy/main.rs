@@ -15,6 +15,7 @@ mod server;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -52,9 +53,20 @@ enum Command {
     Keys(keys::KeysCommand),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
+    // Start-up errors are one line naming the file, the setting and the fix.
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("dashcache-proxy: error: {}", telemetry::one_line(err.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     let config = dashcache::config::Config::load(&cli.config)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     match cli.command {

@@ -20,8 +20,70 @@ use hyper::body::Incoming;
 use crate::app::App;
 use crate::reply::{self, Body};
 use crate::{auth, export, query};
+use dashcache::config::{ProxyConfig, RequestLog};
 use dashcache::format::Format;
 use dashcache::outcome::CacheStatus;
+
+/// The routes, for metric labels and the log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Query,
+    Export,
+    OpenApi,
+    Healthz,
+    Readyz,
+    Metrics,
+    /// Anything else (404, 405).
+    Other,
+}
+
+impl Route {
+    pub const ALL: [Route; 7] = [
+        Route::Query,
+        Route::Export,
+        Route::OpenApi,
+        Route::Healthz,
+        Route::Readyz,
+        Route::Metrics,
+        Route::Other,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Route::Query => "query",
+            Route::Export => "export",
+            Route::OpenApi => "openapi",
+            Route::Healthz => "healthz",
+            Route::Readyz => "readyz",
+            Route::Metrics => "metrics",
+            Route::Other => "other",
+        }
+    }
+
+    /// The statuses this route answers with, so that each series of
+    /// `dashcache_http_requests_total` exists (at 0) from the start.
+    pub const fn statuses(self) -> &'static [u16] {
+        match self {
+            Route::Query => &[200, 304, 401, 403, 404, 422, 429, 500, 503],
+            Route::Export => &[200, 401, 403, 404, 413, 422, 429, 503],
+            Route::OpenApi | Route::Healthz | Route::Metrics => &[200, 401],
+            Route::Readyz => &[200, 401, 503],
+            Route::Other => &[404, 405],
+        }
+    }
+
+    /// Creates every (route, status) series at 0.
+    pub fn zero_series(metrics: &dashcache::metrics::Metrics) {
+        for route in Route::ALL {
+            for &status in route.statuses() {
+                let _ = metrics.http_requests.get_or_create(&HttpLabels {
+                    route: route.as_str(),
+                    status,
+                });
+            }
+        }
+    }
+}
 
 pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
@@ -33,7 +95,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
     app.metrics
         .http_requests
         .get_or_create(&HttpLabels {
-            route,
+            route: route.as_str(),
             status: status.as_u16(),
         })
         .inc();
@@ -43,16 +105,19 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
         .map_or("-", |status| status.as_str());
     app.metrics
         .http_duration
-        .get_or_create(&RouteLabels { route, cache })
+        .get_or_create(&RouteLabels {
+            route: route.as_str(),
+            cache,
+        })
         .observe(started.elapsed().as_secs_f64());
-    if route == "query" || route == "export" {
+    if matches!(route, Route::Query | Route::Export) && logged(&app.config.proxy, status) {
         let key = response
             .extensions()
             .get::<KeyId>()
             .map_or("-", |k| k.0.as_str());
         tracing::info!(
             method = %req.method(),
-            route,
+            route = route.as_str(),
             uri = %req.uri(),
             status = status.as_u16(),
             cache,
@@ -64,7 +129,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
     Ok(response)
 }
 
-async fn route(app: &Arc<App>, req: &Request<Incoming>) -> (&'static str, Response<Body>) {
+async fn route(app: &Arc<App>, req: &Request<Incoming>) -> (Route, Response<Body>) {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut response = reply::error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -74,19 +139,19 @@ async fn route(app: &Arc<App>, req: &Request<Incoming>) -> (&'static str, Respon
         response
             .headers_mut()
             .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-        return ("other", response);
+        return (Route::Other, response);
     }
     let path = req.uri().path();
     let api = if let Some(name) = path.strip_prefix("/v1/query/") {
-        Some(("query", name))
+        Some((Route::Query, name))
     } else {
         path.strip_prefix("/v1/export/")
-            .map(|name| ("export", name))
+            .map(|name| (Route::Export, name))
     };
     if let Some((route, name)) = api {
         let response = match auth::authenticate(app, req).await {
             Ok(caller) => {
-                let mut response = if route == "query" {
+                let mut response = if route == Route::Query {
                     query::handle(app, name, req, &caller).await
                 } else {
                     export::handle(app, name, req, &caller).await
@@ -102,27 +167,27 @@ async fn route(app: &Arc<App>, req: &Request<Incoming>) -> (&'static str, Respon
         return (route, response);
     }
     if path == "/openapi.json" {
-        return ("openapi", crate::openapi::response(&app.openapi));
+        return (Route::OpenApi, crate::openapi::response(&app.openapi));
     }
     let (route, protected) = match path {
-        "/healthz" => ("healthz", app.config.auth.protect_health),
-        "/readyz" => ("readyz", app.config.auth.protect_health),
-        "/metrics" => ("metrics", app.config.auth.protect_metrics),
+        "/healthz" => (Route::Healthz, app.config.auth.protect_health),
+        "/readyz" => (Route::Readyz, app.config.auth.protect_health),
+        "/metrics" => (Route::Metrics, app.config.auth.protect_metrics),
         _ => {
             let response = reply::error(
                 StatusCode::NOT_FOUND,
                 "not_found",
                 format!("no route for {path}"),
             );
-            return ("other", response);
+            return (Route::Other, response);
         }
     };
     if protected && let Err(response) = auth::authenticate(app, req).await {
         return (route, response);
     }
-    let response = if route == "healthz" {
+    let response = if route == Route::Healthz {
         reply::json(StatusCode::OK, &serde_json::json!({ "status": "ok" }))
-    } else if route == "readyz" {
+    } else if route == Route::Readyz {
         readiness(app).await
     } else {
         let mut response = Response::new(reply::full(app.metrics.render()));
@@ -133,6 +198,17 @@ async fn route(app: &Arc<App>, req: &Request<Incoming>) -> (&'static str, Respon
         response
     };
     (route, response)
+}
+
+/// Whether the request log takes a request that got `status`.
+fn logged(config: &ProxyConfig, status: StatusCode) -> bool {
+    let error = status.as_u16() >= 400;
+    match config.request_log {
+        RequestLog::Off => false,
+        RequestLog::Errors => error,
+        RequestLog::Sampled => error || rand::random::<f64>() < config.request_log_sample,
+        RequestLog::All => true,
+    }
 }
 
 /// The API key id a response was made for (never the key), for the log line.

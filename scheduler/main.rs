@@ -67,7 +67,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("dashcache-scheduler: error: {}", telemetry::one_line(err.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -86,13 +86,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::History { job, limit } => {
-            let store = Store::connect(&config.store.url).await?;
+            let store = Store::from_config(&config).await?;
             let runs = history::list(&store, job.as_deref(), limit).await?;
             print!("{}", history::table(&runs));
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { job } => {
-            let store = Store::connect(&config.store.url).await?;
+            let store = Store::from_config(&config).await?;
             let metrics = Arc::new(Metrics::new());
             let runner = runner::Runner::new(config, catalog, jobs, store, metrics)?;
             let Some(job) = runner.job(&job) else {
@@ -125,7 +125,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Serve => {
-            let store = Store::connect(&config.store.url).await?;
+            let store = Store::from_config(&config).await?;
             let metrics = Arc::new(Metrics::new());
             let runner =
                 runner::Runner::new(config, catalog, jobs, store.clone(), metrics.clone())?;

@@ -79,6 +79,11 @@ pub struct ProxyConfig {
     /// How long in-flight requests may run after SIGTERM before the process exits.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Which `/v1/*` requests get a log line (see [`RequestLog`]).
+    pub request_log: RequestLog,
+    /// With `request_log = "sampled"`: the share of successful requests
+    /// logged, 0.0 to 1.0 (errors are always logged).
+    pub request_log_sample: f64,
 }
 
 impl Default for ProxyConfig {
@@ -86,8 +91,26 @@ impl Default for ProxyConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             shutdown_grace: Duration::from_secs(30),
+            request_log: RequestLog::default(),
+            request_log_sample: 0.01,
         }
     }
+}
+
+/// The proxy's access log: one line per `/v1/*` request costs about a
+/// quarter of hot-hit throughput (BENCHMARKS.md), so production logs errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestLog {
+    /// No request lines (metrics still count every request).
+    Off,
+    /// Answers with status 400 and above (429s and 5xx included).
+    #[default]
+    Errors,
+    /// Errors, and `request_log_sample` of the rest.
+    Sampled,
+    /// Every request.
+    All,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -248,8 +271,9 @@ impl Default for CacheConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// `sqlite://PATH` (created if missing) or `postgres://…`;
-    /// `DASHCACHE_STORE_URL` overrides it.
+    /// `sqlite://PATH` (the file and its directory are created if missing; a
+    /// relative PATH is relative to the config file) or `postgres://…`;
+    /// `DASHCACHE_STORE_URL` overrides it (taken as it is).
     pub url: String,
 }
 
@@ -477,7 +501,10 @@ pub enum MaxSpan {
 
 impl Config {
     /// Reads and parses a config file; applies environment overrides for secrets.
+    /// Relative paths in the file (SQL templates, a SQLite control store)
+    /// resolve against the file's directory, wherever the process was started.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let path = &std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
@@ -494,6 +521,13 @@ impl Config {
             source: Box::new(source),
         })?;
         config.path = path.to_owned();
+        config.store.url = sqlite_url_against(&config.store.url, config.base_dir());
+        if !(0.0..=1.0).contains(&config.proxy.request_log_sample) {
+            return Err(config.invalid(format!(
+                "proxy.request_log_sample = {} must be between 0.0 and 1.0",
+                config.proxy.request_log_sample
+            )));
+        }
         Ok(config)
     }
 
@@ -527,9 +561,57 @@ impl Config {
     }
 }
 
+/// A `sqlite:` URL whose file path is relative, made absolute against `base`
+/// (the config file's directory); other URLs (and `:memory:`) as they are.
+pub fn sqlite_url_against(url: &str, base: &Path) -> String {
+    let Some(rest) = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+    else {
+        return url.to_owned();
+    };
+    let (file, options) = match rest.split_once('?') {
+        Some((file, options)) => (file, Some(options)),
+        None => (rest, None),
+    };
+    if file.is_empty() || file.starts_with(':') || Path::new(file).is_absolute() {
+        return url.to_owned();
+    }
+    let absolute = base.join(file);
+    match options {
+        Some(options) => format!("sqlite://{}?{options}", absolute.display()),
+        None => format!("sqlite://{}", absolute.display()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_relative_sqlite_store_resolves_against_the_config_file() {
+        let base = Path::new("/etc/dashcache");
+        assert_eq!(
+            sqlite_url_against("sqlite://.services/control.db", base),
+            "sqlite:///etc/dashcache/.services/control.db"
+        );
+        assert_eq!(
+            sqlite_url_against("sqlite:c.db?mode=rwc", base),
+            "sqlite:///etc/dashcache/c.db?mode=rwc"
+        );
+        for unchanged in [
+            "sqlite:///var/lib/dashcache/control.db",
+            "sqlite::memory:",
+            "postgres://u@h/db",
+        ] {
+            assert_eq!(sqlite_url_against(unchanged, base), unchanged);
+        }
+        let config = Config::parse("", Path::new("/srv/dc/config.toml")).unwrap();
+        assert_eq!(
+            config.store.url,
+            "sqlite:///srv/dc/dashcache-control.db"
+        );
+    }
 
     #[test]
     fn unknown_keys_are_errors_naming_the_key_and_line() {

@@ -8,6 +8,8 @@
 
 use std::str::FromStr;
 
+use crate::config::Config;
+
 use sqlx::AnyPool;
 use sqlx::any::AnyPoolOptions;
 
@@ -15,6 +17,20 @@ use sqlx::any::AnyPoolOptions;
 pub enum StoreError {
     #[error("control store {url}: {source}")]
     Connect { url: String, source: sqlx::Error },
+    #[error("control store {url}: cannot create the directory {dir}: {source}")]
+    Directory {
+        url: String,
+        dir: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "{source} (store.url in {}: point it at a writable location, or a postgres:// URL)",
+        file.display()
+    )]
+    Configured {
+        file: std::path::PathBuf,
+        source: Box<StoreError>,
+    },
     #[error("control store migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("control store: {0}")]
@@ -28,6 +44,16 @@ pub struct Store {
 }
 
 impl Store {
+    /// Connects the store `config` names; an error names the file and setting.
+    pub async fn from_config(config: &Config) -> Result<Store, StoreError> {
+        Store::connect(&config.store.url)
+            .await
+            .map_err(|source| StoreError::Configured {
+                file: config.path.clone(),
+                source: Box::new(source),
+            })
+    }
+
     /// Connects to `url` (creating a SQLite file if missing) and migrates it.
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
         sqlx::any::install_default_drivers();
@@ -36,6 +62,13 @@ impl Store {
             source,
         };
         let pool = if url.starts_with("sqlite:") {
+            if let Some(dir) = sqlite_dir(url) {
+                std::fs::create_dir_all(&dir).map_err(|source| StoreError::Directory {
+                    url: redact(url),
+                    dir: dir.display().to_string(),
+                    source,
+                })?;
+            }
             // The Any driver cannot pass SQLite options: build a SQLite pool
             // first so the file is created (WAL), then reopen it through Any.
             let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)
@@ -72,6 +105,21 @@ impl Store {
     pub fn pool(&self) -> &AnyPool {
         &self.pool
     }
+}
+
+/// The directory of a SQLite URL's file, if it names one.
+fn sqlite_dir(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let file = rest.split('?').next().unwrap_or(rest);
+    if file.is_empty() || file.starts_with(':') {
+        return None;
+    }
+    std::path::Path::new(file)
+        .parent()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .map(|dir| dir.to_owned())
 }
 
 /// The URL without its password, for messages.

@@ -16,4 +16,5 @@ mod query;
 mod scale;
 mod scheduler;
 mod service;
+mod startup;
 mod tenancy;
