@@ -60,7 +60,10 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("dashcache-proxy: error: {}", telemetry::one_line(err.as_ref()));
+            eprintln!(
+                "dashcache-proxy: error: {}",
+                telemetry::one_line(err.as_ref())
+            );
             ExitCode::FAILURE
         }
     }

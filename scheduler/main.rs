@@ -67,7 +67,10 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("dashcache-scheduler: error: {}", telemetry::one_line(err.as_ref()));
+            eprintln!(
+                "dashcache-scheduler: error: {}",
+                telemetry::one_line(err.as_ref())
+            );
             ExitCode::FAILURE
         }
     }

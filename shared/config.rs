@@ -607,10 +607,7 @@ mod tests {
             assert_eq!(sqlite_url_against(unchanged, base), unchanged);
         }
         let config = Config::parse("", Path::new("/srv/dc/config.toml")).unwrap();
-        assert_eq!(
-            config.store.url,
-            "sqlite:///srv/dc/dashcache-control.db"
-        );
+        assert_eq!(config.store.url, "sqlite:///srv/dc/dashcache-control.db");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 -- per tenant: revenue by hour from the hourly rollup: hours starting in [from, to).
 SELECT
     hour AS t,
-    sumMerge(revenue) AS revenue,
+    round(sumMerge(revenue), 2) AS revenue,  -- Float64 sums drift: money to cents
     countMerge(events) AS events,
     uniqMerge(users) AS users
 FROM demo.events_hourly

@@ -1,7 +1,7 @@
 -- per tenant: revenue by minute, straight from the raw events (ranges up to a day).
 SELECT
     toStartOfMinute(ts) AS t,
-    sum(revenue) AS revenue,
+    round(sum(revenue), 2) AS revenue,  -- Float64 sums drift: money to cents
     count() AS events,
     uniq(user_id) AS users
 FROM demo.events

@@ -1,7 +1,7 @@
 -- per tenant: countries by revenue over the days starting in [from, to).
 SELECT
     country,
-    sumMerge(revenue) AS revenue,
+    round(sumMerge(revenue), 2) AS revenue,  -- Float64 sums drift: money to cents
     countMerge(events) AS events,
     uniqMerge(users) AS users
 FROM demo.events_daily

@@ -35,8 +35,9 @@ fn assert_same_numbers(ours: &[Value], direct: &[Value]) {
             a["revenue"].as_f64().unwrap(),
             b["revenue"].as_f64().unwrap(),
         );
+        // Answers carry money rounded to cents.
         assert!(
-            (x - y).abs() <= 1e-9 * y.abs().max(1.0),
+            (x - y).abs() <= 0.005 + 1e-9 * y.abs().max(1.0),
             "revenue at {}: {x} vs {y}",
             a["t"]
         );
@@ -256,4 +257,58 @@ async fn unknown_queries_and_routes_are_json_404s() {
         metrics.contains("dashcache_http_requests_total{route=\"query\",status=\"404\"} 1"),
         "{metrics}"
     );
+}
+
+/// Money comes out as a person writes it: at most two decimals, in every format.
+#[tokio::test]
+async fn revenue_has_at_most_two_decimals_in_every_format() {
+    let proxy = Proxy::start().await;
+    let two_decimals = |value: &str| {
+        let value = value.trim().trim_matches('"');
+        assert!(value.parse::<f64>().is_ok(), "not a number: {value}");
+        value.split_once('.').is_none_or(|(_, d)| d.len() <= 2)
+    };
+    for query in [
+        "revenue?from=today-30d&to=today&granularity=day",
+        "revenue?from=today-2d&to=today&granularity=hour",
+        "revenue?from=today-1d&to=today&granularity=minute",
+        "revenue?from=today-90d&to=today&granularity=month",
+        "top_countries?from=today-30d&to=today&limit=10",
+    ] {
+        for format in ["json", "ndjson", "csv", "tsv"] {
+            let reply = proxy
+                .get(&format!("/v1/query/{query}&format={format}"))
+                .await;
+            assert_eq!(reply.status, 200, "{query} {format}: {}", reply.text());
+            let text = reply.text();
+            let values: Vec<String> = match format {
+                "json" => reply.json()["data"]
+                    .as_array()
+                    .expect("data")
+                    .iter()
+                    .map(|row| row["revenue"].to_string())
+                    .collect(),
+                "ndjson" => rows(&text)
+                    .iter()
+                    .map(|row| row["revenue"].to_string())
+                    .collect(),
+                _ => {
+                    let sep = if format == "csv" { ',' } else { '\t' };
+                    let mut lines = text.lines();
+                    let header: Vec<&str> = lines.next().expect("header").split(sep).collect();
+                    let at = header
+                        .iter()
+                        .position(|h| h.trim_matches('"') == "revenue")
+                        .expect("a revenue column");
+                    lines
+                        .map(|l| l.split(sep).nth(at).expect("column").to_owned())
+                        .collect()
+                }
+            };
+            assert!(!values.is_empty(), "{query} {format}: no rows");
+            for value in values {
+                assert!(two_decimals(&value), "{query} {format}: revenue {value}");
+            }
+        }
+    }
 }

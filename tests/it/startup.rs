@@ -52,7 +52,10 @@ async fn the_shipped_config_works_from_any_directory_without_a_services_dir() {
     let base = format!("http://127.0.0.1:{port}");
     let mut healthy = false;
     for _ in 0..200 {
-        if get(&format!("{base}/healthz")).await.is_ok_and(|r| r.status == 200) {
+        if get(&format!("{base}/healthz"))
+            .await
+            .is_ok_and(|r| r.status == 200)
+        {
             healthy = true;
             break;
         }
