@@ -79,7 +79,7 @@ impl App {
             misses: MissQueue::new(metrics.clone()),
             prepared: moka::sync::Cache::builder()
                 .max_capacity(10_000)
-                .time_to_live(dashcache::catalog::NOW_STEP)
+                .time_to_live(config.cache.now_step)
                 .build(),
             catalog,
             tiers,

@@ -24,13 +24,12 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use chrono::Utc;
-use dashcache::catalog::NOW_STEP;
 use dashcache::clickhouse::{Answer, ClickHouse, UpstreamError};
 use dashcache::encoding::{self, Encoding};
 use dashcache::format::Format;
 use dashcache::metrics::Metrics;
 use dashcache::outcome::ExportOutcome;
-use dashcache::params::{Clock, RawParam};
+use dashcache::params::RawParam;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
@@ -71,10 +70,7 @@ pub async fn handle<B>(
                 .and_then(Format::from_accept)
         })
         .unwrap_or(Format::Ndjson);
-    let clock = Clock {
-        now: Utc::now(),
-        now_step: NOW_STEP,
-    };
+    let clock = export.clock(Utc::now());
     let bound = match export.bind(&params, &clock, Some(&caller.key.tenant)) {
         Ok(bound) if problems.is_empty() => bound,
         Ok(_) => return reply::invalid(&problems),

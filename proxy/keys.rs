@@ -32,7 +32,7 @@ pub enum KeysCommand {
 }
 
 pub async fn run(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
-    let store = Store::from_config(&config).await?;
+    let store = Store::from_config(config).await?;
     let keys = KeyStore::new(store);
     match command {
         KeysCommand::Add {

@@ -16,7 +16,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use chrono::Utc;
 use dashcache::cache::{CacheKey, Entry};
-use dashcache::catalog::{NOW_STEP, QueryDef};
+use dashcache::catalog::{Asked, QueryDef, TimeRange};
 use dashcache::clickhouse::UpstreamError;
 use dashcache::coalesce::{FlightError, Role, Subscriber};
 use dashcache::encoding::{self, Encoding};
@@ -24,7 +24,7 @@ use dashcache::fill::FillJob;
 use dashcache::format::Format;
 use dashcache::freshness::{self, Freshness};
 use dashcache::outcome::CacheStatus;
-use dashcache::params::{Bound, Clock, RawParam};
+use dashcache::params::{Bound, RawParam};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 
 use crate::app::App;
@@ -62,6 +62,8 @@ pub async fn handle<B>(
         sql,
         bound,
         format,
+        range,
+        asked,
     } = &*prepared;
     let format = *format;
     app.popularity
@@ -70,6 +72,8 @@ pub async fn handle<B>(
         key: key.clone(),
         query: name.to_owned(),
         sql: sql.clone(),
+        range: *range,
+        asked: asked.clone(),
         format,
         ttl: query.ttl,
         grace: query.grace,
@@ -145,7 +149,7 @@ pub async fn handle<B>(
         query,
         subscriber,
         leader,
-        format,
+        &prepared,
         req.headers(),
         &mut timing,
     )
@@ -158,6 +162,10 @@ pub struct Prepared {
     sql: String,
     bound: Bound,
     format: Format,
+    /// The absolute range `sql` reads.
+    range: Option<TimeRange>,
+    /// Set when the request is relative to the clock: refreshes resolve it again.
+    asked: Option<Arc<Asked>>,
 }
 
 /// Validates, binds, renders and keys a request, or says why not (422/500).
@@ -167,12 +175,12 @@ pub struct Prepared {
 /// dashboard request skips parsing, binding, rendering and hashing.
 fn prepare(
     app: &App,
-    query: &QueryDef,
+    query: &Arc<QueryDef>,
     raw_query: &str,
     tenant: Option<&str>,
     now: chrono::DateTime<Utc>,
 ) -> Result<Arc<Prepared>, Box<Response<Body>>> {
-    let step = NOW_STEP.as_secs().max(1) as i64;
+    let step = query.now_step.as_secs().max(1) as i64;
     let memo = format!(
         "{}\u{0}{}\u{0}{}\u{0}{raw_query}",
         query.name,
@@ -185,10 +193,7 @@ fn prepare(
     let raw: Vec<RawParam> = form_urlencoded::parse(raw_query.as_bytes()).collect();
     let (format, params, mut problems) = Format::split_param(raw, &Format::ALL);
     let format = format.unwrap_or(Format::Json);
-    let clock = Clock {
-        now,
-        now_step: NOW_STEP,
-    };
+    let clock = query.clock(now);
     let bound = match query.bind(&params, &clock, tenant) {
         Ok(bound) if problems.is_empty() => bound,
         Ok(_) => return Err(Box::new(reply::invalid(&problems))),
@@ -205,16 +210,15 @@ fn prepare(
             "query template error",
         ))
     })?;
-    let key = CacheKey::new(
-        &app.config.cache.key_prefix,
-        &query.name,
-        query.key_tenant(tenant),
-        format,
-        &sql,
-    );
+    let key = query.cache_key(&app.config.cache.key_prefix, tenant, format, &bound);
+    let asked = bound
+        .is_relative()
+        .then(|| Arc::new(Asked::new(query, &bound, tenant)));
     let prepared = Arc::new(Prepared {
         key,
         sql,
+        range: query.range_of(&bound),
+        asked,
         bound,
         format,
     });
@@ -284,6 +288,7 @@ async fn stored(
         headers.insert(header::CONTENT_TYPE, content_type);
     }
     headers.insert(header::AGE, HeaderValue::from(age));
+    time_range(headers, entry.header.range);
     cache_control(headers, max_age);
     reply::set_encoding(headers, sent_encoding);
     timing.write(headers);
@@ -323,7 +328,7 @@ async fn streamed(
     query: &QueryDef,
     mut subscriber: Subscriber,
     leader: bool,
-    format: Format,
+    prepared: &Prepared,
     request: &HeaderMap,
     timing: &mut ServerTiming,
 ) -> Response<Body> {
@@ -353,13 +358,24 @@ async fn streamed(
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static(format.content_type()),
+        HeaderValue::from_static(prepared.format.content_type()),
     );
     headers.insert("x-cache", HeaderValue::from_static(cache.as_str()));
+    time_range(headers, prepared.range);
     cache_control(headers, query.ttl.as_secs() as i64);
     reply::set_encoding(headers, encoding);
     timing.write(headers);
     response
+}
+
+/// `X-Time-Range`: the absolute range `[from, to)` the answer covers (a
+/// relative request's moves with each refresh).
+fn time_range(headers: &mut HeaderMap, range: Option<TimeRange>) {
+    if let Some(range) = range
+        && let Ok(value) = HeaderValue::from_str(&range.header_value())
+    {
+        headers.insert("x-time-range", value);
+    }
 }
 
 /// Answers are per tenant: browsers may keep them, shared caches may not.

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use dashcache::cache::Cache;
-use dashcache::catalog::{Catalog, NOW_STEP};
+use dashcache::catalog::Catalog;
 use dashcache::clickhouse::ClickHouse;
 use dashcache::clock::now_ms;
 use dashcache::coalesce::{Coalescer, Role, Subscriber};
@@ -395,7 +395,7 @@ impl Runner {
         let prefix = &self.config.cache.key_prefix;
         let clock = Clock {
             now: Utc::now(),
-            now_step: NOW_STEP,
+            now_step: self.config.cache.now_step,
         };
         match job.kind {
             JobKind::Query { .. } => job.targets(prefix, &clock),
@@ -466,6 +466,8 @@ impl Runner {
             key: target.key.clone(),
             query: target.query.name.clone(),
             sql: target.sql.clone(),
+            range: target.range,
+            asked: target.asked.clone(),
             format: target.format,
             ttl: target.query.ttl,
             grace: target.query.grace,

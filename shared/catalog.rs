@@ -11,11 +11,16 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sha2::{Digest, Sha256};
+
+use crate::cache::CacheKey;
 use crate::config::{Config, ConfigError, MaxSpan, ParamType, QueryConfig};
+use crate::format::Format;
 use crate::params::{Bound, Clock, ParamDef, Problem, RawParam, Value};
 use crate::sql::Template;
+pub use crate::timeexpr::TimeRange;
 
-/// How far `now` is rounded down, so relative requests share cache keys.
+/// How far `now` is rounded down by default (`cache.now_step`).
 pub const NOW_STEP: Duration = Duration::from_secs(60);
 
 /// Parameter names the proxy itself reads; queries cannot declare them.
@@ -47,6 +52,67 @@ pub struct QueryDef {
     /// the tenant is part of the cache key.
     pub tenant_scoped: bool,
     templates: Templates,
+    /// The rounding of `now` (`cache.now_step`).
+    pub now_step: Duration,
+    /// Hash of every template's text: part of each cache key, so an
+    /// operator's SQL edit starts new keys instead of serving the old SQL's answers.
+    fingerprint: String,
+}
+
+/// A validated request as it was asked: relative times kept relative, so it
+/// can be resolved again whenever its answer is (re)computed.
+#[derive(Debug, Clone)]
+pub struct Asked {
+    pub query: Arc<QueryDef>,
+    /// The canonical asked parameters (see [`Bound::asked_query`]).
+    pub params: Vec<(String, String)>,
+    pub tenant: Option<String>,
+}
+
+/// A request resolved at one instant: the SQL to run and the range it reads.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub sql: String,
+    pub range: Option<TimeRange>,
+}
+
+impl Asked {
+    pub fn new(query: &Arc<QueryDef>, bound: &Bound, tenant: Option<&str>) -> Asked {
+        let asked = bound.asked_query();
+        Asked {
+            query: query.clone(),
+            params: form_urlencoded::parse(asked.as_bytes())
+                .map(|(n, v)| (n.into_owned(), v.into_owned()))
+                .collect(),
+            tenant: tenant.map(str::to_owned),
+        }
+    }
+
+    /// Binds and renders the request at `now`, exactly as a request arriving
+    /// then would be. A range that has grown too wide since (`from=2026-01-01&to=now`)
+    /// fails here like it would for that request.
+    pub fn resolve(&self, now: chrono::DateTime<chrono::Utc>) -> Result<Resolved, String> {
+        let raw: Vec<RawParam> = self
+            .params
+            .iter()
+            .map(|(n, v)| (n.as_str().into(), v.as_str().into()))
+            .collect();
+        let clock = self.query.clock(now);
+        let bound = self
+            .query
+            .bind(&raw, &clock, self.tenant.as_deref())
+            .map_err(|problems| {
+                problems
+                    .iter()
+                    .map(|p| format!("{}: {}", p.loc[1], p.msg))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            })?;
+        Ok(Resolved {
+            sql: self.query.render(&bound)?,
+            range: self.query.range_of(&bound),
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -193,7 +259,14 @@ impl QueryDef {
             }
         };
 
+        let mut hash = Sha256::new();
+        for template in templates.all() {
+            template.hash_into(&mut hash);
+        }
+        let fingerprint = hex::encode(&hash.finalize()[..16]);
         Ok(QueryDef {
+            fingerprint,
+            now_step: file.cache.now_step,
             name: name.to_owned(),
             description: config.description.clone(),
             ttl: config.ttl.unwrap_or(file.cache.default_ttl),
@@ -242,7 +315,10 @@ impl QueryDef {
             let raw = raw.filter(|v| !v.is_empty()).or(param.default.as_deref());
             let value = match raw {
                 Some(raw) => match param.parse(raw, clock) {
-                    Ok(value) => value,
+                    Ok(value) => {
+                        bound.push_relative(&param.name, value, param.relative_form(raw));
+                        continue;
+                    }
                     Err(problem) => {
                         problems.push(problem);
                         continue;
@@ -276,6 +352,47 @@ impl QueryDef {
             Ok(bound)
         } else {
             Err(problems)
+        }
+    }
+
+    /// The clock a request arriving at `now` is bound against.
+    pub fn clock(&self, now: chrono::DateTime<chrono::Utc>) -> Clock {
+        Clock {
+            now,
+            now_step: self.now_step,
+        }
+    }
+
+    /// The cache key of a bound request's answer: the query, its templates,
+    /// the tenant (for per-tenant queries), the format and the request as
+    /// asked — so a relative range (`from=now-7d`) keeps one key, whose
+    /// answer is refreshed, instead of a new key every minute.
+    pub fn cache_key(
+        &self,
+        prefix: &str,
+        tenant: Option<&str>,
+        format: Format,
+        bound: &Bound,
+    ) -> CacheKey {
+        let identity = format!("{}\n{}", self.fingerprint, bound.asked_query());
+        CacheKey::new(
+            prefix,
+            &self.name,
+            self.key_tenant(tenant),
+            format,
+            &identity,
+        )
+    }
+
+    /// The absolute range a bound request reads, if the query has a range rule.
+    pub fn range_of(&self, bound: &Bound) -> Option<TimeRange> {
+        let range = self.range.as_ref()?;
+        match (bound.get(&range.from), bound.get(&range.to)) {
+            (Some(Value::Time(from)), Some(Value::Time(to))) => Some(TimeRange {
+                from: *from,
+                to: *to,
+            }),
+            _ => None,
         }
     }
 

@@ -246,6 +246,10 @@ pub struct CacheConfig {
     pub default_grace: Duration,
     /// XFetch's beta: above 1 refreshes earlier, below 1 later, 0 never early.
     pub xfetch_beta: f64,
+    /// `now` in relative times (`now-7d`) is rounded down to this step when a
+    /// request or refresh resolves it (so the range an answer states is whole minutes).
+    #[serde(with = "humantime_serde")]
+    pub now_step: Duration,
     /// In-process cache in front of Redis: total body bytes (0 disables it).
     pub l1_max_bytes: u64,
     /// How long an answer stays in the in-process cache (never past its freshness).
@@ -261,6 +265,7 @@ impl Default for CacheConfig {
             default_ttl: Duration::from_secs(300),
             default_grace: Duration::from_secs(3600),
             xfetch_beta: 1.0,
+            now_step: crate::catalog::NOW_STEP,
             l1_max_bytes: 64 << 20,
             l1_ttl: Duration::from_secs(2),
         }

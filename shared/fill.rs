@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use crate::cache::{Cache, CacheKey, Entry, EntryHeader, LockOutcome};
+use crate::catalog::{Asked, TimeRange};
 use crate::clickhouse::{ClickHouse, UpstreamError};
 use crate::clock::now_ms;
 use crate::coalesce::{FlightError, Producer};
@@ -34,7 +35,14 @@ use crate::outcome::StoreOutcome;
 pub struct FillJob {
     pub key: CacheKey,
     pub query: String,
+    /// The SQL as resolved when the job was made.
     pub sql: String,
+    /// The time range that SQL reads (stored with the answer).
+    pub range: Option<TimeRange>,
+    /// For a request asked relative to the clock (`now-7d`): resolved again
+    /// when a refresh computes it, so the refreshed answer covers the range
+    /// as of then while its cache key stays the same.
+    pub asked: Option<Arc<Asked>>,
     pub format: Format,
     pub ttl: Duration,
     pub grace: Duration,
@@ -90,7 +98,22 @@ impl Filler {
         });
     }
 
-    async fn run(&self, job: FillJob, mut producer: Producer) {
+    async fn run(&self, mut job: FillJob, mut producer: Producer) {
+        if job.replaces.is_some()
+            && let Some(asked) = &job.asked
+        {
+            match asked.resolve(chrono::Utc::now()) {
+                Ok(resolved) => {
+                    job.sql = resolved.sql;
+                    job.range = resolved.range;
+                }
+                Err(msg) => {
+                    tracing::warn!(key = %job.key, "a relative request no longer resolves: {msg}");
+                    producer.fail(FlightError::Aborted);
+                    return;
+                }
+            }
+        }
         let token = unique_id();
         let redis = self.cache.redis();
         let deadline = Instant::now() + self.coalesce.wait_timeout;
@@ -310,6 +333,7 @@ fn new_entry(
             etag,
             content_type: job.format.content_type().to_owned(),
             encoding: encoding.token().into(),
+            range: job.range,
         },
         body,
         identity: Default::default(),

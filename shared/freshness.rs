@@ -75,6 +75,7 @@ mod tests {
             etag: String::new(),
             content_type: String::new(),
             encoding: "identity".into(),
+            range: None,
         }
     }
 

@@ -259,6 +259,19 @@ impl ParamDef {
             .unwrap_or("")
     }
 
+    /// For a relative time (`now-7d`), its canonical text: the request as
+    /// asked, kept in cache keys instead of the instant it resolves to now.
+    /// `None` for every other value (lists of times are kept resolved).
+    pub fn relative_form(&self, raw: &str) -> Option<String> {
+        if self.kind != ParamType::Time || self.list {
+            return None;
+        }
+        timeexpr::TimeExpr::parse(raw)
+            .ok()
+            .filter(|expr| expr.is_relative())
+            .map(|expr| expr.canonical())
+    }
+
     /// The value an absent parameter takes.
     pub fn absent(&self) -> Value {
         match (self.list, self.kind) {
@@ -276,15 +289,32 @@ impl ParamDef {
 /// A query's parameters after validation, defaults and relative-time resolution.
 ///
 /// Values are in declaration order (parameter names sorted), so the same
-/// request always binds to the same `Bound`.
+/// request always binds to the same `Bound`. A relative time keeps its
+/// canonical text next to the instant it resolved to, so the request can be
+/// told as asked ([`Bound::asked_query`]) as well as resolved.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Bound {
     values: Vec<(String, Value)>,
+    /// Canonical relative forms, by parameter name.
+    relative: Vec<(String, String)>,
 }
 
 impl Bound {
     pub fn push(&mut self, name: &str, value: Value) {
         self.values.push((name.to_owned(), value));
+    }
+
+    /// Like [`Bound::push`], for a value that was asked as a relative time.
+    pub fn push_relative(&mut self, name: &str, value: Value, relative: Option<String>) {
+        if let Some(relative) = relative {
+            self.relative.push((name.to_owned(), relative));
+        }
+        self.push(name, value);
+    }
+
+    /// Whether any value was asked relative to the clock.
+    pub fn is_relative(&self) -> bool {
+        !self.relative.is_empty()
     }
 
     pub fn get(&self, name: &str) -> Option<&Value> {
@@ -298,17 +328,26 @@ impl Bound {
         self.values.iter().map(|(n, v)| (n.as_str(), v))
     }
 
-    /// The canonical query string (`from=…&granularity=day`): absent values
-    /// left out, times absolute. Binding it again gives the same `Bound`.
-    pub fn canonical_query(&self) -> String {
+    /// The request as asked, in canonical form (`from=now-7d&granularity=day`):
+    /// absent values and the tenant left out (it comes from the API key, and
+    /// cache keys carry it on their own), relative times in their canonical
+    /// text, everything else resolved. Binding it again at any time gives a
+    /// `Bound` with the same asked query, which is what cache keys and
+    /// popularity are made of.
+    pub fn asked_query(&self) -> String {
         let mut out = form_urlencoded::Serializer::new(String::new());
         for (name, value) in self.iter() {
-            if !matches!(value, Value::Null)
-                && !matches!(value, Value::StrList(v) if v.is_empty())
-                && !matches!(value, Value::IntList(v) if v.is_empty())
+            if name == crate::catalog::TENANT
+                || matches!(value, Value::Null)
+                || matches!(value, Value::StrList(v) if v.is_empty())
+                || matches!(value, Value::IntList(v) if v.is_empty())
             {
-                out.append_pair(name, &value.canonical());
+                continue;
             }
+            match self.relative.iter().find(|(n, _)| n == name) {
+                Some((_, relative)) => out.append_pair(name, relative),
+                None => out.append_pair(name, &value.canonical()),
+            };
         }
         out.finish()
     }
@@ -393,14 +432,23 @@ mod tests {
     }
 
     #[test]
-    fn canonical_query_leaves_out_absent_values() {
+    fn asked_query_leaves_out_absent_values_and_keeps_relative_times() {
         let mut bound = Bound::default();
         bound.push("country", Value::StrList(vec!["DE".into(), "FR".into()]));
         bound.push("from", Value::Time(0));
         bound.push("plan", Value::Null);
+        bound.push(crate::catalog::TENANT, Value::Str("acme".into()));
+        assert!(!bound.is_relative());
         assert_eq!(
-            bound.canonical_query(),
+            bound.asked_query(),
             "country=DE%2CFR&from=1970-01-01T00%3A00%3A00Z"
         );
+        let p = def("type = 'time'");
+        let mut bound = Bound::default();
+        let value = p.parse("now-168h", &clock()).unwrap();
+        bound.push_relative("from", value, p.relative_form("now-168h"));
+        assert!(bound.is_relative());
+        assert_eq!(bound.asked_query(), "from=now-7d");
+        assert_eq!(p.relative_form("2024-01-01"), None);
     }
 }

@@ -20,9 +20,8 @@ use redis::aio::ConnectionLike;
 use serde::Deserialize;
 
 use crate::cache::CacheKey;
-use crate::catalog::TENANT;
 use crate::format::Format;
-use crate::params::{Bound, Value};
+use crate::params::Bound;
 use crate::redis_conn::RedisConn;
 
 /// `[popularity]`: how the proxy counts demand.
@@ -103,24 +102,6 @@ impl Demand {
     }
 }
 
-/// The canonical parameters of `bound` without the tenant (which is bound
-/// from the API key, never from the URL, so it cannot be bound from here again).
-fn canonical_params(bound: &Bound) -> String {
-    let mut out = form_urlencoded::Serializer::new(String::new());
-    for (name, value) in bound.iter() {
-        let empty = match value {
-            Value::Null => true,
-            Value::StrList(v) => v.is_empty(),
-            Value::IntList(v) => v.is_empty(),
-            _ => false,
-        };
-        if name != TENANT && !empty {
-            out.append_pair(name, &value.canonical());
-        }
-    }
-    out.finish()
-}
-
 /// Counts requests in memory; [`Recorder::flush`] sends them to Redis.
 pub struct Recorder {
     /// Counts by cache key, with the member each count goes to.
@@ -172,7 +153,7 @@ impl Recorder {
                     query: query.to_owned(),
                     tenant: tenant.map(str::to_owned),
                     format,
-                    params: canonical_params(bound),
+                    params: bound.asked_query(),
                 }
                 .member();
                 pending.insert(key.as_str().to_owned(), (member, 1));
@@ -275,6 +256,8 @@ pub async fn top(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalog::TENANT;
+    use crate::params::Value;
 
     #[test]
     fn members_round_trip_without_the_tenant_in_params() {
@@ -287,7 +270,7 @@ mod tests {
             query: "revenue".into(),
             tenant: Some("acme".into()),
             format: Format::Csv,
-            params: canonical_params(&bound),
+            params: bound.asked_query(),
         };
         assert!(!demand.params.contains("tenant"), "{}", demand.params);
         assert!(!demand.params.contains("plan"), "{}", demand.params);

@@ -79,6 +79,20 @@ impl Template {
     }
 
     /// The placeholder names, in order of appearance (repeats included).
+    /// Feeds the template's text into `hash`: equal for equal templates.
+    pub fn hash_into(&self, hash: &mut sha2::Sha256) {
+        use sha2::Digest as _;
+        for part in &self.parts {
+            let (tag, text) = match part {
+                Part::Text(text) => (b'T', text),
+                Part::Param(name) => (b'P', name),
+            };
+            hash.update([tag]);
+            hash.update((text.len() as u64).to_le_bytes());
+            hash.update(text.as_bytes());
+        }
+    }
+
     pub fn placeholders(&self) -> impl Iterator<Item = &str> {
         self.parts.iter().filter_map(|part| match part {
             Part::Param(name) => Some(name.as_str()),

@@ -1,13 +1,16 @@
-//! Time expressions as dashboards send them, resolved to UTC seconds.
+//! Time expressions as dashboards send them: parsed, canonical, resolved.
 //!
 //! Owns the grammar of `time` parameters: `YYYY-MM-DD` (midnight UTC),
 //! `YYYY-MM-DD HH:MM:SS` (UTC), RFC 3339 (`2024-05-01T10:00:00+02:00`), and the
-//! relative forms `now`, `today`, `start_of_month`, each optionally followed by
-//! `-<duration>` or `+<duration>` (`now-7d`, `today-30d`, `now-1h30m`).
+//! relative forms `now`, `today`, `yesterday`, `start_of_month`, each optionally
+//! followed by `-<duration>` or `+<duration>` (`now-7d`, `today-30d`, `now-1h30m`).
 //!
-//! `now` is rounded down to a step (a query's `now_step`, one minute by default)
-//! so that the same relative request made a few seconds later lands on the same
-//! cache key. It does not know about parameters or ranges: see [`crate::params`].
+//! A relative expression has a canonical text ([`TimeExpr::canonical`]: `now-7d`
+//! and `now-168h` are both `now-7d`, `yesterday` is `today-1d`), which is what
+//! cache keys are made of, so a dashboard polling "the last 7 days" keeps one
+//! key; it is resolved to an instant only when an answer is computed. `now` is
+//! rounded down to a step (one minute) when resolved. It does not know about
+//! parameters or ranges: see [`crate::params`].
 
 use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, TimeZone, Utc};
 use std::time::Duration;
@@ -16,22 +19,113 @@ use std::time::Duration;
 const MIN_SECS: i64 = 0;
 const MAX_SECS: i64 = u32::MAX as i64;
 
+/// The absolute time range an answer covers, `[from, to)` in Unix seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TimeRange {
+    pub from: i64,
+    pub to: i64,
+}
+
+impl TimeRange {
+    /// The `X-Time-Range` header value: an ISO 8601 interval in UTC.
+    pub fn header_value(&self) -> String {
+        format!("{}/{}", format(self.from), format(self.to))
+    }
+}
+
+/// A parsed time expression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeExpr {
+    /// An instant, seconds since the Unix epoch (UTC).
+    At(i64),
+    /// A base instant of the clock plus an offset in seconds.
+    Relative { base: Base, offset: i64 },
+}
+
+/// What a relative expression counts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Base {
+    /// The clock, rounded down to the step.
+    Now,
+    /// Midnight UTC of the current day (`yesterday` is `today-1d`).
+    Today,
+    /// Midnight UTC of the first day of the current month.
+    StartOfMonth,
+}
+
+impl Base {
+    const fn name(self) -> &'static str {
+        match self {
+            Base::Now => "now",
+            Base::Today => "today",
+            Base::StartOfMonth => "start_of_month",
+        }
+    }
+}
+
+impl TimeExpr {
+    /// Parses `text`; the error says what is wrong, for a 422.
+    pub fn parse(text: &str) -> Result<TimeExpr, String> {
+        let text = text.trim();
+        let expr = match relative_base(text) {
+            Some((base, shift, rest)) => TimeExpr::Relative {
+                base,
+                offset: shift + offset(rest)?,
+            },
+            None => TimeExpr::At(absolute(text)?),
+        };
+        if let TimeExpr::At(secs) = expr {
+            in_range(secs)?;
+        }
+        Ok(expr)
+    }
+
+    pub fn is_relative(self) -> bool {
+        matches!(self, TimeExpr::Relative { .. })
+    }
+
+    /// The instant this expression names at `now` (`now` rounded to `now_step`).
+    pub fn resolve(self, now: DateTime<Utc>, now_step: Duration) -> Result<i64, String> {
+        let secs = match self {
+            TimeExpr::At(secs) => secs,
+            TimeExpr::Relative { base, offset } => base_instant(base, now, now_step) + offset,
+        };
+        in_range(secs)?;
+        Ok(secs)
+    }
+
+    /// One text per meaning: an instant in RFC 3339 UTC, a relative expression
+    /// as its base and its offset in the largest whole unit (`now-7d`).
+    pub fn canonical(self) -> String {
+        match self {
+            TimeExpr::At(secs) => format(secs),
+            TimeExpr::Relative { base, offset: 0 } => base.name().to_owned(),
+            TimeExpr::Relative { base, offset } => {
+                let sign = if offset < 0 { '-' } else { '+' };
+                let n = offset.unsigned_abs();
+                let (amount, unit) = [(86_400, 'd'), (3_600, 'h'), (60, 'm')]
+                    .into_iter()
+                    .find(|(size, _)| n % size == 0)
+                    .map_or((n, 's'), |(size, unit)| (n / size, unit));
+                format!("{}{sign}{amount}{unit}", base.name())
+            }
+        }
+    }
+}
+
+fn in_range(secs: i64) -> Result<(), String> {
+    if (MIN_SECS..=MAX_SECS).contains(&secs) {
+        Ok(())
+    } else {
+        Err("is outside the supported range (1970-01-01 to 2106-02-07)".into())
+    }
+}
+
 /// Resolves `text` to seconds since the Unix epoch (UTC).
 ///
 /// `now` is the request's clock reading; `now_step` the rounding of `now`.
 pub fn resolve(text: &str, now: DateTime<Utc>, now_step: Duration) -> Result<i64, String> {
-    let text = text.trim();
-    let secs = match relative_base(text) {
-        Some((base, rest)) => {
-            let base = base_instant(base, now, now_step);
-            base + offset(rest)?
-        }
-        None => absolute(text)?,
-    };
-    if !(MIN_SECS..=MAX_SECS).contains(&secs) {
-        return Err("is outside the supported range (1970-01-01 to 2106-02-07)".into());
-    }
-    Ok(secs)
+    TimeExpr::parse(text)?.resolve(now, now_step)
 }
 
 /// Formats seconds as an RFC 3339 UTC instant, for messages and documents.
@@ -42,22 +136,29 @@ pub fn format(secs: i64) -> String {
     }
 }
 
-fn relative_base(text: &str) -> Option<(&str, &str)> {
-    ["start_of_month", "today", "now"]
-        .into_iter()
-        .find_map(|base| text.strip_prefix(base).map(|rest| (base, rest)))
+/// The base a relative expression starts with, the shift it implies
+/// (`yesterday` is `today` − 1 day) and the rest of the text.
+fn relative_base(text: &str) -> Option<(Base, i64, &str)> {
+    [
+        ("start_of_month", Base::StartOfMonth, 0),
+        ("yesterday", Base::Today, -86_400),
+        ("today", Base::Today, 0),
+        ("now", Base::Now, 0),
+    ]
+    .into_iter()
+    .find_map(|(name, base, shift)| text.strip_prefix(name).map(|rest| (base, shift, rest)))
 }
 
-fn base_instant(base: &str, now: DateTime<Utc>, now_step: Duration) -> i64 {
+fn base_instant(base: Base, now: DateTime<Utc>, now_step: Duration) -> i64 {
     let now_secs = now.timestamp();
     let day = now_secs.div_euclid(86_400) * 86_400;
     match base {
-        "now" => {
+        Base::Now => {
             let step = now_step.as_secs().max(1) as i64;
             now_secs.div_euclid(step) * step
         }
-        "today" => day,
-        _ => {
+        Base::Today => day,
+        Base::StartOfMonth => {
             let date = now.date_naive();
             NaiveDate::from_ymd_opt(date.year(), date.month(), 1)
                 .and_then(|d| d.and_hms_opt(0, 0, 0))
@@ -132,13 +233,41 @@ mod tests {
         assert_eq!(at("today").unwrap(), "2024-03-15T00:00:00Z");
         assert_eq!(at("today+1d").unwrap(), "2024-03-16T00:00:00Z");
         assert_eq!(at("start_of_month").unwrap(), "2024-03-01T00:00:00Z");
+        assert_eq!(at("yesterday").unwrap(), "2024-03-14T00:00:00Z");
+    }
+
+    #[test]
+    fn relative_forms_have_one_canonical_text() {
+        let canonical = |text: &str| TimeExpr::parse(text).unwrap().canonical();
+        assert_eq!(canonical("now-7d"), "now-7d");
+        assert_eq!(canonical("now-168h"), "now-7d");
+        assert_eq!(canonical("now-10080m"), "now-7d");
+        assert_eq!(canonical(" now-1h30m "), "now-90m");
+        assert_eq!(canonical("now+0s"), "now");
+        assert_eq!(canonical("yesterday"), "today-1d");
+        assert_eq!(canonical("today-24h"), "today-1d");
+        assert_eq!(canonical("start_of_month"), "start_of_month");
+        assert_eq!(canonical("2024-01-02"), "2024-01-02T00:00:00Z");
+        assert_eq!(
+            canonical("2024-01-02T03:04:05+02:00"),
+            "2024-01-02T01:04:05Z"
+        );
+        // The canonical text means the same instant.
+        for text in ["now-1h30m", "yesterday", "today+36h", "start_of_month-1d"] {
+            let expr = TimeExpr::parse(text).unwrap();
+            let again = TimeExpr::parse(&expr.canonical()).unwrap();
+            assert_eq!(again, expr, "{text}");
+            assert_eq!(at(text), at(&expr.canonical()));
+        }
+        assert!(TimeExpr::parse("now-7d").unwrap().is_relative());
+        assert!(!TimeExpr::parse("2024-01-02").unwrap().is_relative());
     }
 
     #[test]
     fn garbage_is_rejected() {
         for bad in [
             "",
-            "yesterday",
+            "yesterday-",
             "2024-13-01",
             "2024-02-30",
             "now-",

@@ -23,7 +23,7 @@ use croner::Cron;
 use serde::Deserialize;
 
 use crate::cache::CacheKey;
-use crate::catalog::{Catalog, NOW_STEP, QueryDef};
+use crate::catalog::{Asked, Catalog, QueryDef, TimeRange};
 use crate::config::{Config, ConfigError, DefaultValue};
 use crate::format::Format;
 use crate::params::{Clock, RawParam};
@@ -208,6 +208,10 @@ pub struct Target {
     /// The parameters as a URL would carry them (without `format`).
     pub raw: Vec<(String, String)>,
     pub sql: String,
+    /// The range `sql` reads, and for a relative request, the request as
+    /// asked (refreshes resolve it again; see `FillJob`).
+    pub range: Option<TimeRange>,
+    pub asked: Option<Arc<Asked>>,
     pub key: CacheKey,
 }
 
@@ -233,13 +237,17 @@ impl Target {
                 .join("; ")
         })?;
         let sql = query.render(&bound)?;
-        let key = CacheKey::new(prefix, &query.name, query.key_tenant(tenant), format, &sql);
+        let key = query.cache_key(prefix, tenant, format, &bound);
         Ok(Target {
             query: query.clone(),
             tenant: tenant.map(str::to_owned),
             format,
             raw: raw.to_vec(),
             sql,
+            range: query.range_of(&bound),
+            asked: bound
+                .is_relative()
+                .then(|| Arc::new(Asked::new(query, &bound, tenant))),
             key,
         })
     }
@@ -429,7 +437,7 @@ fn compile(
     // Every set must bind now, as a request would, for every tenant.
     let clock = Clock {
         now: Utc::now(),
-        now_step: NOW_STEP,
+        now_step: config.cache.now_step,
     };
     let (targets, problems) = job.targets(&config.cache.key_prefix, &clock);
     if let Some(problem) = problems.first() {
@@ -731,7 +739,7 @@ mod tests {
                 "unknown query `nope`",
             ),
             (
-                "cron = \"30 6 * * *\"\nquery = \"revenue\"\ntenants = [\"acme\"]\nparams = [{ from = \"today-7d\", to = \"yesterday\" }]",
+                "cron = \"30 6 * * *\"\nquery = \"revenue\"\ntenants = [\"acme\"]\nparams = [{ from = \"today-7d\", to = \"tomorrow\" }]",
                 "params",
                 "invalid parameter",
             ),

@@ -41,6 +41,10 @@ pub struct EntryHeader {
     pub content_type: String,
     /// Content encoding of the stored body (`identity` or `gzip`).
     pub encoding: String,
+    /// The absolute time range the answer covers, for queries with a range
+    /// (a relative request resolves to a new one at every refresh).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub range: Option<crate::timeexpr::TimeRange>,
 }
 
 /// One stored answer.
@@ -114,6 +118,7 @@ mod tests {
                 etag: Entry::etag_of(&body),
                 content_type: "application/json".into(),
                 encoding: "identity".into(),
+                range: Some(crate::timeexpr::TimeRange { from: 5, to: 6 }),
             },
             body,
             identity: Default::default(),

@@ -1,9 +1,10 @@
 //! Cache keys: a versioned hash of everything that determines an answer.
 //!
-//! The key hashes the query name, the tenant, the response format and the
-//! rendered SQL. The rendered SQL holds every canonical parameter value (after
-//! defaults and relative-time resolution) and the template text, so an operator's
-//! SQL edit starts a new key instead of serving answers of the old SQL.
+//! The key hashes the query name, the tenant, the response format and what
+//! identifies the answer within the query: for catalog queries, the
+//! templates' fingerprint and the request as asked, relative times kept
+//! relative (see `QueryDef::cache_key`), so an operator's SQL edit starts a
+//! new key and a dashboard polling `now-7d` keeps one.
 //! The hash sits in a Redis Cluster hash tag (`{…}`), so keys derived from it
 //! (locks, markers) live in the same slot.
 
@@ -24,7 +25,7 @@ impl CacheKey {
         query: &str,
         tenant: Option<&str>,
         format: Format,
-        sql: &str,
+        identity: &str,
     ) -> CacheKey {
         let mut hash = Sha256::new();
         for part in [
@@ -32,7 +33,7 @@ impl CacheKey {
             query.as_bytes(),
             tenant.unwrap_or("").as_bytes(),
             format.name().as_bytes(),
-            sql.as_bytes(),
+            identity.as_bytes(),
         ] {
             hash.update((part.len() as u64).to_le_bytes());
             hash.update(part);

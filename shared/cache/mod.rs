@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 
 /// Version of the key scheme and the entry format. Bump it on any incompatible
 /// change to either: old entries then simply become misses and expire.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 
 /// L1 in front of Redis.
 pub struct Cache {

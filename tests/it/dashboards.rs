@@ -135,3 +135,166 @@ async fn a_key_minted_during_a_flood_of_unknown_keys_works_on_its_first_request(
         assert!(task.await.expect("flood task") >= 1);
     }
 }
+
+/// A dashboard polling "the last 7 days": one cache entry, refreshed in the
+/// background, whose stated range moves with the clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relative_range_keeps_one_entry_whose_range_moves_with_each_refresh() {
+    let proxy = Proxy::start_with(ProxyOptions {
+        set: vec![
+            // `now` in whole seconds, so the test crosses many "minute" steps
+            // in seconds; every hit starts an early refresh (XFetch).
+            ("cache", "now_step", "1s".into()),
+            ("cache", "xfetch_beta", 1e9.into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let url = "/v1/query/revenue?from=now-7d&to=now&granularity=day";
+    let first = proxy.get(url).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(first.cache(), "MISS");
+    let range = |reply: &crate::harness::Reply| -> (i64, i64) {
+        let value = reply.header("x-time-range").expect("x-time-range");
+        let (from, to) = value.split_once('/').expect("an interval");
+        let secs = |t: &str| {
+            chrono::DateTime::parse_from_rfc3339(t)
+                .unwrap_or_else(|e| panic!("{t}: {e}"))
+                .timestamp()
+        };
+        (secs(from), secs(to))
+    };
+    let (from, to) = range(&first);
+    assert_eq!(to - from, 7 * 86_400, "the range is the 7 days asked for");
+
+    // The same request goes on hitting the one entry; refreshes move its range.
+    let mut moved = false;
+    for _ in 0..300 {
+        let reply = proxy.get(url).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.cache(), "HIT", "a polling dashboard never misses");
+        let age: u64 = reply
+            .header("age")
+            .and_then(|a| a.parse().ok())
+            .expect("age");
+        assert!(age <= 300, "an answer older than its TTL: {age}s");
+        let (f, t) = range(&reply);
+        assert_eq!(t - f, 7 * 86_400);
+        if t > to {
+            moved = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(moved, "the stated range never moved with the clock");
+
+    // The same range written another way is the same entry.
+    let same = proxy
+        .get("/v1/query/revenue?from=now-168h&to=now&granularity=day")
+        .await;
+    assert_eq!(same.cache(), "HIT", "now-168h is now-7d");
+    // Another tenant never shares it.
+    let other = proxy.add_key("enterprise", "globex");
+    let theirs = proxy.get_with(url, &[("x-api-key", &other)]).await;
+    assert_eq!(theirs.status, 200, "{}", theirs.text());
+    assert_eq!(
+        theirs.cache(),
+        "MISS",
+        "a tenant got another tenant's entry"
+    );
+}
+
+/// Popularity counts the request as asked, so the `popular` job warms
+/// exactly the relative requests dashboards will ask for next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_popular_job_warms_relative_requests_as_dashboards_asked_them() {
+    let prefix = crate::harness::shared_prefix();
+    let options = || ProxyOptions {
+        key_prefix: Some(prefix.clone()),
+        set: vec![("popularity", "flush_interval", "100ms".into())],
+        ..Default::default()
+    };
+    let asked = [
+        "/v1/query/revenue?from=now-24h&to=now&granularity=hour",
+        "/v1/query/revenue?from=yesterday&to=today&granularity=hour",
+        "/v1/query/top_countries?from=today-7d&to=today&limit=5",
+    ];
+    let dashboard = Proxy::start_with(options()).await;
+    for path in asked {
+        let reply = dashboard.get(path).await;
+        assert_eq!(reply.status, 200, "{path}: {}", reply.text());
+    }
+    // Counted in Redis (flushed in the background; bounded wait).
+    let client = redis::Client::open(crate::harness::redis_url()).expect("redis");
+    let mut redis = redis::aio::ConnectionManager::new(client)
+        .await
+        .expect("redis");
+    let mut members: Vec<String> = Vec::new();
+    for _ in 0..200 {
+        let hour = dashcache::popularity::hour_key(&prefix, chrono::Utc::now());
+        members = redis::cmd("ZRANGE")
+            .arg(&hour)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut redis)
+            .await
+            .expect("zrange");
+        if members.len() >= asked.len() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    members.sort();
+    assert_eq!(members.len(), asked.len(), "counted as asked: {members:?}");
+    // In canonical form: now-24h is now-1d, yesterday is today-1d.
+    for relative in ["from=now-1d", "from=today-1d", "from=today-7d"] {
+        assert!(
+            members.iter().any(|m| m.contains(relative)),
+            "{relative} not counted as asked: {members:?}"
+        );
+    }
+    drop(dashboard);
+    // The answers are gone (say, expired overnight); the counts remain.
+    let answers: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:v*"))
+        .query_async(&mut redis)
+        .await
+        .expect("keys");
+    assert!(!answers.is_empty());
+    let _: () = redis::cmd("DEL")
+        .arg(&answers)
+        .query_async(&mut redis)
+        .await
+        .expect("del");
+
+    // The popular job warms them...
+    let dir = crate::harness::TempDir::new("popular-relative");
+    let mut text = crate::harness::config_text(&options(), &dir.0);
+    let mut config: toml::Table = text.parse().expect("toml");
+    config.remove("warmup");
+    text = toml::to_string(&config).expect("toml");
+    text.push_str("\n[[warmup]]\nname = \"popular\"\ncron = \"0 * * * *\"\npopular = { top = 10, hours = 2 }\n");
+    let path = dir.0.join("config.toml");
+    std::fs::write(&path, text).expect("write config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dashcache-scheduler"))
+        .arg("--config")
+        .arg(&path)
+        .args(["run", "popular"])
+        .output()
+        .expect("run the popular job");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // ...so the next dashboard's requests are hits that cost ClickHouse nothing.
+    let next = Proxy::start_with(options()).await;
+    for path in asked {
+        let reply = next.get(path).await;
+        assert_eq!(reply.status, 200, "{path}: {}", reply.text());
+        assert_eq!(reply.cache(), "HIT", "{path} was not warmed");
+    }
+    assert_eq!(next.metric("dashcache_clickhouse_queries_total").await, 0.0);
+}
