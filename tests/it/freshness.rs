@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::harness::{Proxy, ProxyOptions, Relay, clickhouse_url, shared_prefix};
+use crate::harness::{Proxy, ProxyOptions, Relay, clickhouse_url, patient_redis, shared_prefix};
 
 fn query(name: &str, sql: &str, table: &str) -> (String, String, String) {
     (name.into(), sql.into(), table.into())
@@ -16,6 +16,7 @@ async fn two_processes_run_one_clickhouse_query_for_256_concurrent_cold_requests
     let prefix = shared_prefix();
     let options = || ProxyOptions {
         key_prefix: Some(prefix.clone()),
+        set: vec![patient_redis()],
         ..Default::default()
     };
     let proxies = Arc::new([

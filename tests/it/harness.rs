@@ -32,6 +32,17 @@ pub fn shared_prefix() -> String {
     unique("it-shared")
 }
 
+/// `[redis] timeout` for tests whose assertions need Redis to answer while it
+/// is up (cross-process coalescing, shared rate limits) under heavy load: the
+/// shipped 250 ms is a latency budget, and a reply that a busy machine is
+/// slower to read than that makes the proxy go on without Redis (and skip it
+/// for `retry_after`), so a second process would compute the key or a limit
+/// be counted per process. Not for tests that take Redis down: there a long
+/// timeout makes each request wait on reconnection attempts.
+pub fn patient_redis() -> (&'static str, &'static str, toml::Value) {
+    ("redis", "timeout", "5s".into())
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crate::harness::{
     Proxy, ProxyOptions, RedisCluster, RedisSentinel, Reply, TempDir, clickhouse_url,
-    replica_clickhouse_url, replica_services, shared_prefix,
+    patient_redis, replica_clickhouse_url, replica_services, shared_prefix,
 };
 
 /// Each `n` is its own cache key, so every request below reaches ClickHouse.
@@ -170,9 +170,14 @@ fn on_cluster(cluster: &RedisCluster, prefix: &str) -> ProxyOptions {
 async fn on_a_redis_cluster_answers_are_cached_and_two_proxies_coalesce_256_cold_requests() {
     let cluster = RedisCluster::start().await;
     let prefix = shared_prefix();
+    let options = || {
+        let mut options = on_cluster(&cluster, &prefix);
+        options.set.push(patient_redis());
+        options
+    };
     let proxies = Arc::new([
-        Proxy::start_with(on_cluster(&cluster, &prefix)).await,
-        Proxy::start_with(on_cluster(&cluster, &prefix)).await,
+        Proxy::start_with(options()).await,
+        Proxy::start_with(options()).await,
     ]);
 
     // MISS then HIT (no in-process tier: the HIT comes from the cluster),
@@ -235,6 +240,7 @@ async fn on_a_redis_cluster_a_rate_limit_is_shared_by_two_proxies() {
     let prefix = shared_prefix();
     let options = || {
         let mut options = on_cluster(&cluster, &prefix);
+        options.set.push(patient_redis());
         options.store_url = Some(store.clone());
         // A burst of 10 and one more request a minute: no request is given
         // back while the test runs (seconds), so the count below is exact

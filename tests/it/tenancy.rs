@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::harness::{Proxy, ProxyOptions, RedisServer, shared_prefix};
+use crate::harness::{Proxy, ProxyOptions, RedisServer, patient_redis, shared_prefix};
 
 /// A `[tier.<name>]` table for `ProxyOptions::set`.
 fn tier(text: &str) -> toml::Value {
@@ -168,15 +168,18 @@ async fn a_rate_limit_is_shared_by_every_proxy() {
     let options = || ProxyOptions {
         store_url: Some(store.clone()),
         key_prefix: Some(prefix.clone()),
-        set: vec![(
-            "tier",
-            "test",
-            // A burst of 10, then one request a minute: nothing is given
-            // back while the test runs (seconds; a minute would take a
-            // machine tens of times slower), so the counts below are exact
-            // (at 10 a minute, one came back every 6 s).
-            tier("requests_per_minute = 1\nburst = 10\nqueries = ['*']"),
-        )],
+        set: vec![
+            patient_redis(),
+            (
+                "tier",
+                "test",
+                // A burst of 10, then one request a minute: nothing is given
+                // back while the test runs (seconds; a minute would take a
+                // machine tens of times slower), so the counts below are exact
+                // (at 10 a minute, one came back every 6 s).
+                tier("requests_per_minute = 1\nburst = 10\nqueries = ['*']"),
+            ),
+        ],
         ..Default::default()
     };
     let a = Proxy::start_with(options()).await;
