@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crate::harness::{
     Proxy, ProxyOptions, RedisCluster, RedisSentinel, Reply, TempDir, clickhouse_url,
-    patient_redis, replica_clickhouse_url, replica_services, shared_prefix,
+    patient_redis, replica_clickhouse_url, replica_http_port, replica_services, shared_prefix,
 };
 
 /// Each `n` is its own cache key, so every request below reaches ClickHouse.
@@ -129,6 +129,10 @@ async fn a_stopped_clickhouse_replica_is_failed_over_ejected_and_readmitted() {
     // up: the first query sent to it cannot connect and moves to the primary
     // before its first byte, and the replica is ejected.
     replica_services("down");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", replica_http_port())).is_err(),
+        "the replica still listens (`scripts/services down` stops only servers it started)"
+    );
     assert_eq!(proxy.metric(&replica_up).await, 1.0);
     failed.extend(load(&proxy, &next, clients, each).await);
     assert!(proxy.metric(failovers).await >= 1.0);
