@@ -63,9 +63,9 @@ async fn a_steadily_read_entry_is_refreshed_before_it_expires() {
     assert_eq!(proxy.get("/v1/query/short").await.cache(), "MISS");
     // Steady traffic for more than twice the TTL (50 reads 100 ms apart: a
     // slower machine only spreads them wider). Each read starts a refresh
-    // unless one runs, so every HIT below needs only that one refresh, a
-    // count() over the demo data, takes less than the 2 s TTL: the single
-    // timing this test relies on, and the one XFetch itself relies on.
+    // unless one is running, so all 50 are HITs as long as one refresh (a
+    // count() over the demo data) takes less than the 2 s TTL: the one
+    // timing this test relies on, as XFetch itself does.
     let mut results: HashMap<String, usize> = HashMap::new();
     for _ in 0..50 {
         let reply = proxy.get("/v1/query/short").await;
