@@ -106,8 +106,9 @@ async fn tsv_by_accept_header_and_tiers_without_exports_are_refused() {
         "{kinds:?}"
     );
 
+    // No wait for a reload: a key the proxy does not know yet makes it read
+    // the store, where a key minted before the request already is.
     let free = proxy.add_key("free", "acme");
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let reply = proxy
         .get_with(
             "/v1/export/events?from=today-1d&to=today",
@@ -161,6 +162,8 @@ async fn a_client_that_hangs_up_leaves_no_query_running() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(gone, "query {query_id} still runs in ClickHouse");
+    // No wait needed: the proxy counts the cancellation before it sends the
+    // KILL (the export stream's drop runs before its kill guard's).
     assert_eq!(
         proxy
             .metric("dashcache_exports_ended_total{result=\"cancelled\"}")
@@ -184,7 +187,10 @@ async fn a_slow_client_does_not_grow_the_proxys_memory() {
     let mut read = 0usize;
     let before = proxy.rss_kib();
     // Read ~4 MB slowly while ClickHouse could send hundreds: the proxy must
-    // not buffer what the client has not taken.
+    // not buffer what the client has not taken. The pauses give a proxy that
+    // buffered time to show it; nothing marks "it would have by now", so they
+    // stay. A slower machine sends fewer bytes meanwhile, which can only make
+    // this pass more easily, never fail: the bound is on memory, not time.
     while read < 4 << 20 {
         let frame = body.frame().await.unwrap().unwrap();
         read += frame.data_ref().map_or(0, |d| d.len());
@@ -211,8 +217,8 @@ fn limited(rows: u64) -> ProxyOptions {
 #[tokio::test]
 async fn limits_hit_before_the_first_byte_are_a_clear_413() {
     let proxy = Proxy::start_with(limited(1000)).await;
+    // Works at once, without waiting for a reload (see the TSV test).
     let key = proxy.add_key("limited", "acme");
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let reply = proxy
         .get_with(
             "/v1/export/events?from=today-20d&to=today",
@@ -226,8 +232,8 @@ async fn limits_hit_before_the_first_byte_are_a_clear_413() {
 #[tokio::test]
 async fn limits_hit_mid_stream_end_ndjson_with_an_error_line_and_cut_csv() {
     let proxy = Proxy::start_with(limited(300_000)).await;
+    // Works at once, without waiting for a reload (see the TSV test).
     let key = proxy.add_key("limited", "acme");
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let auth = format!("Bearer {key}");
     let ndjson = proxy
         .get_with(

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::harness::{Proxy, ProxyOptions, Relay, shared_prefix};
+use crate::harness::{Proxy, ProxyOptions, Relay, clickhouse_url, patient_redis, shared_prefix};
 
 fn query(name: &str, sql: &str, table: &str) -> (String, String, String) {
     (name.into(), sql.into(), table.into())
@@ -16,6 +16,7 @@ async fn two_processes_run_one_clickhouse_query_for_256_concurrent_cold_requests
     let prefix = shared_prefix();
     let options = || ProxyOptions {
         key_prefix: Some(prefix.clone()),
+        set: vec![patient_redis()],
         ..Default::default()
     };
     let proxies = Arc::new([
@@ -60,7 +61,11 @@ async fn a_steadily_read_entry_is_refreshed_before_it_expires() {
     })
     .await;
     assert_eq!(proxy.get("/v1/query/short").await.cache(), "MISS");
-    // Steady traffic for more than twice the TTL.
+    // Steady traffic for more than twice the TTL (50 reads 100 ms apart: a
+    // slower machine only spreads them wider). Each read starts a refresh
+    // unless one is running, so all 50 are HITs as long as one refresh (a
+    // count() over the demo data) takes less than the 2 s TTL: the one
+    // timing this test relies on, as XFetch itself does.
     let mut results: HashMap<String, usize> = HashMap::new();
     for _ in 0..50 {
         let reply = proxy.get("/v1/query/short").await;
@@ -115,7 +120,21 @@ async fn with_clickhouse_unreachable_stale_answers_are_served_and_fresh_ones_res
         assert_eq!((reply.status, reply.cache()), (200, "STALE"));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(proxy.metric("dashcache_refresh_failures_total").await >= 1.0);
+    // Refreshes fail in the background: wait (bounded) for one to be counted
+    // rather than assume the reads above took long enough.
+    let mut failed = 0.0;
+    for _ in 0..200 {
+        failed = proxy.metric("dashcache_refresh_failures_total").await;
+        if failed >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        failed >= 1.0,
+        "no failed refresh counted; log:\n{}",
+        proxy.log()
+    );
     // Nothing stored for this one: 503 with Retry-After, JSON body.
     let uncached = proxy
         .get("/v1/query/top_countries?from=today-9d&to=today")
@@ -139,18 +158,20 @@ async fn with_clickhouse_unreachable_stale_answers_are_served_and_fresh_ones_res
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn when_the_computing_process_dies_a_waiting_process_takes_over() {
     let prefix = shared_prefix();
-    let options = || ProxyOptions {
+    let options = |clickhouse_url: String| ProxyOptions {
+        clickhouse_url,
         key_prefix: Some(prefix.clone()),
-        extra_queries: vec![query(
-            "slow",
-            "SELECT sleep(2) AS slept, 42 AS answer",
-            "ttl = \"5m\"",
-        )],
+        extra_queries: vec![query("slow", "SELECT 42 AS answer", "ttl = \"5m\"")],
         set: vec![("coalesce", "lock_ttl", "1s".into())],
         ..Default::default()
     };
-    let mut leader = Proxy::start_with(options()).await;
-    let waiter = Arc::new(Proxy::start_with(options()).await);
+    // The leader's ClickHouse answers wait in a relay that is never released:
+    // its query runs until the process is killed, however long the steps
+    // below take (a `sleep(2)` query had to outlast them).
+    let relay = Relay::start().await;
+    relay.hold();
+    let mut leader = Proxy::start_with(options(relay.url())).await;
+    let waiter = Arc::new(Proxy::start_with(options(clickhouse_url())).await);
     let (leader_url, auth) = (
         format!("{}/v1/query/slow", leader.base),
         format!("Bearer {}", leader.key),
@@ -160,7 +181,7 @@ async fn when_the_computing_process_dies_a_waiting_process_takes_over() {
     });
     // Wait until the leader has started the query (and so holds the lock).
     let mut started = false;
-    for _ in 0..200 {
+    for _ in 0..500 {
         if leader.metric("dashcache_clickhouse_queries_total").await >= 1.0 {
             started = true;
             break;
@@ -179,7 +200,23 @@ async fn when_the_computing_process_dies_a_waiting_process_takes_over() {
             async move { waiter.get("/v1/query/slow").await },
         ));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Kill the leader once the waiter has all 20 in hand (/metrics itself is
+    // the 21st), not after a guessed 300 ms: they find the leader's lock,
+    // which outlives it by up to `lock_ttl`, and wait on it.
+    let mut arrived = false;
+    for _ in 0..500 {
+        if waiter.metric("dashcache_http_in_flight_requests").await >= 21.0 {
+            arrived = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(arrived, "the waiting requests never arrived");
+    assert_eq!(
+        waiter.metric("dashcache_clickhouse_queries_total").await,
+        0.0,
+        "the waiter must wait while the leader holds the lock"
+    );
     leader.kill();
     if let Ok(reply) = leader_request.await.unwrap() {
         assert!(

@@ -32,6 +32,17 @@ pub fn shared_prefix() -> String {
     unique("it-shared")
 }
 
+/// `[redis] timeout` for tests whose assertions need Redis to answer while it
+/// is up (cross-process coalescing, shared rate limits) under heavy load: the
+/// shipped 250 ms is a latency budget, and a reply that a busy machine is
+/// slower to read than that makes the proxy go on without Redis (and skip it
+/// for `retry_after`), so a second process would compute the key or a limit
+/// be counted per process. Not for tests that take Redis down: there a long
+/// timeout makes each request wait on reconnection attempts.
+pub fn patient_redis() -> (&'static str, &'static str, toml::Value) {
+    ("redis", "timeout", "5s".into())
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -444,10 +455,15 @@ impl Drop for RedisServer {
 }
 
 /// A TCP relay to the real ClickHouse that a test can cut and restore, to make
-/// ClickHouse unreachable for one proxy without stopping it for the others.
+/// ClickHouse unreachable for one proxy without stopping it for the others;
+/// or hold, to keep ClickHouse's answers from the proxy until released (a
+/// query that lasts exactly as long as the test wants, on any machine).
 pub struct Relay {
     pub port: u16,
     task: Option<tokio::task::JoinHandle<()>>,
+    /// Open: answers pass. Closed (`hold`): requests still reach ClickHouse,
+    /// its answers wait in the relay.
+    gate: tokio::sync::watch::Sender<bool>,
 }
 
 impl Relay {
@@ -455,6 +471,7 @@ impl Relay {
         let mut relay = Relay {
             port: free_port(),
             task: None,
+            gate: tokio::sync::watch::Sender::new(true),
         };
         relay.restore().await;
         relay
@@ -471,19 +488,51 @@ impl Relay {
         }
     }
 
+    /// From now on ClickHouse's answers wait in the relay (the requests still
+    /// go through), until `release`.
+    pub fn hold(&self) {
+        self.gate.send_replace(false);
+    }
+
+    /// Lets held and later answers through.
+    pub fn release(&self) {
+        self.gate.send_replace(true);
+    }
+
     pub async fn restore(&mut self) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
             .await
             .expect("relay port");
         let upstream = clickhouse_url().trim_start_matches("http://").to_owned();
+        let gate = self.gate.clone();
         self.task = Some(tokio::spawn(async move {
             let mut connections = tokio::task::JoinSet::new();
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
                 let upstream = upstream.clone();
+                let mut gate = gate.subscribe();
                 connections.spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
+                    let Ok(outbound) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (mut from_client, mut to_client) = inbound.into_split();
+                    let (mut from_server, mut to_server) = outbound.into_split();
+                    let requests = async {
+                        let _ = tokio::io::copy(&mut from_client, &mut to_server).await;
+                        let _ = to_server.shutdown().await;
+                    };
+                    let answers = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        while let Ok(n @ 1..) = from_server.read(&mut buf).await {
+                            if gate.wait_for(|open| *open).await.is_err()
+                                || to_client.write_all(&buf[..n]).await.is_err()
+                            {
+                                break;
+                            }
+                        }
+                        let _ = to_client.shutdown().await;
+                    };
+                    tokio::join!(requests, answers);
                 });
             }
         }));

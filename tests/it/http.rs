@@ -4,7 +4,7 @@
 use std::io::Read;
 use std::time::Duration;
 
-use crate::harness::{Proxy, ProxyOptions, RedisServer};
+use crate::harness::{Proxy, ProxyOptions, RedisServer, Relay};
 
 const URL: &str = "/v1/query/revenue?from=today-60d&to=today&granularity=day";
 
@@ -143,10 +143,16 @@ async fn readiness_names_each_dependency() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_a_slow_request_and_an_export_finish_then_exits_zero() {
+    // ClickHouse's answers wait in the relay until released: both requests are
+    // surely still running when SIGTERM comes, on any machine (a `sleep(2)`
+    // query only was if the test got there within 2 s).
+    let relay = Relay::start().await;
+    relay.hold();
     let mut proxy = Proxy::start_with(ProxyOptions {
+        clickhouse_url: relay.url(),
         extra_queries: vec![(
             "slow".into(),
-            "SELECT sleep(2) AS slept, {tenant} AS tenant".into(),
+            "SELECT {tenant} AS tenant".into(),
             "ttl = \"1m\"".into(),
         )],
         ..Default::default()
@@ -167,7 +173,7 @@ async fn sigterm_lets_a_slow_request_and_an_export_finish_then_exits_zero() {
     });
     // Both requests are in flight once the proxy has sent two ClickHouse queries.
     let mut both = false;
-    for _ in 0..100 {
+    for _ in 0..500 {
         if proxy.metric("dashcache_clickhouse_queries_total").await >= 2.0 {
             both = true;
             break;
@@ -176,6 +182,21 @@ async fn sigterm_lets_a_slow_request_and_an_export_finish_then_exits_zero() {
     }
     assert!(both, "requests did not start; log:\n{}", proxy.log());
     proxy.terminate();
+    // Answers flow only once the proxy is shutting down (it logs so).
+    let mut stopping = false;
+    for _ in 0..500 {
+        if proxy
+            .log()
+            .contains("shutting down: finishing in-flight requests")
+        {
+            stopping = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(stopping, "no shutdown after SIGTERM; log:\n{}", proxy.log());
+    assert!(!slow.is_finished() && !export.is_finished());
+    relay.release();
     let slow = slow.await.unwrap().expect("the slow request completes");
     assert_eq!(slow.status, 200, "{}", slow.text());
     assert!(slow.text().contains("acme"));

@@ -5,12 +5,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::harness::{
     Proxy, ProxyOptions, RedisCluster, RedisSentinel, Reply, TempDir, clickhouse_url,
-    replica_clickhouse_url, replica_services, shared_prefix,
+    patient_redis, replica_clickhouse_url, replica_http_port, replica_services, shared_prefix,
 };
 
 /// Each `n` is its own cache key, so every request below reaches ClickHouse.
@@ -51,6 +51,38 @@ async fn metric_until(proxy: &Proxy, name: &str, accept: impl Fn(f64) -> bool) -
     panic!("{name} stayed at {value}; log:\n{}", proxy.log());
 }
 
+/// `clients` concurrent clients each send `each` requests, every one a new
+/// key (a ClickHouse query); the failures, described. A fixed count, not a
+/// duration: how many requests a phase sends does not depend on how fast the
+/// machine is.
+async fn load(
+    proxy: &Arc<Proxy>,
+    next: &Arc<AtomicU64>,
+    clients: usize,
+    each: usize,
+) -> Vec<String> {
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (proxy, next) = (proxy.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut failed = Vec::new();
+            for _ in 0..each {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let reply = proxy.get(&format!("/v1/query/probe?n={n}")).await;
+                if reply.status != 200 || reply.body.is_err() {
+                    failed.push(format!("{} {:?}", reply.status, reply.body));
+                }
+            }
+            failed
+        }));
+    }
+    let mut failed = Vec::new();
+    for task in tasks {
+        failed.extend(task.await.expect("client task"));
+    }
+    failed
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stopped_clickhouse_replica_is_failed_over_ejected_and_readmitted() {
     // The replica may be down after an earlier failed run.
@@ -60,73 +92,64 @@ async fn a_stopped_clickhouse_replica_is_failed_over_ejected_and_readmitted() {
             extra_queries: vec![probe_query()],
             set: vec![
                 ("clickhouse", "replicas", replicas()),
+                // Checks run often (re-admission is quick) but never eject
+                // within the test: the stopped replica stays "up" until a
+                // query finds it unreachable, so that query's failover before
+                // its first byte (and the ejection it causes) is certain, not a
+                // race between the load and the checks. A slow check of the
+                // busy primary cannot eject it either.
                 ("clickhouse", "health_interval", "100ms".into()),
-                ("clickhouse", "health_timeout", "500ms".into()),
+                ("clickhouse", "health_timeout", "2s".into()),
+                ("clickhouse", "eject_after", 1_000_000.into()),
                 ("cache", "l1_max_bytes", 0.into()),
             ],
             ..Default::default()
         })
         .await,
     );
-    let replica_up = series("dashcache_clickhouse_replica_up", &replica_clickhouse_url());
-    let replica_queries = series(
-        "dashcache_clickhouse_replica_queries_total",
-        &replica_clickhouse_url(),
-    );
-
-    // Steady load: 4 clients, each request a new key (a ClickHouse query).
+    let replica = replica_clickhouse_url();
+    let replica_up = series("dashcache_clickhouse_replica_up", &replica);
+    let replica_queries = series("dashcache_clickhouse_replica_queries_total", &replica);
+    let ejections = series("dashcache_clickhouse_replica_ejections_total", &replica);
+    let failovers = "dashcache_clickhouse_failovers_total";
+    // 4 clients × 10 requests a phase, 4 phases: 160 requests, well within the
+    // enterprise tier's burst of 1000, so no request can be rate limited
+    // however long the replica takes to stop and start.
+    let (clients, each) = (4, 10);
     let next = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut clients = Vec::new();
-    for _ in 0..4 {
-        let (proxy, next, stop) = (proxy.clone(), next.clone(), stop.clone());
-        clients.push(tokio::spawn(async move {
-            let mut failed: Vec<String> = Vec::new();
-            let mut done = 0u32;
-            // Bounded: the test stops the clients long before this.
-            while !stop.load(Ordering::Relaxed) && done < 100_000 {
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                let reply = proxy.get(&format!("/v1/query/probe?n={n}")).await;
-                if reply.status != 200 || reply.body.is_err() {
-                    failed.push(format!("{} {:?}", reply.status, reply.body));
-                }
-                done += 1;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            failed
-        }));
-    }
-    // Both replicas take queries while both are up.
-    metric_until(&proxy, &replica_queries, |n| n >= 5.0).await;
+    let mut failed = Vec::new();
 
+    // Both up: each replica takes queries (of two idle replicas, the next
+    // query goes to the other one, so the replica gets one of the first two).
+    failed.extend(load(&proxy, &next, clients, each).await);
+    assert!(proxy.metric(&replica_queries).await >= 1.0);
+    assert_eq!(proxy.metric(failovers).await, 0.0);
+
+    // Stopped (the script returns once the server has exited), still counted
+    // up: the first query sent to it cannot connect and moves to the primary
+    // before its first byte, and the replica is ejected.
     replica_services("down");
-    metric_until(&proxy, &replica_up, |v| v == 0.0).await;
-    let ejections = series(
-        "dashcache_clickhouse_replica_ejections_total",
-        &replica_clickhouse_url(),
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", replica_http_port())).is_err(),
+        "the replica still listens (`scripts/services down` stops only servers it started)"
     );
+    assert_eq!(proxy.metric(&replica_up).await, 1.0);
+    failed.extend(load(&proxy, &next, clients, each).await);
+    assert!(proxy.metric(failovers).await >= 1.0);
+    assert_eq!(proxy.metric(&replica_up).await, 0.0);
     assert!(proxy.metric(&ejections).await >= 1.0);
-    // Once ejected, it gets no queries; the load goes on.
+
+    // Ejected: it gets no queries; the load goes on.
     let sent_before = proxy.metric(&replica_queries).await;
-    let served_before = next.load(Ordering::Relaxed);
-    for _ in 0..200 {
-        if next.load(Ordering::Relaxed) >= served_before + 40 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(next.load(Ordering::Relaxed) >= served_before + 40);
+    failed.extend(load(&proxy, &next, clients, each).await);
     assert_eq!(proxy.metric(&replica_queries).await, sent_before);
 
+    // Started again: one good check re-admits it, and it takes queries again.
     replica_services("up");
     metric_until(&proxy, &replica_up, |v| v == 1.0).await;
-    metric_until(&proxy, &replica_queries, |n| n > sent_before).await;
+    failed.extend(load(&proxy, &next, clients, each).await);
+    assert!(proxy.metric(&replica_queries).await > sent_before);
 
-    stop.store(true, Ordering::Relaxed);
-    let mut failed = Vec::new();
-    for client in clients {
-        failed.extend(client.await.expect("client task"));
-    }
     assert!(
         failed.is_empty(),
         "{} requests failed: {:?}; log:\n{}",
@@ -151,9 +174,14 @@ fn on_cluster(cluster: &RedisCluster, prefix: &str) -> ProxyOptions {
 async fn on_a_redis_cluster_answers_are_cached_and_two_proxies_coalesce_256_cold_requests() {
     let cluster = RedisCluster::start().await;
     let prefix = shared_prefix();
+    let options = || {
+        let mut options = on_cluster(&cluster, &prefix);
+        options.set.push(patient_redis());
+        options
+    };
     let proxies = Arc::new([
-        Proxy::start_with(on_cluster(&cluster, &prefix)).await,
-        Proxy::start_with(on_cluster(&cluster, &prefix)).await,
+        Proxy::start_with(options()).await,
+        Proxy::start_with(options()).await,
     ]);
 
     // MISS then HIT (no in-process tier: the HIT comes from the cluster),
@@ -216,8 +244,12 @@ async fn on_a_redis_cluster_a_rate_limit_is_shared_by_two_proxies() {
     let prefix = shared_prefix();
     let options = || {
         let mut options = on_cluster(&cluster, &prefix);
+        options.set.push(patient_redis());
         options.store_url = Some(store.clone());
-        let tier: toml::Value = "requests_per_minute = 10\nburst = 10\nqueries = ['*']"
+        // A burst of 10 and one more request a minute: no request is given
+        // back while the test runs (seconds), so the count below is exact
+        // however slow the machine (at 10 a minute, one came back every 6 s).
+        let tier: toml::Value = "requests_per_minute = 1\nburst = 10\nqueries = ['*']"
             .parse::<toml::Table>()
             .expect("tier")
             .into();
@@ -263,17 +295,17 @@ async fn with_the_redis_cluster_down_for_10s_requests_succeed_and_caching_resume
     assert_eq!(proxy.get(url).await.cache(), "HIT");
 
     cluster.stop();
-    // Steady requests for 10 s: every one answered (from ClickHouse).
+    // Steady requests while it is down for at least 10 s: a fixed 100, 100 ms
+    // apart (so the outage lasts 10 s however fast the machine, and the count
+    // stays far below the tier's burst however slow): every one answered
+    // (from ClickHouse).
     let mut results: HashMap<String, usize> = HashMap::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let mut sent = 0;
-    while tokio::time::Instant::now() < deadline && sent < 10_000 {
+    for _ in 0..100 {
         let reply: Reply = proxy.get(url).await;
         assert_eq!(reply.status, 200, "{}", reply.text());
         assert!(reply.body.is_ok());
         *results.entry(reply.cache().to_owned()).or_default() += 1;
-        sent += 1;
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(
         !results.contains_key("HIT"),

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::harness::{Proxy, ProxyOptions, RedisServer, shared_prefix};
+use crate::harness::{Proxy, ProxyOptions, RedisServer, patient_redis, shared_prefix};
 
 /// A `[tier.<name>]` table for `ProxyOptions::set`.
 fn tier(text: &str) -> toml::Value {
@@ -107,6 +107,10 @@ async fn expired_keys_and_queries_outside_the_tier_are_refused() {
     assert!(out.status.success());
     let expiring = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     let free = proxy.add_key("free", "acme");
+    // Time must pass here, and a sleep never ends early: the key expired
+    // 1 s after it was minted, at least 0.5 s ago however slow the machine.
+    // (Both keys are in the store by now, and a key the proxy does not know
+    // yet makes it read the store, so neither needs waiting for a reload.)
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let reply = proxy
         .get_with(URL, &[("authorization", &bearer(&expiring))])
@@ -164,11 +168,18 @@ async fn a_rate_limit_is_shared_by_every_proxy() {
     let options = || ProxyOptions {
         store_url: Some(store.clone()),
         key_prefix: Some(prefix.clone()),
-        set: vec![(
-            "tier",
-            "test",
-            tier("requests_per_minute = 10\nburst = 10\nqueries = ['*']"),
-        )],
+        set: vec![
+            patient_redis(),
+            (
+                "tier",
+                "test",
+                // A burst of 10, then one request a minute: nothing is given
+                // back while the test runs (seconds; a minute would take a
+                // machine tens of times slower), so the counts below are exact
+                // (at 10 a minute, one came back every 6 s).
+                tier("requests_per_minute = 1\nburst = 10\nqueries = ['*']"),
+            ),
+        ],
         ..Default::default()
     };
     let a = Proxy::start_with(options()).await;
@@ -198,6 +209,7 @@ async fn a_rate_limit_is_shared_by_every_proxy() {
     // still exactly the burst is allowed.
     let other = a.add_key("test", "acme");
     for proxy in [&a, &b] {
+        let mut known = false;
         for _ in 0..50 {
             if proxy
                 .get_with("/v1/query/nope", &[("authorization", &bearer(&other))])
@@ -205,10 +217,12 @@ async fn a_rate_limit_is_shared_by_every_proxy() {
                 .status
                 == 404
             {
+                known = true;
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        assert!(known, "proxy did not load the second key");
     }
     // Those two probes counted: 8 left of 10.
     let proxies = std::sync::Arc::new([a, b]);
@@ -253,7 +267,9 @@ async fn with_redis_down_the_local_limiter_still_limits() {
         set: vec![(
             "tier",
             "test",
-            tier("requests_per_minute = 6\nburst = 6\nqueries = ['*']"),
+            // One request back a minute (was every 10 s): none comes back
+            // while these few requests run, however slow the machine.
+            tier("requests_per_minute = 1\nburst = 6\nqueries = ['*']"),
         )],
         ..Default::default()
     })
@@ -383,6 +399,8 @@ async fn a_cheaper_tier_accepts_older_answers() {
     .await;
     let cheap = proxy.add_key("cheap", "acme");
     assert_eq!(proxy.get("/v1/query/brief").await.cache(), "MISS");
+    // The answer was stored before its MISS ended (fill.rs), and a sleep never
+    // ends early: afterwards it is past its 1 s TTL however slow the machine.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     // Past the query's TTL: the cheap tier still takes the stored answer...
     let mut reply = None;
