@@ -1,7 +1,7 @@
 //! The long-running scheduler: fires jobs on their cron schedule, reloads, stops gracefully.
 //!
 //! Owns the schedule. Jobs are one-shot jobs of tokio-cron-scheduler at the
-//! next fire time, computed by [`dashcache::warmup::Schedule`] in the job's
+//! next fire time, computed by [`crate::jobs::Schedule`] in the job's
 //! time zone (so daylight-saving changes are followed: tokio-cron-scheduler's
 //! own time zone support fixes the UTC offset when a job is created); each
 //! fire schedules the next one. A reload (SIGHUP, or the config file
@@ -16,12 +16,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::jobs;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use dashcache::metrics::{Metrics, ResultLabels};
 use dashcache::service;
 use dashcache::store::Store;
-use dashcache::warmup;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -221,7 +221,7 @@ impl Daemon {
     /// Loads, validates and swaps in the config; keeps the old schedule on any error.
     async fn reload(&mut self, why: &str) {
         service::reloading();
-        let result = warmup::check(&self.path)
+        let result = jobs::check(&self.path)
             .map_err(anyhow::Error::from)
             .and_then(|(config, catalog, jobs)| {
                 Runner::new(

@@ -1,12 +1,14 @@
 //! `dashcache-scheduler`: warms the cache from schedules in the config.
 //!
 //! Owns only the command line: `serve` (run the schedule), `run JOB` (one
-//! job now), `check` (validate like `nginx -t`) and `history`. Scheduling,
+//! job now), `targets JOB` (what it would warm), `check` (validate like
+//! `nginx -t`) and `history`. Scheduling,
 //! runs, leases and history live in the modules below; everything about keys,
 //! entries and ClickHouse is shared with the proxy (`dashcache`).
 
 mod daemon;
 mod history;
+mod jobs;
 mod lease;
 mod runner;
 
@@ -43,6 +45,10 @@ enum Command {
     Serve,
     /// Run one job now; exit non-zero if it failed or any key failed.
     Run { job: String },
+    /// Print what a job would warm now, one answer a line: the tenant (`-`
+    /// for queries that are not per tenant), a tab, the proxy path that
+    /// asks for it (`popular` jobs depend on demand and list nothing).
+    Targets { job: String },
     /// Validate the config (queries, SQL templates, warm-up jobs); exit non-zero on error.
     Check,
     /// Print the run history, newest first.
@@ -77,7 +83,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let (config, catalog, jobs) = dashcache::warmup::check(&cli.config)?;
+    let (config, catalog, jobs) = crate::jobs::check(&cli.config)?;
     match cli.command {
         Command::Check => {
             println!(
@@ -87,6 +93,32 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 jobs.len()
             );
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Targets { job } => {
+            let Some(job) = jobs.iter().find(|j| j.name == job) else {
+                let names: Vec<&str> = jobs.iter().map(|j| j.name.as_str()).collect();
+                anyhow::bail!("no warm-up job `{job}`; jobs: {}", names.join(", "));
+            };
+            let clock = dashcache::params::Clock {
+                now: chrono::Utc::now(),
+                now_step: config.cache.now_step,
+            };
+            let (targets, problems) = job.targets(&config.cache.key_prefix, &clock);
+            for target in targets {
+                println!(
+                    "{}\t{}",
+                    target.tenant.as_deref().unwrap_or("-"),
+                    target.path()
+                );
+            }
+            for problem in &problems {
+                eprintln!("{problem}");
+            }
+            Ok(if problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::History { job, limit } => {
             let store = Store::from_config(&config).await?;

@@ -11,6 +11,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::jobs::{JobKind, Target, WarmupJob};
 use chrono::Utc;
 use dashcache::cache::Cache;
 use dashcache::catalog::Catalog;
@@ -25,7 +26,6 @@ use dashcache::params::Clock;
 use dashcache::popularity;
 use dashcache::redis_conn::{RedisConn, Timeouts};
 use dashcache::store::Store;
-use dashcache::warmup::{JobKind, Target, WarmupJob};
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 

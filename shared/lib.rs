@@ -31,4 +31,3 @@ pub mod telemetry;
 pub mod tier;
 pub mod timeexpr;
 pub mod upstream;
-pub mod warmup;

@@ -13,43 +13,15 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use redis::aio::ConnectionLike;
-use serde::Deserialize;
 
 use crate::cache::CacheKey;
+use crate::config::PopularityConfig;
 use crate::format::Format;
 use crate::params::Bound;
 use crate::redis_conn::RedisConn;
-
-/// `[popularity]`: how the proxy counts demand.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PopularityConfig {
-    /// Count requests at all.
-    pub enabled: bool,
-    /// How often counts are sent to Redis.
-    #[serde(with = "humantime_serde")]
-    pub flush_interval: Duration,
-    /// How long an hour's counts are kept.
-    #[serde(with = "humantime_serde")]
-    pub retention: Duration,
-    /// Distinct keys counted between flushes; more are dropped (and counted as dropped).
-    pub max_pending: usize,
-}
-
-impl Default for PopularityConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            flush_interval: Duration::from_secs(5),
-            retention: Duration::from_secs(48 * 3600),
-            max_pending: 100_000,
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PopularityError {

@@ -1,17 +1,17 @@
-//! Warm-up jobs: the `[scheduler]` section and `[[warmup]]` entries of the config.
+//! Warm-up jobs: the `[scheduler]` section and `[[warmup]]` entries compiled.
 //!
-//! Owns their shape, their validation (with messages naming the file, the
+//! Owns their validation (with messages naming the file, the
 //! line of the offending entry and the reason), cron schedules in a time zone
 //! that is followed across daylight-saving changes, and turning a job's
 //! parameter sets (explicit lists and cartesian products, relative dates) into
 //! the exact cache keys the proxy would use for the same requests.
 //!
-//! It does not run anything: executing jobs, leases, run history and reloads
-//! belong to the scheduler binary (`scheduler/`); demand counting to
-//! [`crate::popularity`].
+//! Their raw shape is `dashcache::config`'s. It does not run anything:
+//! executing jobs, leases, run history and reloads are [`crate::runner`],
+//! [`crate::lease`], [`crate::history`] and [`crate::daemon`]; demand
+//! counting is `dashcache::popularity`.
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::SocketAddr;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -20,118 +20,15 @@ use std::time::Duration;
 use chrono::{DateTime, SubsecRound, Utc};
 use chrono_tz::Tz;
 use croner::Cron;
-use serde::Deserialize;
 
-use crate::cache::CacheKey;
-use crate::catalog::{Asked, Catalog, QueryDef, TimeRange};
-use crate::config::{Config, ConfigError, DefaultValue};
-use crate::format::Format;
-use crate::params::{Clock, RawParam};
+use dashcache::cache::CacheKey;
+use dashcache::catalog::{Asked, Catalog, QueryDef, TimeRange};
+use dashcache::config::{Config, ConfigError, DefaultValue, WarmupConfig};
+use dashcache::format::Format;
+use dashcache::params::{Clock, RawParam};
 
 /// Most keys one job may warm per run: a guard against runaway products.
 pub const MAX_KEYS_PER_JOB: usize = 10_000;
-
-/// `[scheduler]`: defaults for every job and how the scheduler process behaves.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SchedulerConfig {
-    /// Time zone of jobs that do not name one (IANA name, e.g. `Europe/Berlin`).
-    pub timezone: String,
-    /// Keys one job computes at the same time (ClickHouse queries in flight).
-    pub concurrency: usize,
-    /// Random delay before a scheduled run starts, up to this.
-    #[serde(with = "humantime_serde")]
-    pub jitter: Duration,
-    /// An entry still fresh for longer than this (XFetch-adjusted) is skipped.
-    #[serde(with = "humantime_serde")]
-    pub refresh_ahead: Duration,
-    /// Lifetime of the Redis lease of a running job; renewed while it runs.
-    #[serde(with = "humantime_serde")]
-    pub lease_ttl: Duration,
-    /// How long running jobs may go on after SIGTERM before they are cut.
-    #[serde(with = "humantime_serde")]
-    pub shutdown_grace: Duration,
-    /// Reload the config when its file changes (SIGHUP always reloads).
-    pub watch: bool,
-    /// Name of this host in the run history (default: the system host name).
-    pub host: Option<String>,
-    /// Redis round-trip bound for the scheduler (it is not latency-bound like
-    /// the proxy; the larger of this and `redis.timeout` applies).
-    #[serde(with = "humantime_serde")]
-    pub redis_timeout: Duration,
-    /// Where the scheduler serves `/metrics` (off when absent).
-    pub metrics_listen: Option<SocketAddr>,
-    /// ClickHouse settings of every warm-up query (jobs may add their own),
-    /// e.g. `{ max_threads = 2, priority = 10 }`.
-    pub settings: BTreeMap<String, DefaultValue>,
-}
-
-impl Default for SchedulerConfig {
-    fn default() -> Self {
-        Self {
-            timezone: "UTC".into(),
-            concurrency: 2,
-            jitter: Duration::ZERO,
-            refresh_ahead: Duration::from_secs(60),
-            lease_ttl: Duration::from_secs(30),
-            shutdown_grace: Duration::from_secs(30),
-            watch: true,
-            host: None,
-            redis_timeout: Duration::from_secs(2),
-            metrics_listen: None,
-            settings: BTreeMap::new(),
-        }
-    }
-}
-
-/// One `[[warmup]]` entry as written.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WarmupConfig {
-    pub name: String,
-    /// 5 fields (`30 6 * * Mon-Fri`) or 6 with seconds first.
-    pub cron: String,
-    /// IANA time zone; defaults to `scheduler.timezone`.
-    #[serde(default)]
-    pub timezone: Option<String>,
-    /// The catalog query to warm (absent for a `popular` job).
-    #[serde(default)]
-    pub query: Option<String>,
-    /// Tenants to warm each parameter set for (required for tenant-scoped queries).
-    #[serde(default)]
-    pub tenants: Vec<String>,
-    /// Response formats to warm (default `["json"]`).
-    #[serde(default)]
-    pub formats: Vec<String>,
-    /// Explicit parameter sets, as URL values (`{ from = "today-7d", to = "today" }`).
-    #[serde(default)]
-    pub params: Vec<BTreeMap<String, DefaultValue>>,
-    /// Value lists whose cartesian product is combined with every explicit set.
-    #[serde(default)]
-    pub matrix: BTreeMap<String, Vec<DefaultValue>>,
-    #[serde(default)]
-    pub concurrency: Option<usize>,
-    #[serde(default, with = "humantime_serde")]
-    pub jitter: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub refresh_ahead: Option<Duration>,
-    /// Extra ClickHouse settings for this job's queries.
-    #[serde(default)]
-    pub settings: BTreeMap<String, DefaultValue>,
-    /// Makes this a popularity job: refresh the most requested keys.
-    #[serde(default)]
-    pub popular: Option<PopularConfig>,
-}
-
-/// `popular = { top = 100, hours = 24 }`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PopularConfig {
-    /// How many keys (K).
-    pub top: usize,
-    /// Over how many past hours of demand (N).
-    pub hours: u32,
-}
 
 /// A cron expression in a time zone.
 #[derive(Debug, Clone)]

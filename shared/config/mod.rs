@@ -12,6 +12,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod scheduler;
+pub use scheduler::{PopularConfig, PopularityConfig, SchedulerConfig, WarmupConfig};
+
 /// Why a config could not be loaded. Messages name the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -59,13 +62,13 @@ pub struct Config {
     pub exports: BTreeMap<String, QueryConfig>,
     /// The warm-up scheduler's settings (see [`crate::warmup`]).
     #[serde(default)]
-    pub scheduler: crate::warmup::SchedulerConfig,
+    pub scheduler: SchedulerConfig,
     /// Warm-up jobs, `[[warmup]]` (see [`crate::warmup`]).
     #[serde(default)]
-    pub warmup: Vec<crate::warmup::WarmupConfig>,
+    pub warmup: Vec<WarmupConfig>,
     /// Demand counting for popularity-driven warm-up (see [`crate::popularity`]).
     #[serde(default)]
-    pub popularity: crate::popularity::PopularityConfig,
+    pub popularity: PopularityConfig,
     /// The file this config was read from (set by [`Config::load`]).
     #[serde(skip)]
     pub path: PathBuf,
@@ -265,7 +268,7 @@ impl Default for CacheConfig {
             default_ttl: Duration::from_secs(300),
             default_grace: Duration::from_secs(3600),
             xfetch_beta: 1.0,
-            now_step: crate::catalog::NOW_STEP,
+            now_step: Duration::from_secs(60),
             l1_max_bytes: 64 << 20,
             l1_ttl: Duration::from_secs(2),
         }
