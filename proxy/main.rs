@@ -2,16 +2,15 @@
 //!
 //! Everything else lives in the server modules below and in the library.
 
-mod app;
 mod auth;
-mod export;
-mod keys;
-mod missqueue;
+mod handlers;
+mod keycmd;
 mod openapi;
-mod query;
+mod prepared;
 mod reply;
 mod routes;
 mod server;
+mod state;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -50,7 +49,7 @@ enum Command {
     Check,
     /// Manage API keys.
     #[command(subcommand)]
-    Keys(keys::KeysCommand),
+    Keys(keycmd::KeysCommand),
 }
 
 fn main() -> ExitCode {
@@ -75,7 +74,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Check) => {
             let catalog = dashcache::catalog::Catalog::load(&config)?;
-            dashcache::tier::Tiers::load(&config)?;
+            crate::auth::tier::Tiers::load(&config)?;
             println!(
                 "{}: ok ({} queries)",
                 cli.config.display(),
@@ -83,9 +82,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Some(Command::Keys(command)) => runtime.block_on(keys::run(&config, command)),
+        Some(Command::Keys(command)) => runtime.block_on(keycmd::run(&config, command)),
         None => runtime.block_on(async {
-            let app = app::App::new(config).await?;
+            let app = state::App::new(config).await?;
             server::run(app, cli.listen).await
         }),
     }

@@ -11,17 +11,17 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use dashcache::metrics::{HttpLabels, RouteLabels};
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 
-use crate::app::App;
+use crate::auth;
+use crate::handlers::{export, health, query};
 use crate::reply::{self, Body};
-use crate::{auth, export, query};
+use crate::state::App;
 use dashcache::config::{ProxyConfig, RequestLog};
-use dashcache::format::Format;
 use dashcache::outcome::CacheStatus;
 
 /// The routes, for metric labels and the log line.
@@ -149,7 +149,7 @@ async fn route(app: &Arc<App>, req: &Request<Incoming>) -> (Route, Response<Body
             .map(|name| (Route::Export, name))
     };
     if let Some((route, name)) = api {
-        let response = match auth::authenticate(app, req).await {
+        let response = match app.auth.authenticate(req).await {
             Ok(caller) => {
                 let mut response = if route == Route::Query {
                     query::handle(app, name, req, &caller).await
@@ -182,20 +182,13 @@ async fn route(app: &Arc<App>, req: &Request<Incoming>) -> (Route, Response<Body
             return (Route::Other, response);
         }
     };
-    if protected && let Err(response) = auth::authenticate(app, req).await {
+    if protected && let Err(response) = app.auth.authenticate(req).await {
         return (route, response);
     }
-    let response = if route == Route::Healthz {
-        reply::json(StatusCode::OK, &serde_json::json!({ "status": "ok" }))
-    } else if route == Route::Readyz {
-        readiness(app).await
-    } else {
-        let mut response = Response::new(reply::full(app.metrics.render()));
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-        );
-        response
+    let response = match route {
+        Route::Healthz => health::liveness(),
+        Route::Readyz => health::readiness(app).await,
+        _ => health::metrics(app),
     };
     (route, response)
 }
@@ -214,43 +207,3 @@ fn logged(config: &ProxyConfig, status: StatusCode) -> bool {
 /// The API key id a response was made for (never the key), for the log line.
 #[derive(Clone)]
 struct KeyId(String);
-
-/// `/readyz`: 200 when ClickHouse and Redis answer, else 503; the body names
-/// each dependency's state. (The config was loaded, or the process would not run.)
-async fn readiness(app: &App) -> Response<Body> {
-    let (clickhouse, redis) = tokio::join!(clickhouse_ready(app), app.cache.redis().ping());
-    let check = |result: &Result<(), String>| match result {
-        Ok(()) => serde_json::json!({ "ok": true }),
-        Err(err) => serde_json::json!({ "ok": false, "error": err }),
-    };
-    let ready = clickhouse.is_ok() && redis.is_ok();
-    let body = serde_json::json!({
-        "status": if ready { "ready" } else { "not_ready" },
-        "checks": {
-            "config": { "ok": true },
-            "clickhouse": check(&clickhouse),
-            "redis": check(&redis),
-        }
-    });
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    reply::json(status, &body)
-}
-
-async fn clickhouse_ready(app: &App) -> Result<(), String> {
-    let probe = async {
-        let mut answer = app
-            .filler
-            .clickhouse
-            .query("SELECT 1", Format::Csv, "")
-            .map_err(|e| e.to_string())?;
-        while answer.next().await.map_err(|e| e.to_string())?.is_some() {}
-        Ok(())
-    };
-    tokio::time::timeout(Duration::from_secs(2), probe)
-        .await
-        .unwrap_or_else(|_| Err("no answer within 2s".into()))
-}

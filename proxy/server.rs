@@ -16,20 +16,33 @@ use hyper_util::server::graceful::GracefulShutdown;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 
-use crate::app::App;
 use crate::routes;
+use crate::state::App;
 
+/// Binds the configured (or given) address and serves until SIGTERM/Ctrl-C.
 pub async fn run(app: Arc<App>, listen: Option<SocketAddr>) -> anyhow::Result<()> {
     let addr = listen.unwrap_or(app.config.proxy.listen);
     let listener = bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
     tracing::info!(addr = %listener.local_addr()?, queries = app.catalog.iter().count(), "dashcache-proxy listening");
     // systemd (Type=notify): config, keys and listener are ready; no-op outside systemd.
     dashcache::service::ready(&format!("listening on {}", listener.local_addr()?));
-
     ignore_sighup();
+    serve(listener, app, shutdown_signal()).await
+}
+
+/// Serves `listener` until `shutdown` completes, then drains in-flight
+/// requests for up to `proxy.shutdown_grace` (mini-redis's
+/// `server::run(listener, shutdown)`): the caller owns the socket and the
+/// signal, so a test can serve on its own listener and stop it at will.
+pub async fn serve(
+    listener: TcpListener,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    routes::Route::zero_series(&app.metrics);
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
-    let mut shutdown = std::pin::pin!(shutdown_signal());
+    let mut shutdown = std::pin::pin!(shutdown);
     loop {
         tokio::select! {
             accepted = listener.accept() => {

@@ -101,9 +101,15 @@ impl Runner {
         store: Store,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Runner> {
-        let mut cache_config = config.clone();
-        cache_config.redis.timeout = config.redis.timeout.max(config.scheduler.redis_timeout);
-        let cache = Arc::new(Cache::new(&cache_config, metrics.clone(), false)?);
+        let mut redis_config = config.redis.clone();
+        redis_config.timeout = config.redis.timeout.max(config.scheduler.redis_timeout);
+        let cache = Arc::new(Cache::new(
+            &config.cache,
+            &redis_config,
+            config.min_retention(),
+            metrics.clone(),
+            false,
+        )?);
         let redis = RedisConn::open(
             &config.redis,
             Timeouts::relaxed(config.scheduler.redis_timeout),

@@ -26,9 +26,7 @@ pub const NOW_STEP: Duration = Duration::from_secs(60);
 /// Parameter names the proxy itself reads; queries cannot declare them.
 pub const RESERVED_PARAMS: [&str; 2] = ["format", TENANT];
 
-/// The placeholder a template uses for the caller's tenant. Its value comes
-/// from the API key, never from the URL.
-pub const TENANT: &str = "tenant";
+pub use crate::params::TENANT;
 
 /// All queries of a config, by name.
 #[derive(Debug, Default)]

@@ -97,6 +97,8 @@ pub struct ClickHouse {
 /// The replicas of one upstream: their health and one client each.
 #[derive(Clone)]
 struct Upstream {
+    /// The health check's bound (`clickhouse.health_timeout`).
+    health_timeout: Duration,
     pool: Arc<Pool>,
     /// One per replica, in the pool's order, with every query setting.
     clients: Vec<clickhouse::Client>,
@@ -124,6 +126,7 @@ impl Upstream {
             async move { probe(&client, timeout).await }
         });
         Upstream {
+            health_timeout: timeout,
             pool,
             clients,
             running: Arc::default(),
@@ -234,6 +237,22 @@ impl ClickHouse {
             exports.upstream = upstream;
         }
         exports
+    }
+
+    /// Whether some replica answers the health check (`SELECT 1` within
+    /// `clickhouse.health_timeout`) now; the first failure's text otherwise.
+    /// The same probe as the background checks; not counted as a query.
+    pub async fn ping(&self) -> Result<(), String> {
+        let mut first_error = None;
+        for client in &self.upstream.clients {
+            match probe(client, self.upstream.health_timeout).await {
+                Ok(()) => return Ok(()),
+                Err(err) => {
+                    first_error.get_or_insert(err);
+                }
+            }
+        }
+        Err(first_error.unwrap_or_else(|| "no ClickHouse replica configured".into()))
     }
 
     /// How many replicas queries choose from.

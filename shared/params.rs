@@ -15,6 +15,10 @@ use serde::Serialize;
 use crate::config::{ParamConfig, ParamType};
 use crate::timeexpr;
 
+/// The placeholder a template uses for the caller's tenant. Its value comes
+/// from the API key, never from the URL.
+pub const TENANT: &str = "tenant";
+
 /// Longest raw value accepted for any parameter, before any parsing.
 pub const MAX_RAW_LEN: usize = 1024;
 const DEFAULT_MAX_LEN: usize = 256;
@@ -337,7 +341,7 @@ impl Bound {
     pub fn asked_query(&self) -> String {
         let mut out = form_urlencoded::Serializer::new(String::new());
         for (name, value) in self.iter() {
-            if name == crate::catalog::TENANT
+            if name == TENANT
                 || matches!(value, Value::Null)
                 || matches!(value, Value::StrList(v) if v.is_empty())
                 || matches!(value, Value::IntList(v) if v.is_empty())
@@ -437,7 +441,7 @@ mod tests {
         bound.push("country", Value::StrList(vec!["DE".into(), "FR".into()]));
         bound.push("from", Value::Time(0));
         bound.push("plan", Value::Null);
-        bound.push(crate::catalog::TENANT, Value::Str("acme".into()));
+        bound.push(TENANT, Value::Str("acme".into()));
         assert!(!bound.is_relative());
         assert_eq!(
             bound.asked_query(),

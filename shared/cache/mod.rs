@@ -19,7 +19,9 @@ pub use self::key::CacheKey;
 pub use self::l1::L1;
 pub use self::redis::{LockOutcome, RedisCache};
 
+#[cfg(doc)]
 use crate::config::Config;
+use crate::config::{CacheConfig, RedisConfig};
 use crate::metrics::Metrics;
 
 /// Version of the key scheme and the entry format. Bump it on any incompatible
@@ -37,22 +39,23 @@ pub struct Cache {
 }
 
 impl Cache {
-    /// Builds both tiers from the config (`with_l1: false` for processes that
-    /// only write, like the scheduler).
+    /// Builds both tiers from their sections (`with_l1: false` for processes
+    /// that only write, like the scheduler). Entries stay in Redis at least
+    /// `min_retention` after creation (see [`Config::min_retention`]).
     pub fn new(
-        config: &Config,
+        cache: &CacheConfig,
+        redis: &RedisConfig,
+        min_retention: Duration,
         metrics: Arc<Metrics>,
         with_l1: bool,
     ) -> Result<Cache, ::redis::RedisError> {
-        let l1 = (with_l1 && config.cache.l1_max_bytes > 0 && !config.cache.l1_ttl.is_zero())
-            .then(|| L1::new(config.cache.l1_max_bytes, config.cache.l1_ttl));
-        let min_retention = config.tiers.values().filter_map(|t| t.min_ttl).max();
+        let l1 = (with_l1 && cache.l1_max_bytes > 0 && !cache.l1_ttl.is_zero())
+            .then(|| L1::new(cache.l1_max_bytes, cache.l1_ttl));
         Ok(Cache {
             l1,
-            redis: RedisCache::new(&config.redis, metrics.clone())?,
+            redis: RedisCache::new(redis, metrics.clone())?,
             metrics,
-            min_retention_ms: min_retention
-                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+            min_retention_ms: i64::try_from(min_retention.as_millis()).unwrap_or(i64::MAX),
         })
     }
 

@@ -555,6 +555,16 @@ impl Config {
         }
     }
 
+    /// How long answers must stay in Redis after creation: the longest tier
+    /// `min_ttl`, so cheaper tiers find the older answers they accept.
+    pub fn min_retention(&self) -> Duration {
+        self.tiers
+            .values()
+            .filter_map(|t| t.min_ttl)
+            .max()
+            .unwrap_or(Duration::ZERO)
+    }
+
     /// The directory relative paths in this config are resolved against.
     pub fn base_dir(&self) -> &Path {
         self.path.parent().unwrap_or(Path::new("."))

@@ -8,13 +8,22 @@
 
 use std::sync::Arc;
 
-use dashcache::keys::{ApiKey, KeyError};
+pub mod keys;
+pub mod missqueue;
+pub mod ratelimit;
+pub mod tier;
+
+use dashcache::metrics::Metrics;
+
+use self::keys::{ApiKey, KeyError, KeyRing, KeyStore};
+use self::missqueue::MissQueue;
+use self::ratelimit::Decision;
+use self::ratelimit::RateLimiter;
+use self::tier::Tier;
+use self::tier::Tiers;
 use dashcache::outcome::RateOutcome;
-use dashcache::ratelimit::Decision;
-use dashcache::tier::Tier;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 
-use crate::app::App;
 use crate::reply::{self, Body};
 
 /// An authenticated caller.
@@ -41,8 +50,25 @@ fn presented(headers: &HeaderMap) -> Option<&str> {
     })
 }
 
-/// Authenticates and rate-limits a request.
-pub async fn authenticate<B>(app: &App, req: &Request<B>) -> Result<Caller, Response<Body>> {
+/// Who may call, and how much: keys, tiers, rate limits, miss queue.
+pub struct Auth {
+    pub keys: Arc<KeyRing>,
+    pub key_store: KeyStore,
+    pub tiers: Tiers,
+    pub limiter: Arc<RateLimiter>,
+    /// Per-key turns at starting a computation (`max_concurrent_misses`).
+    pub misses: MissQueue,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Auth {
+    /// Authenticates and rate-limits a request.
+    pub async fn authenticate<B>(&self, req: &Request<B>) -> Result<Caller, Response<Body>> {
+        authenticate(self, req).await
+    }
+}
+
+async fn authenticate<B>(app: &Auth, req: &Request<B>) -> Result<Caller, Response<Body>> {
     let now = chrono::Utc::now();
     let key = app
         .keys

@@ -10,17 +10,17 @@
 //! itself until it ends (see `Filler::spawn_after`), so ClickHouse never runs
 //! more than the cap for one key from one process.
 //!
-//! It does not own the rate limit (`dashcache::ratelimit`) or what a tier
-//! allows (`dashcache::tier`).
+//! It does not own the rate limit ([`super::ratelimit`]) or what a tier
+//! allows ([`super::tier`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use crate::auth::tier::Tier;
 use dashcache::coalesce::FlightError;
 use dashcache::metrics::Metrics;
 use dashcache::outcome::QueueOutcome;
-use dashcache::tier::Tier;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Every key's line, by key id.
@@ -132,7 +132,7 @@ impl MissQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dashcache::tier::Allowed;
+    use crate::auth::tier::Allowed;
     use std::time::Duration;
 
     fn tier(cap: usize, queue: usize, wait: Duration) -> Tier {

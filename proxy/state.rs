@@ -1,10 +1,15 @@
 //! The proxy's shared state: what every request handler can reach.
 //!
-//! Built once from the config at start; cheap to share (`Arc`).
+//! Built once from the config at start; cheap to share (`Arc`). It depends on
+//! the parts it holds (auth, the prepared-request memo, the library), never on
+//! the handlers or routes that use it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::auth::keys::{KeyRing, KeyStore};
+use crate::auth::ratelimit::RateLimiter;
+use crate::auth::tier::Tiers;
 use anyhow::Context as _;
 use dashcache::cache::Cache;
 use dashcache::catalog::Catalog;
@@ -12,27 +17,22 @@ use dashcache::clickhouse::ClickHouse;
 use dashcache::coalesce::Coalescer;
 use dashcache::config::Config;
 use dashcache::fill::Filler;
-use dashcache::keys::{KeyRing, KeyStore};
 use dashcache::metrics::Metrics;
 use dashcache::popularity::Recorder;
-use dashcache::ratelimit::RateLimiter;
 use dashcache::redis_conn::{RedisConn, Timeouts};
 use dashcache::store::Store;
-use dashcache::tier::Tiers;
 
-use crate::missqueue::MissQueue;
+use crate::auth::Auth;
+use crate::auth::missqueue::MissQueue;
+use crate::prepared::PreparedMemo;
 
 pub struct App {
     pub config: Config,
     pub catalog: Catalog,
-    pub tiers: Tiers,
-    pub keys: Arc<KeyRing>,
-    pub key_store: KeyStore,
-    pub limiter: Arc<RateLimiter>,
-    /// Per-key turns at starting a computation (`max_concurrent_misses`).
-    pub misses: MissQueue,
-    /// Recently prepared requests (see `query::prepare`).
-    pub prepared: moka::sync::Cache<String, Arc<crate::query::Prepared>>,
+    /// API keys, tiers, rate limits and the miss queue.
+    pub auth: Auth,
+    /// Recently prepared requests (see [`crate::prepared`]).
+    pub prepared: PreparedMemo,
     pub cache: Arc<Cache>,
     pub coalescer: Arc<Coalescer>,
     pub filler: Arc<Filler>,
@@ -49,8 +49,13 @@ impl App {
         let catalog = Catalog::load(&config)?;
         let tiers = Tiers::load(&config)?;
         let metrics = Arc::new(Metrics::new());
-        crate::routes::Route::zero_series(&metrics);
-        let cache = Arc::new(Cache::new(&config, metrics.clone(), true)?);
+        let cache = Arc::new(Cache::new(
+            &config.cache,
+            &config.redis,
+            config.min_retention(),
+            metrics.clone(),
+            true,
+        )?);
         let store = Store::from_config(&config).await?;
         let key_store = KeyStore::new(store);
         let keys = Arc::new(KeyRing::default());
@@ -75,16 +80,16 @@ impl App {
         Ok(Arc::new(App {
             openapi: crate::openapi::build(&catalog, &config.auth),
             popularity,
-            limiter: RateLimiter::new(cache.clone(), &config.cache.key_prefix),
-            misses: MissQueue::new(metrics.clone()),
-            prepared: moka::sync::Cache::builder()
-                .max_capacity(10_000)
-                .time_to_live(config.cache.now_step)
-                .build(),
+            auth: Auth {
+                limiter: RateLimiter::new(cache.clone(), &config.cache.key_prefix),
+                misses: MissQueue::new(metrics.clone()),
+                tiers,
+                keys,
+                key_store,
+                metrics: metrics.clone(),
+            },
+            prepared: PreparedMemo::new(config.cache.now_step),
             catalog,
-            tiers,
-            keys,
-            key_store,
             cache,
             coalescer: Coalescer::new(),
             filler,

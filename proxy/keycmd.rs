@@ -4,12 +4,12 @@
 
 use std::time::Duration;
 
+use crate::auth::keys::{KeyStore, valid_tenant};
+use crate::auth::tier::Tiers;
 use anyhow::{Context as _, bail};
 use clap::Subcommand;
 use dashcache::config::Config;
-use dashcache::keys::{KeyStore, valid_tenant};
 use dashcache::store::Store;
-use dashcache::tier::Tiers;
 
 #[derive(Subcommand)]
 pub enum KeysCommand {

@@ -7,7 +7,7 @@
 //! in-memory index, reloaded every few seconds so new, revoked and expired
 //! keys take effect without a restart. A presented key is hashed and looked
 //! up by its hash: nothing compares secret bytes, so lookups leak no timing
-//! about stored keys. What a tier allows is [`crate::tier`]'s business.
+//! about stored keys. What a tier allows is [`crate::auth::tier`]'s business.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use crate::clock;
-use crate::store::{Store, StoreError};
+use dashcache::clock;
+use dashcache::store::{Store, StoreError};
 
 /// Every key starts with this, so leaked keys are easy to recognise and scan for.
 pub const PREFIX: &str = "dck_";

@@ -16,20 +16,20 @@ use std::time::Instant;
 use bytes::Bytes;
 use chrono::Utc;
 use dashcache::cache::{CacheKey, Entry};
-use dashcache::catalog::{Asked, QueryDef, TimeRange};
+use dashcache::catalog::{QueryDef, TimeRange};
 use dashcache::clickhouse::UpstreamError;
 use dashcache::coalesce::{FlightError, Role, Subscriber};
 use dashcache::encoding::{self, Encoding};
 use dashcache::fill::FillJob;
-use dashcache::format::Format;
 use dashcache::freshness::{self, Freshness};
 use dashcache::outcome::CacheStatus;
-use dashcache::params::{Bound, RawParam};
+
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 
-use crate::app::App;
 use crate::auth::{self, Caller};
+use crate::prepared::Prepared;
 use crate::reply::{self, Body};
+use crate::state::App;
 
 /// What a client is told to wait before retrying when nothing can be served.
 const RETRY_AFTER_SECS: u64 = 5;
@@ -53,7 +53,13 @@ pub async fn handle<B>(
 
     let now = Utc::now();
     let tenant = Some(caller.key.tenant.as_str());
-    let prepared = match prepare(app, query, req.uri().query().unwrap_or(""), tenant, now) {
+    let prepared = match app.prepared.prepare(
+        &app.config.cache.key_prefix,
+        query,
+        req.uri().query().unwrap_or(""),
+        tenant,
+        now,
+    ) {
         Ok(prepared) => prepared,
         Err(response) => return *response,
     };
@@ -132,7 +138,7 @@ pub async fn handle<B>(
             // Only requests that start a computation take a turn of the key's
             // allowance (waiting in line when it is used up); reading along
             // costs ClickHouse nothing.
-            let turn = app.misses.admit(&caller.key.id, &caller.tier);
+            let turn = app.auth.misses.admit(&caller.key.id, &caller.tier);
             app.filler.spawn_after(job(), producer, turn);
             (subscriber, true)
         }
@@ -154,76 +160,6 @@ pub async fn handle<B>(
         &mut timing,
     )
     .await
-}
-
-/// A request reduced to what the cache needs: validated, bound, rendered, keyed.
-pub struct Prepared {
-    key: CacheKey,
-    sql: String,
-    bound: Bound,
-    format: Format,
-    /// The absolute range `sql` reads.
-    range: Option<TimeRange>,
-    /// Set when the request is relative to the clock: refreshes resolve it again.
-    asked: Option<Arc<Asked>>,
-}
-
-/// Validates, binds, renders and keys a request, or says why not (422/500).
-///
-/// Within one `now` step the same query string from the same tenant always
-/// gives the same result, so it is remembered (`App::prepared`): a repeated
-/// dashboard request skips parsing, binding, rendering and hashing.
-fn prepare(
-    app: &App,
-    query: &Arc<QueryDef>,
-    raw_query: &str,
-    tenant: Option<&str>,
-    now: chrono::DateTime<Utc>,
-) -> Result<Arc<Prepared>, Box<Response<Body>>> {
-    let step = query.now_step.as_secs().max(1) as i64;
-    let memo = format!(
-        "{}\u{0}{}\u{0}{}\u{0}{raw_query}",
-        query.name,
-        tenant.unwrap_or(""),
-        now.timestamp().div_euclid(step)
-    );
-    if let Some(prepared) = app.prepared.get(&memo) {
-        return Ok(prepared);
-    }
-    let raw: Vec<RawParam> = form_urlencoded::parse(raw_query.as_bytes()).collect();
-    let (format, params, mut problems) = Format::split_param(raw, &Format::ALL);
-    let format = format.unwrap_or(Format::Json);
-    let clock = query.clock(now);
-    let bound = match query.bind(&params, &clock, tenant) {
-        Ok(bound) if problems.is_empty() => bound,
-        Ok(_) => return Err(Box::new(reply::invalid(&problems))),
-        Err(more) => {
-            problems.extend(more);
-            return Err(Box::new(reply::invalid(&problems)));
-        }
-    };
-    let sql = query.render(&bound).map_err(|err| {
-        tracing::error!(query = %query.name, error = %err, "template rendering failed");
-        Box::new(reply::error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "query template error",
-        ))
-    })?;
-    let key = query.cache_key(&app.config.cache.key_prefix, tenant, format, &bound);
-    let asked = bound
-        .is_relative()
-        .then(|| Arc::new(Asked::new(query, &bound, tenant)));
-    let prepared = Arc::new(Prepared {
-        key,
-        sql,
-        range: query.range_of(&bound),
-        asked,
-        bound,
-        format,
-    });
-    app.prepared.insert(memo, prepared.clone());
-    Ok(prepared)
 }
 
 /// Starts a background refresh of `entry` unless one is already running in

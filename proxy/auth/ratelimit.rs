@@ -18,8 +18,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::oneshot;
 
-use crate::cache::Cache;
-use crate::tier::Tier;
+use crate::auth::tier::Tier;
+use dashcache::cache::Cache;
 
 /// Lua: KEYS[1] = the key's TAT; ARGV = now, interval, tau (microseconds),
 /// n requests. Returns {how many of the n are allowed, TAT before them}.
@@ -223,7 +223,7 @@ impl RateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tier::Allowed;
+    use crate::auth::tier::Allowed;
     use std::time::Duration;
 
     fn tier(per_minute: u32, burst: u32) -> Tier {

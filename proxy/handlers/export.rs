@@ -34,9 +34,9 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 
-use crate::app::App;
 use crate::auth::{self, Caller};
 use crate::reply::{self, Body, BoxError};
+use crate::state::App;
 
 /// ClickHouse error code for "too many rows or bytes" (`max_result_rows`/`_bytes`).
 const LIMIT_CODE: u32 = 396;

@@ -1,7 +1,7 @@
 //! Usage tiers: what an API key of a tier may do, and how much.
 //!
 //! Compiled from `[tier.*]`: the request rate and burst (enforced by
-//! [`crate::ratelimit`]), how many requests per key may wait on ClickHouse at
+//! [`crate::auth::ratelimit`]), how many requests per key may wait on ClickHouse at
 //! once, which queries and exports the tier may call, export size limits, and
 //! a minimum TTL (a cheaper tier accepts older answers, so it costs less).
 
@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{Config, ConfigError};
+use dashcache::config::{Config, ConfigError};
 
 /// Names a tier may call: all, or a list.
 #[derive(Debug, Clone, PartialEq, Eq)]

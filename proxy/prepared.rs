@@ -1,0 +1,105 @@
+//! A request reduced to what the cache needs: validated, bound, rendered and
+//! keyed ([`Prepared`]), remembered for one `now` step so repeated dashboard
+//! requests skip that work ([`PreparedMemo`]).
+//!
+//! It answers nothing itself beyond the 422/500 of a request that does not
+//! bind or render; freshness and flights are the query handler's.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use dashcache::cache::CacheKey;
+use dashcache::catalog::{Asked, QueryDef, TimeRange};
+use dashcache::format::Format;
+use dashcache::params::{Bound, RawParam};
+use http::{Response, StatusCode};
+
+use crate::reply::{self, Body};
+
+/// A request reduced to what the cache needs: validated, bound, rendered, keyed.
+pub struct Prepared {
+    pub key: CacheKey,
+    pub sql: String,
+    pub bound: Bound,
+    pub format: Format,
+    /// The absolute range `sql` reads.
+    pub range: Option<TimeRange>,
+    /// Set when the request is relative to the clock: refreshes resolve it again.
+    pub asked: Option<Arc<Asked>>,
+}
+
+/// Recently prepared requests, by query, tenant, `now` step and query string.
+pub struct PreparedMemo {
+    memo: moka::sync::Cache<String, Arc<Prepared>>,
+}
+
+impl PreparedMemo {
+    /// A memo whose entries live one `now` step.
+    pub fn new(now_step: std::time::Duration) -> PreparedMemo {
+        PreparedMemo {
+            memo: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(now_step)
+                .build(),
+        }
+    }
+
+    /// Validates, binds, renders and keys a request, or says why not (422/500).
+    ///
+    /// Within one `now` step the same query string from the same tenant always
+    /// gives the same result, so it is remembered: a repeated dashboard
+    /// request skips parsing, binding, rendering and hashing.
+    pub fn prepare(
+        &self,
+        key_prefix: &str,
+        query: &Arc<QueryDef>,
+        raw_query: &str,
+        tenant: Option<&str>,
+        now: chrono::DateTime<Utc>,
+    ) -> Result<Arc<Prepared>, Box<Response<Body>>> {
+        let step = query.now_step.as_secs().max(1) as i64;
+        let memo = format!(
+            "{}\u{0}{}\u{0}{}\u{0}{raw_query}",
+            query.name,
+            tenant.unwrap_or(""),
+            now.timestamp().div_euclid(step)
+        );
+        if let Some(prepared) = self.memo.get(&memo) {
+            return Ok(prepared);
+        }
+        let raw: Vec<RawParam> = form_urlencoded::parse(raw_query.as_bytes()).collect();
+        let (format, params, mut problems) = Format::split_param(raw, &Format::ALL);
+        let format = format.unwrap_or(Format::Json);
+        let clock = query.clock(now);
+        let bound = match query.bind(&params, &clock, tenant) {
+            Ok(bound) if problems.is_empty() => bound,
+            Ok(_) => return Err(Box::new(reply::invalid(&problems))),
+            Err(more) => {
+                problems.extend(more);
+                return Err(Box::new(reply::invalid(&problems)));
+            }
+        };
+        let sql = query.render(&bound).map_err(|err| {
+            tracing::error!(query = %query.name, error = %err, "template rendering failed");
+            Box::new(reply::error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "query template error",
+            ))
+        })?;
+        let key = query.cache_key(key_prefix, tenant, format, &bound);
+        let asked = bound
+            .is_relative()
+            .then(|| Arc::new(Asked::new(query, &bound, tenant)));
+        let prepared = Arc::new(Prepared {
+            key,
+            sql,
+            range: query.range_of(&bound),
+            asked,
+            bound,
+            format,
+        });
+        self.memo.insert(memo, prepared.clone());
+        Ok(prepared)
+    }
+}
