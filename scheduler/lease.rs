@@ -3,9 +3,9 @@
 //! Owns two kinds of keys under the config's key prefix:
 //! - a *slot* per (job, scheduled time), claimed once with `SET NX` and kept
 //!   for a day, so several schedulers firing the same scheduled time run it once;
-//! - a *lease* per job, held while a run goes on and renewed every third of
-//!   its TTL, so two hosts never run the same job at the same time. If its
-//!   holder dies, the lease expires after its TTL and the next run can start.
+//! - a *lease* per job ([`dashcache::lock`]: a guard renewed every third of
+//!   its TTL, released on drop), so two hosts never run the same job at the
+//!   same time. If its holder dies, the lease expires after its TTL.
 //!
 //! Both carry the job name as a Redis Cluster hash tag, and every command or
 //! script touches one key, so they work on any topology ([`RedisConn`]).
@@ -14,15 +14,11 @@
 
 use std::time::Duration;
 
+use dashcache::lock::{self, Acquire};
 use dashcache::redis_conn::RedisConn;
 
 /// How long a claimed slot is remembered.
 const SLOT_TTL: Duration = Duration::from_secs(24 * 3600);
-
-const RENEW: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
-    return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end";
-const RELEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
-    return redis.call('DEL', KEYS[1]) else return 0 end";
 
 fn slot_key(prefix: &str, job: &str, scheduled_ms: i64) -> String {
     format!("{prefix}:warmup:{{{job}}}:slot:{scheduled_ms}")
@@ -51,86 +47,15 @@ pub async fn claim_slot(
     Ok(set.is_some())
 }
 
-/// A held job lease; renewed in the background until [`Lease::release`].
-pub struct Lease {
-    conn: RedisConn,
-    key: String,
-    token: String,
-    renewal: tokio::task::JoinHandle<()>,
-}
-
-/// Takes `job`'s lease, or tells who holds it.
+/// Takes `job`'s lease, or tells who holds it. The lease is a
+/// [`dashcache::lock::LockGuard`]: renewed while held, given back when dropped.
 pub async fn acquire(
     conn: &RedisConn,
     prefix: &str,
     job: &str,
     holder: &str,
     ttl: Duration,
-) -> Result<Result<Lease, String>, redis::RedisError> {
-    let key = lease_key(prefix, job);
-    let token = format!("{holder} {}", uuid::Uuid::new_v4());
-    let ttl_ms = ttl.as_millis().max(1) as u64;
-    let mut c = conn.clone();
-    let set: Option<String> = redis::cmd("SET")
-        .arg(&key)
-        .arg(&token)
-        .arg("NX")
-        .arg("PX")
-        .arg(ttl_ms)
-        .query_async(&mut c)
-        .await?;
-    if set.is_none() {
-        let holder: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut c).await?;
-        let holder = holder
-            .and_then(|h| h.rsplit_once(' ').map(|(who, _)| who.to_owned()))
-            .unwrap_or_else(|| "another scheduler".into());
-        return Ok(Err(holder));
-    }
-    let renewal = {
-        let (mut c, key, token) = (conn.clone(), key.clone(), token.clone());
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(ttl / 3);
-            every.tick().await;
-            loop {
-                every.tick().await;
-                let renewed: Result<i64, _> = redis::Script::new(RENEW)
-                    .key(&key)
-                    .arg(&token)
-                    .arg(ttl_ms)
-                    .invoke_async(&mut c)
-                    .await;
-                match renewed {
-                    Ok(1) => {}
-                    Ok(_) => {
-                        tracing::error!(lease = %key, "job lease lost: another host may start this job");
-                        return;
-                    }
-                    Err(err) => {
-                        tracing::warn!(lease = %key, error = %err, "could not renew job lease")
-                    }
-                }
-            }
-        })
-    };
-    Ok(Ok(Lease {
-        conn: conn.clone(),
-        key,
-        token,
-        renewal,
-    }))
-}
-
-impl Lease {
-    /// Gives the lease back (only if still ours).
-    pub async fn release(mut self) {
-        self.renewal.abort();
-        let released: Result<i64, _> = redis::Script::new(RELEASE)
-            .key(&self.key)
-            .arg(&self.token)
-            .invoke_async(&mut self.conn)
-            .await;
-        if let Err(err) = released {
-            tracing::warn!(lease = %self.key, error = %err, "could not release job lease; it expires by itself");
-        }
-    }
+    timeout: Duration,
+) -> Result<Acquire, redis::RedisError> {
+    lock::acquire(conn, lease_key(prefix, job), holder, ttl, timeout).await
 }

@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::history::{self, Counts};
 use crate::lease;
+use dashcache::lock::Acquire;
 
 /// Everything runs need, built from one version of the config.
 pub struct Runner {
@@ -165,11 +166,16 @@ impl Runner {
             &job.name,
             &holder,
             self.config.scheduler.lease_ttl,
+            self.config
+                .redis
+                .timeout
+                .max(self.config.scheduler.redis_timeout),
         )
         .await
         {
-            Ok(Ok(lease)) => lease,
-            Ok(Err(other)) => {
+            Ok(Acquire::Held(lease)) => lease,
+            Ok(Acquire::Busy { holder }) => {
+                let other = holder.unwrap_or_else(|| "another scheduler".into());
                 let msg = format!("still running on {other}");
                 return self
                     .record_unstarted(job, scheduled, Outcome::Overlap, msg)

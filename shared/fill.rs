@@ -114,13 +114,11 @@ impl Filler {
                 }
             }
         }
-        let token = unique_id();
         let redis = self.cache.redis();
         let deadline = Instant::now() + self.coalesce.wait_timeout;
         loop {
-            let outcome = redis.lock(&job.key, &token, self.coalesce.lock_ttl).await;
-            if outcome == LockOutcome::Held {
-                match self.await_remote(&job, deadline).await {
+            let guard = match redis.lock(&job.key, self.coalesce.lock_ttl).await {
+                LockOutcome::Held => match self.await_remote(&job, deadline).await {
                     Remote::Landed(entry) => {
                         self.hand_over(&entry, &mut producer).await;
                         return;
@@ -130,20 +128,23 @@ impl Filler {
                         producer.fail(FlightError::WaitTimeout(self.coalesce.wait_timeout));
                         return;
                     }
+                },
+                LockOutcome::Acquired(guard) => Some(guard),
+                LockOutcome::Unavailable => None,
+            };
+            if let Some(guard) = guard {
+                if let Some(entry) = self.landed(&job).await {
+                    // Stored by someone between our lookup and our lock.
+                    guard.release().await;
+                    self.hand_over(&entry, &mut producer).await;
+                    return;
                 }
-            }
-            let locked = outcome == LockOutcome::Acquired;
-            if locked && let Some(entry) = self.landed(&job).await {
-                // Stored by someone between our lookup and our lock.
-                redis.unlock(&job.key, &token).await;
-                self.hand_over(&entry, &mut producer).await;
-                return;
-            }
-            let renewal = locked.then(|| self.keep_locked(&job.key, &token));
-            self.compute(&job, &mut producer).await;
-            if let Some(renewal) = renewal {
-                renewal.abort();
-                redis.unlock(&job.key, &token).await;
+                // The guard renews the lock while this computes and releases
+                // it however the computation ends (a panic included).
+                self.compute(&job, &mut producer).await;
+                guard.release().await;
+            } else {
+                self.compute(&job, &mut producer).await;
             }
             return;
         }
@@ -198,23 +199,6 @@ impl Filler {
         let entry = self.cache.redis().get(&job.key).await?;
         let newer = entry.header.created_ms > job.replaces.unwrap_or(i64::MIN);
         (newer && now < entry.header.fresh_until_ms).then(|| Arc::new(entry))
-    }
-
-    /// Renews the lock while the computation runs, so only a dead holder loses it.
-    fn keep_locked(&self, key: &CacheKey, token: &str) -> tokio::task::JoinHandle<()> {
-        let cache = self.cache.clone();
-        let (key, token) = (key.clone(), token.to_owned());
-        let ttl = self.coalesce.lock_ttl;
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(ttl / 3);
-            every.tick().await;
-            loop {
-                every.tick().await;
-                if !cache.redis().renew(&key, &token, ttl).await {
-                    return;
-                }
-            }
-        })
     }
 
     /// Runs the query (retrying once if it fails before its first byte) and

@@ -17,6 +17,7 @@ pub mod encoding;
 pub mod fill;
 pub mod format;
 pub mod freshness;
+pub mod lock;
 pub mod metrics;
 pub mod outcome;
 pub mod params;

@@ -8,11 +8,10 @@
 //! nothing but the cache. The first operation after that window probes again,
 //! and success brings caching back without a restart.
 //!
-//! It also holds the per-key computation locks that make several proxy
-//! processes run a missing key once: `SET NX PX` with a random token, renewed
-//! and released only by the holder (compare-and-act Lua scripts). A lock key is
-//! the entry key plus `:lock`, in the same Redis Cluster slot (the key's hash
-//! tag). Every command and script here touches one key, so all of it works
+//! It also takes the per-key computation locks that make several proxy
+//! processes run a missing key once ([`crate::lock`]: a guard that renews
+//! and releases). A lock key is the entry key plus `:lock`, in the same Redis
+//! Cluster slot (the key's hash tag). Every command and script here touches one key, so all of it works
 //! on Cluster.
 
 use crate::clock::now_ms;
@@ -25,24 +24,20 @@ use redis::AsyncCommands;
 
 use super::{CacheKey, Entry};
 use crate::config::RedisConfig;
+use crate::lock::{self, Acquire, LockGuard};
 use crate::metrics::Metrics;
 use crate::redis_conn::{RedisConn, RedisConnError, Timeouts};
 
 /// What trying to take a computation lock gave.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum LockOutcome {
-    /// This process holds it now.
-    Acquired,
+    /// This process holds it until the guard is dropped (renewed meanwhile).
+    Acquired(LockGuard),
     /// Another process holds it: it is computing the key.
     Held,
     /// Redis cannot tell: compute without a lock.
     Unavailable,
 }
-
-const RENEW_SCRIPT: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
-    return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end";
-const RELEASE_SCRIPT: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
-    return redis.call('DEL', KEYS[1]) else return 0 end";
 
 /// The Redis side of the cache.
 pub struct RedisCache {
@@ -117,48 +112,24 @@ impl RedisCache {
         self.settle(reply).is_some()
     }
 
-    /// Tries to take the computation lock of `key` for `ttl`.
-    pub async fn lock(&self, key: &CacheKey, token: &str, ttl: Duration) -> LockOutcome {
-        let Some(mut conn) = self.available() else {
+    /// Tries to take the computation lock of `key` for `ttl` (see [`crate::lock`]).
+    pub async fn lock(&self, key: &CacheKey, ttl: Duration) -> LockOutcome {
+        let Some(conn) = self.available() else {
             return LockOutcome::Unavailable;
         };
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(lock_key(key))
-            .arg(token)
-            .arg("NX")
-            .arg("PX")
-            .arg(millis(ttl));
-        let reply =
-            tokio::time::timeout(self.timeout, cmd.query_async::<Option<String>>(&mut conn)).await;
-        match self.settle(reply) {
-            Some(Some(_)) => LockOutcome::Acquired,
-            Some(None) => LockOutcome::Held,
+        let reply = lock::acquire(&conn, lock_key(key), "fill", ttl, self.timeout).await;
+        match self.settle(Ok(reply)) {
+            Some(Acquire::Held(guard)) => LockOutcome::Acquired(guard),
+            Some(Acquire::Busy { .. }) => LockOutcome::Held,
             None => LockOutcome::Unavailable,
         }
     }
 
-    /// Extends a lock this process holds; false if it is no longer ours.
-    pub async fn renew(&self, key: &CacheKey, token: &str, ttl: Duration) -> bool {
-        let script = redis::Script::new(RENEW_SCRIPT);
-        let mut invocation = script.key(lock_key(key));
-        invocation.arg(token).arg(millis(ttl));
-        self.invoke::<i64>(invocation).await == Some(1)
-    }
-
-    /// Releases a lock this process holds (a lock that expired and was taken
-    /// by another process is left alone).
-    pub async fn unlock(&self, key: &CacheKey, token: &str) {
-        let script = redis::Script::new(RELEASE_SCRIPT);
-        let mut invocation = script.key(lock_key(key));
-        invocation.arg(token);
-        self.invoke::<i64>(invocation).await;
-    }
-
     /// Whether another process holds the lock of `key`; `None` if Redis cannot tell.
     pub async fn is_locked(&self, key: &CacheKey) -> Option<bool> {
-        let mut conn = self.available()?;
-        let reply = tokio::time::timeout(self.timeout, conn.exists::<_, bool>(lock_key(key))).await;
-        self.settle(reply)
+        let conn = self.available()?;
+        let reply = lock::is_locked(&conn, &lock_key(key), self.timeout).await;
+        self.settle(Ok(reply))
     }
 
     /// Runs a Lua script; `None` while Redis is unreachable or on error.

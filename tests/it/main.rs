@@ -12,6 +12,7 @@ mod export;
 mod faults;
 mod freshness;
 mod http;
+mod locks;
 mod query;
 mod scale;
 mod scheduler;
