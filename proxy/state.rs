@@ -34,6 +34,8 @@ pub struct App {
     /// Recently prepared requests (see [`crate::prepared`]).
     pub prepared: PreparedMemo,
     pub cache: Arc<Cache>,
+    /// ClickHouse: computations go through `filler`; exports and `/readyz` use it directly.
+    pub clickhouse: ClickHouse,
     pub coalescer: Arc<Coalescer>,
     pub filler: Arc<Filler>,
     pub metrics: Arc<Metrics>,
@@ -62,9 +64,10 @@ impl App {
         let count = keys.reload(&key_store).await.context("loading API keys")?;
         tracing::info!(keys = count, "API keys loaded");
         keys.spawn_reloads(key_store.clone(), config.auth.reload_interval);
+        let clickhouse = ClickHouse::new(&config.clickhouse, metrics.clone());
         let filler = Arc::new(Filler {
-            clickhouse: ClickHouse::new(&config.clickhouse, metrics.clone()),
-            cache: cache.clone(),
+            upstream: Arc::new(clickhouse.clone()),
+            store: cache.clone(),
             metrics: metrics.clone(),
             max_entry_bytes: config.cache.max_entry_bytes,
             coalesce: config.coalesce.clone(),
@@ -91,6 +94,7 @@ impl App {
             prepared: PreparedMemo::new(config.cache.now_step),
             catalog,
             cache,
+            clickhouse,
             coalescer: Coalescer::new(),
             filler,
             metrics,

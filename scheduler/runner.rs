@@ -40,6 +40,9 @@ pub struct Runner {
     pub jobs: Vec<WarmupJob>,
     pub host: String,
     cache: Arc<Cache>,
+    /// Built once per config: its health checks and replica state live as
+    /// long as the runner, not one run.
+    clickhouse: ClickHouse,
     coalescer: Arc<Coalescer>,
     metrics: Arc<Metrics>,
     store: Store,
@@ -117,6 +120,7 @@ impl Runner {
         )?;
         let host = config.scheduler.host.clone().unwrap_or_else(hostname);
         Ok(Runner {
+            clickhouse: ClickHouse::new(&config.clickhouse, metrics.clone()),
             config,
             catalog,
             jobs,
@@ -216,9 +220,12 @@ impl Runner {
             ..Counts::default()
         };
         let filler = Arc::new(Filler {
-            clickhouse: ClickHouse::new(&self.config.clickhouse, self.metrics.clone())
-                .with_settings(job.settings.iter().map(|(n, v)| (n.as_str(), v.as_str()))),
-            cache: self.cache.clone(),
+            upstream: Arc::new(
+                self.clickhouse
+                    .clone()
+                    .with_settings(job.settings.iter().map(|(n, v)| (n.as_str(), v.as_str()))),
+            ),
+            store: self.cache.clone(),
             metrics: self.metrics.clone(),
             max_entry_bytes: self.config.cache.max_entry_bytes,
             coalesce: self.config.coalesce.clone(),

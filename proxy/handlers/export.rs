@@ -104,7 +104,7 @@ pub async fn handle<B>(
         "dashcache-export-{}",
         hex::encode(rand::random::<[u8; 12]>())
     );
-    let clickhouse = &app.filler.clickhouse.for_exports();
+    let clickhouse = &app.clickhouse.for_exports();
     let mut kill = KillOnDrop::new(clickhouse.clone(), query_id.clone());
     let mut answer = match clickhouse.query_with(&sql, format, &query_id, &settings) {
         Ok(answer) => answer.salvaging(),

@@ -24,7 +24,7 @@ pub fn metrics(app: &App) -> Response<Body> {
 /// `/readyz`: 200 when ClickHouse and Redis answer, else 503; the body names
 /// each dependency's state. (The config was loaded, or the process would not run.)
 pub async fn readiness(app: &App) -> Response<Body> {
-    let (clickhouse, redis) = tokio::join!(app.filler.clickhouse.ping(), app.cache.redis().ping());
+    let (clickhouse, redis) = tokio::join!(app.clickhouse.ping(), app.cache.redis().ping());
     let check = |result: &Result<(), String>| match result {
         Ok(()) => serde_json::json!({ "ok": true }),
         Err(err) => serde_json::json!({ "ok": false, "error": err }),

@@ -12,16 +12,29 @@
 //!
 //! Proxy misses, background refreshes and scheduler warm-ups all go through
 //! [`Filler::spawn`].
+//!
+//! A fill reaches the outside world through two narrow interfaces:
+//! [`AnswerStore`] (answers and locks shared between processes: Redis behind
+//! the [`Cache`], or [`memory::MemoryStore`] in one process) and [`Upstream`]
+//! (where answers are computed: [`ClickHouse`]). The state machine — lock,
+//! wait, take over, retry once, store — is tested in process against
+//! in-memory implementations with a paused clock (`tests.rs`).
+
+pub mod memory;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::future::BoxFuture;
+use tokio::time::Instant;
 
-use crate::cache::{Cache, CacheKey, Entry, EntryHeader, LockOutcome};
+use crate::cache::{Cache, CacheKey, Entry, EntryHeader};
 use crate::catalog::{Asked, TimeRange};
-use crate::clickhouse::{ClickHouse, UpstreamError};
+use crate::clickhouse::{Answer, ClickHouse, UpstreamError};
 use crate::clock::now_ms;
 use crate::coalesce::{FlightError, Producer};
 use crate::config::CoalesceConfig;
@@ -51,10 +64,114 @@ pub struct FillJob {
     pub replaces: Option<i64>,
 }
 
-/// What fills need: ClickHouse, the cache, the limits.
+/// Where computed answers are shared between processes, with the per-key
+/// locks that make several processes compute a key once.
+pub trait AnswerStore: Send + Sync {
+    /// The stored answer under `key`, as other processes see it.
+    fn shared(&self, key: &CacheKey) -> BoxFuture<'_, Option<Entry>>;
+    /// Stores `entry`; false when the store did not take it.
+    fn put(&self, key: &CacheKey, entry: Arc<Entry>, now_ms: i64) -> BoxFuture<'_, bool>;
+    /// Tries to take `key`'s computation lock for `ttl`.
+    fn lock(&self, key: &CacheKey, ttl: Duration) -> BoxFuture<'_, LockOutcome>;
+    /// Whether someone holds `key`'s lock; `None` when the store cannot tell.
+    fn is_locked(&self, key: &CacheKey) -> BoxFuture<'_, Option<bool>>;
+}
+
+/// A held computation lock: renewed while held, released when dropped.
+pub trait HeldLock: Send {
+    /// Releases it now (waiting for the store to confirm).
+    fn release(self: Box<Self>) -> BoxFuture<'static, ()>;
+}
+
+/// What trying to take a computation lock gave.
+pub enum LockOutcome {
+    /// This process holds it until the guard is dropped.
+    Acquired(Box<dyn HeldLock>),
+    /// Another process holds it: it is computing the key.
+    Held,
+    /// The store cannot tell: compute without a lock.
+    Unavailable,
+}
+
+/// Where answers are computed.
+pub trait Upstream: Send + Sync {
+    /// Starts `sql`; nothing may be sent before the first read.
+    fn query(
+        &self,
+        sql: &str,
+        format: Format,
+        query_id: &str,
+    ) -> Result<Box<dyn AnswerStream>, UpstreamError>;
+    /// How many replicas a query can fail over to.
+    fn replicas(&self) -> usize;
+}
+
+/// An answer being read, chunk by chunk; `None` at its verified end.
+pub trait AnswerStream: Send {
+    fn next(&mut self) -> BoxFuture<'_, Result<Option<Bytes>, UpstreamError>>;
+}
+
+impl AnswerStore for Cache {
+    fn shared(&self, key: &CacheKey) -> BoxFuture<'_, Option<Entry>> {
+        let key = key.clone();
+        Box::pin(async move { self.redis().get(&key).await })
+    }
+
+    fn put(&self, key: &CacheKey, entry: Arc<Entry>, now_ms: i64) -> BoxFuture<'_, bool> {
+        let key = key.clone();
+        Box::pin(async move { Cache::put(self, &key, entry, now_ms).await })
+    }
+
+    fn lock(&self, key: &CacheKey, ttl: Duration) -> BoxFuture<'_, LockOutcome> {
+        let key = key.clone();
+        Box::pin(async move {
+            match self.redis().lock(&key, ttl).await {
+                crate::cache::LockOutcome::Acquired(guard) => {
+                    LockOutcome::Acquired(Box::new(guard))
+                }
+                crate::cache::LockOutcome::Held => LockOutcome::Held,
+                crate::cache::LockOutcome::Unavailable => LockOutcome::Unavailable,
+            }
+        })
+    }
+
+    fn is_locked(&self, key: &CacheKey) -> BoxFuture<'_, Option<bool>> {
+        let key = key.clone();
+        Box::pin(async move { self.redis().is_locked(&key).await })
+    }
+}
+
+impl HeldLock for crate::lock::LockGuard {
+    fn release(self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async move { crate::lock::LockGuard::release(*self).await })
+    }
+}
+
+impl Upstream for ClickHouse {
+    fn query(
+        &self,
+        sql: &str,
+        format: Format,
+        query_id: &str,
+    ) -> Result<Box<dyn AnswerStream>, UpstreamError> {
+        Ok(Box::new(ClickHouse::query(self, sql, format, query_id)?))
+    }
+
+    fn replicas(&self) -> usize {
+        ClickHouse::replicas(self)
+    }
+}
+
+impl AnswerStream for Answer {
+    fn next(&mut self) -> BoxFuture<'_, Result<Option<Bytes>, UpstreamError>> {
+        Box::pin(Answer::next(self))
+    }
+}
+
+/// What fills need: where answers are computed and shared, and the limits.
 pub struct Filler {
-    pub clickhouse: ClickHouse,
-    pub cache: Arc<Cache>,
+    pub upstream: Arc<dyn Upstream>,
+    pub store: Arc<dyn AnswerStore>,
     pub metrics: Arc<Metrics>,
     pub max_entry_bytes: usize,
     pub coalesce: CoalesceConfig,
@@ -114,10 +231,9 @@ impl Filler {
                 }
             }
         }
-        let redis = self.cache.redis();
         let deadline = Instant::now() + self.coalesce.wait_timeout;
         loop {
-            let guard = match redis.lock(&job.key, self.coalesce.lock_ttl).await {
+            let guard = match self.store.lock(&job.key, self.coalesce.lock_ttl).await {
                 LockOutcome::Held => match self.await_remote(&job, deadline).await {
                     Remote::Landed(entry) => {
                         self.hand_over(&entry, &mut producer).await;
@@ -180,7 +296,7 @@ impl Filler {
                 return Remote::TimedOut;
             }
             tokio::time::sleep(self.coalesce.poll_interval).await;
-            match self.cache.redis().is_locked(&job.key).await {
+            match self.store.is_locked(&job.key).await {
                 Some(true) => continue,
                 Some(false) => {
                     return match self.landed(job).await {
@@ -196,7 +312,7 @@ impl Filler {
     /// A fresh answer in Redis that makes this job moot.
     async fn landed(&self, job: &FillJob) -> Option<Arc<Entry>> {
         let now = now_ms();
-        let entry = self.cache.redis().get(&job.key).await?;
+        let entry = self.store.shared(&job.key).await?;
         let newer = entry.header.created_ms > job.replaces.unwrap_or(i64::MIN);
         (newer && now < entry.header.fresh_until_ms).then(|| Arc::new(entry))
     }
@@ -216,7 +332,7 @@ impl Filler {
                     if attempt == 1
                         && !producer.started()
                         && !(matches!(err, UpstreamError::Connect(_))
-                            && self.clickhouse.replicas() > 1) =>
+                            && self.upstream.replicas() > 1) =>
                 {
                     tracing::warn!(query = %job.query, error = %err, "ClickHouse query failed; retrying once");
                     attempt += 1;
@@ -251,7 +367,7 @@ impl Filler {
             let (body, encoding) = stored_form(body).await;
             let now = now_ms();
             let entry = Arc::new(new_entry(body, encoding, etag, job, compute, now));
-            if self.cache.put(&job.key, entry, now).await {
+            if self.store.put(&job.key, entry, now).await {
                 StoreOutcome::Stored
             } else {
                 StoreOutcome::Failed
@@ -265,7 +381,7 @@ impl Filler {
 
     /// One run of the query; the answer's size on success.
     async fn attempt(&self, job: &FillJob, producer: &Producer) -> Result<usize, UpstreamError> {
-        let mut answer = self.clickhouse.query(&job.sql, job.format, &unique_id())?;
+        let mut answer = self.upstream.query(&job.sql, job.format, &unique_id())?;
         producer.mark_computed();
         let mut size = 0usize;
         while let Some(chunk) = answer.next().await? {

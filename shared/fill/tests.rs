@@ -1,0 +1,366 @@
+//! The fill / coalesce / freshness state machine in process: a scripted
+//! upstream, the memory store standing in for Redis (a lock taken by the test
+//! is "another process"), and a paused clock, so waits, polls and timeouts
+//! take no real time and every outcome is deterministic.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicUsize;
+
+use super::memory::MemoryStore;
+use super::*;
+use crate::coalesce::{Coalescer, Role, Subscriber};
+use crate::freshness::{self, Freshness};
+
+/// What the upstream does on one call.
+enum Step {
+    /// Refuses before any byte (a connection error).
+    Unreachable,
+    /// Answers these chunks.
+    Answer(&'static [&'static str]),
+    /// Sends these chunks, then fails.
+    FailAfter(&'static [&'static str]),
+    /// The computation panics.
+    Panic,
+}
+
+/// An upstream that follows a script and counts its calls.
+#[derive(Default)]
+struct Scripted {
+    steps: Mutex<VecDeque<Step>>,
+    calls: AtomicUsize,
+}
+
+impl Scripted {
+    fn new(steps: Vec<Step>) -> Arc<Scripted> {
+        Arc::new(Scripted {
+            steps: Mutex::new(steps.into()),
+            calls: AtomicUsize::new(0),
+        })
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+struct Chunks {
+    chunks: VecDeque<Bytes>,
+    fail_at_end: bool,
+}
+
+impl AnswerStream for Chunks {
+    fn next(&mut self) -> BoxFuture<'_, Result<Option<Bytes>, UpstreamError>> {
+        let next = match self.chunks.pop_front() {
+            Some(chunk) => Ok(Some(chunk)),
+            None if self.fail_at_end => Err(UpstreamError::Body {
+                code: Some(241),
+                message: "memory limit exceeded".into(),
+            }),
+            None => Ok(None),
+        };
+        Box::pin(async move { next })
+    }
+}
+
+impl Upstream for Scripted {
+    fn query(
+        &self,
+        _sql: &str,
+        _format: Format,
+        _query_id: &str,
+    ) -> Result<Box<dyn AnswerStream>, UpstreamError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let step = self
+            .steps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop_front()
+            .unwrap_or(Step::Unreachable);
+        let (chunks, fail_at_end) = match step {
+            Step::Unreachable => return Err(UpstreamError::Connect("connection refused".into())),
+            Step::Answer(chunks) => (chunks, false),
+            Step::FailAfter(chunks) => (chunks, true),
+            Step::Panic => panic!("the computation panicked"),
+        };
+        Ok(Box::new(Chunks {
+            chunks: chunks
+                .iter()
+                .map(|c| Bytes::from_static(c.as_bytes()))
+                .collect(),
+            fail_at_end,
+        }))
+    }
+
+    fn replicas(&self) -> usize {
+        1
+    }
+}
+
+struct World {
+    filler: Arc<Filler>,
+    store: Arc<MemoryStore>,
+    upstream: Arc<Scripted>,
+    coalescer: Arc<Coalescer>,
+    metrics: Arc<Metrics>,
+}
+
+fn world(steps: Vec<Step>) -> World {
+    let store = Arc::new(MemoryStore::new(1 << 20));
+    let upstream = Scripted::new(steps);
+    let metrics = Arc::new(Metrics::new());
+    let filler = Arc::new(Filler {
+        upstream: upstream.clone(),
+        store: store.clone(),
+        metrics: metrics.clone(),
+        max_entry_bytes: 1 << 20,
+        coalesce: CoalesceConfig::default(),
+    });
+    World {
+        filler,
+        store,
+        upstream,
+        coalescer: Coalescer::new(),
+        metrics,
+    }
+}
+
+fn key() -> CacheKey {
+    CacheKey::new("t", "q", None, Format::Csv, "k")
+}
+
+fn job(replaces: Option<i64>) -> FillJob {
+    FillJob {
+        key: key(),
+        query: "q".into(),
+        sql: "SELECT 1".into(),
+        range: None,
+        asked: None,
+        format: Format::Csv,
+        ttl: Duration::from_secs(60),
+        grace: Duration::from_secs(3600),
+        replaces,
+    }
+}
+
+impl World {
+    /// Leads a flight for the key and starts its fill; the leader's reader.
+    fn start(&self, job: FillJob) -> Subscriber {
+        match self.coalescer.join(&job.key, 16) {
+            Role::Leader(producer, subscriber) => {
+                self.filler.spawn(job, producer);
+                subscriber
+            }
+            _ => panic!("a flight was already running"),
+        }
+    }
+
+    fn join(&self) -> Subscriber {
+        match self.coalescer.join(&key(), 16) {
+            Role::Follower(subscriber) => subscriber,
+            _ => panic!("no flight to join"),
+        }
+    }
+}
+
+/// The whole answer a reader gets, or its error.
+async fn read(mut reader: Subscriber) -> Result<String, FlightError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = reader.next().await {
+        body.extend_from_slice(&chunk?);
+    }
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(start_paused = true)]
+async fn leader_and_followers_get_one_computation_and_it_is_stored() {
+    let w = world(vec![Step::Answer(&["a,", "b\n"])]);
+    let leader = w.start(job(None));
+    let follower = w.join();
+    assert_eq!(read(leader).await.expect("answer"), "a,b\n");
+    assert_eq!(read(follower).await.expect("answer"), "a,b\n");
+    assert_eq!(w.upstream.calls(), 1);
+    let stored = w.store.get(&key()).expect("stored");
+    assert_eq!(&stored.body[..], b"a,b\n");
+    assert!(
+        !w.store.is_locked(&key()).await.unwrap_or(true),
+        "lock released"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failure_before_the_first_byte_is_retried_once_and_reaches_no_reader() {
+    let w = world(vec![Step::Unreachable, Step::Answer(&["ok\n"])]);
+    let leader = w.start(job(None));
+    assert_eq!(read(leader).await.expect("the retry answers"), "ok\n");
+    assert_eq!(w.upstream.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_failures_fail_the_readers_and_store_nothing() {
+    let w = world(vec![
+        Step::Unreachable,
+        Step::Unreachable,
+        Step::Answer(&["late"]),
+    ]);
+    let leader = w.start(job(None));
+    let follower = w.join();
+    assert!(matches!(
+        read(leader).await,
+        Err(FlightError::Upstream(UpstreamError::Connect(_)))
+    ));
+    assert!(read(follower).await.is_err());
+    assert_eq!(w.upstream.calls(), 2, "retried once, not more");
+    assert!(w.store.get(&key()).is_none(), "a failure is never stored");
+    // A newcomer does not join the failed flight: it starts a new one.
+    assert!(matches!(w.coalescer.join(&key(), 16), Role::Leader(..)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failure_after_the_first_byte_is_not_retried_and_not_stored() {
+    let w = world(vec![Step::FailAfter(&["partial"]), Step::Answer(&["x"])]);
+    let leader = w.start(job(None));
+    assert!(matches!(
+        read(leader).await,
+        Err(FlightError::Upstream(UpstreamError::Body { .. }))
+    ));
+    assert_eq!(w.upstream.calls(), 1);
+    assert!(w.store.get(&key()).is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiter_takes_over_when_the_holder_gives_up_without_an_answer() {
+    let w = world(vec![Step::Answer(&["mine\n"])]);
+    // Another process holds the key's lock.
+    let LockOutcome::Acquired(other) = w.store.lock(&key(), Duration::from_secs(600)).await else {
+        panic!("a fresh key is not locked");
+    };
+    let leader = w.start(job(None));
+    // It waits (polling on the paused clock) while the lock is held...
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        w.upstream.calls(),
+        0,
+        "computed while another holds the lock"
+    );
+    // ...and computes itself once the holder goes away with no answer.
+    drop(other);
+    assert_eq!(read(leader).await.expect("taken over"), "mine\n");
+    assert_eq!(w.upstream.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiter_hands_over_the_holders_answer_without_computing() {
+    let w = world(vec![Step::Answer(&["never"])]);
+    let LockOutcome::Acquired(other) = w.store.lock(&key(), Duration::from_secs(600)).await else {
+        panic!("a fresh key is not locked");
+    };
+    let leader = w.start(job(None));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The other process stores its answer and releases the lock.
+    let entry = new_entry(
+        Bytes::from_static(b"theirs\n"),
+        Encoding::Identity,
+        Entry::etag_of(b"theirs\n"),
+        &job(None),
+        Duration::from_millis(3),
+        now_ms(),
+    );
+    assert!(w.store.put(&key(), Arc::new(entry), now_ms()).await);
+    drop(other);
+    assert_eq!(read(leader).await.expect("handed over"), "theirs\n");
+    assert_eq!(w.upstream.calls(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lock_held_past_the_wait_timeout_fails_the_readers_with_a_timeout() {
+    let w = world(vec![Step::Answer(&["never"])]);
+    let LockOutcome::Acquired(_other) = w.store.lock(&key(), Duration::from_secs(3600)).await
+    else {
+        panic!("a fresh key is not locked");
+    };
+    let leader = w.start(job(None));
+    assert!(matches!(
+        read(leader).await,
+        Err(FlightError::WaitTimeout(_))
+    ));
+    assert_eq!(w.upstream.calls(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_computation_that_panics_releases_its_lock_at_once() {
+    let w = world(vec![Step::Panic, Step::Answer(&["again\n"])]);
+    let leader = w.start(job(None));
+    // The panic ends the flight without an answer...
+    assert!(matches!(read(leader).await, Err(FlightError::Aborted)));
+    // ...and the lock went with it: the next computation takes it at once,
+    // with no wait for the lock's TTL (no clock advance needed).
+    assert!(!w.store.is_locked(&key()).await.unwrap_or(true));
+    let again = w.start(job(None));
+    assert_eq!(read(again).await.expect("computed again"), "again\n");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_waiter_cap_turns_the_next_reader_away() {
+    let w = world(vec![]);
+    let Role::Leader(_producer, _leader) = w.coalescer.join(&key(), 2) else {
+        panic!("first is the leader");
+    };
+    let _second = w.coalescer.join(&key(), 2);
+    assert!(matches!(w.coalescer.join(&key(), 2), Role::Overloaded));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_refresh_keeps_the_stale_answer_served_and_is_counted() {
+    let w = world(vec![
+        Step::Answer(&["v1\n"]),
+        Step::Unreachable,
+        Step::Unreachable,
+    ]);
+    assert_eq!(read(w.start(job(None))).await.expect("v1"), "v1\n");
+    let stored = w.store.get(&key()).expect("stored");
+    // Past its TTL, within grace: STALE, and a refresh starts...
+    let later = stored.header.fresh_until_ms + 1;
+    assert_eq!(
+        freshness::judge(&stored.header, later, 1.0, 0.5),
+        Freshness::Stale
+    );
+    let refresh = w.start(job(Some(stored.header.created_ms)));
+    // ...which fails (stale-if-error): nothing replaces the stored answer.
+    assert!(read(refresh).await.is_err());
+    assert_eq!(w.metrics.refresh_failures.get(), 1);
+    let kept = w.store.get(&key()).expect("still stored");
+    assert_eq!(kept.header.created_ms, stored.header.created_ms);
+    assert_eq!(
+        freshness::judge(&kept.header, later, 1.0, 0.5),
+        Freshness::Stale,
+        "the old answer is still served"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn xfetch_asks_a_hot_entry_for_an_early_refresh_that_replaces_it() {
+    let w = world(vec![Step::Answer(&["v1\n"]), Step::Answer(&["v2\n"])]);
+    read(w.start(job(None))).await.expect("v1");
+    let first = w.store.get(&key()).expect("stored");
+    // Well before expiry, a large beta (or a slow query) asks for a refresh
+    // now; a small one does not.
+    let soon = first.header.fresh_until_ms - 1_000;
+    assert_eq!(
+        freshness::judge(&first.header, soon, 1.0, 0.5),
+        Freshness::Fresh {
+            refresh_early: false
+        }
+    );
+    assert_eq!(
+        freshness::judge(&first.header, soon, 1e9, 0.5),
+        Freshness::Fresh {
+            refresh_early: true
+        }
+    );
+    let refresh = w.start(job(Some(first.header.created_ms)));
+    assert_eq!(read(refresh).await.expect("v2"), "v2\n");
+    let second = w.store.get(&key()).expect("stored");
+    assert_eq!(&second.body[..], b"v2\n");
+    assert!(second.header.created_ms >= first.header.created_ms);
+}
