@@ -22,6 +22,7 @@ use dashcache::config::Config;
 use dashcache::fill::{FillJob, Filler};
 use dashcache::freshness::{self, Freshness};
 use dashcache::metrics::{JobLabels, JobOutcomeLabels, Metrics};
+use dashcache::outcome::StoreOutcome;
 use dashcache::params::Clock;
 use dashcache::popularity;
 use dashcache::redis_conn::{RedisConn, Timeouts};
@@ -203,9 +204,8 @@ impl Runner {
         scheduled: Option<i64>,
         stop: CancellationToken,
     ) -> Report {
-        let started = now_ms();
-        let clock_started = Instant::now();
-        let id = match history::start(&self.store, &job.name, &self.host, scheduled, started).await
+        let started = Instant::now();
+        let id = match history::start(&self.store, &job.name, &self.host, scheduled, now_ms()).await
         {
             Ok(id) => Some(id),
             Err(err) => {
@@ -214,10 +214,32 @@ impl Runner {
             }
         };
         tracing::info!(job = %job.name, "warm-up run started");
-        let (targets, mut problems) = self.targets(job).await;
-        let mut counts = Counts {
-            failed: problems.len() as i64,
-            ..Counts::default()
+        let execution = self.execute(job, stop).await;
+        let (outcome, error) = execution.verdict(job);
+        self.record(
+            job,
+            id.as_ref(),
+            started,
+            outcome,
+            &execution,
+            error.as_deref(),
+        )
+        .await;
+        self.report(job, outcome, execution.counts, error)
+    }
+
+    /// Warms every key of a run, at most `concurrency` at a time, until done
+    /// or `stop`.
+    async fn execute(&self, job: &WarmupJob, stop: CancellationToken) -> Execution {
+        let (targets, problems) = self.targets(job).await;
+        let mut run = Execution {
+            counts: Counts {
+                failed: problems.len() as i64,
+                ..Counts::default()
+            },
+            problems,
+            total: targets.len(),
+            interrupted: false,
         };
         let filler = Arc::new(Filler {
             upstream: Arc::new(
@@ -230,7 +252,6 @@ impl Runner {
             max_entry_bytes: self.config.cache.max_entry_bytes,
             coalesce: self.config.coalesce.clone(),
         });
-        let total = targets.len();
         let mut results = futures_util::stream::iter(targets.into_iter().map(|t| {
             let filler = filler.clone();
             async move {
@@ -239,58 +260,41 @@ impl Runner {
             }
         }))
         .buffer_unordered(job.concurrency.max(1));
-        let mut interrupted = false;
         loop {
             let next = tokio::select! {
                 next = results.next() => next,
-                _ = stop.cancelled() => { interrupted = true; None }
+                _ = stop.cancelled() => { run.interrupted = true; None }
             };
             let Some((target, result)) = next else { break };
             match result {
                 KeyResult::Warmed(bytes) => {
-                    counts.warmed += 1;
-                    counts.bytes += bytes;
+                    run.counts.warmed += 1;
+                    run.counts.bytes += bytes;
                 }
-                KeyResult::Skipped => counts.skipped += 1,
+                KeyResult::Skipped => run.counts.skipped += 1,
                 KeyResult::Failed(msg) => {
-                    counts.failed += 1;
-                    problems.push(format!("{}: {msg}", target.describe()));
+                    run.counts.failed += 1;
+                    run.problems.push(format!("{}: {msg}", target.describe()));
                 }
             }
         }
-        drop(results);
-        let outcome = if interrupted {
-            Outcome::Interrupted
-        } else if counts.failed == 0 && !(total == 0 && job_is_query(job)) {
-            Outcome::Ok
-        } else if counts.warmed + counts.skipped > 0 {
-            Outcome::Partial
-        } else {
-            Outcome::Failed
-        };
-        let error = match (interrupted, problems.len()) {
-            (true, _) => Some(format!(
-                "cut at shutdown after {} of {total} keys",
-                counts.warmed + counts.skipped + counts.failed
-            )),
-            (false, 0) if total == 0 && job_is_query(job) => Some("no keys to warm".into()),
-            (false, 0) => None,
-            (false, n) => Some(format!(
-                "{n} keys failed; first: {}",
-                problems.first().map(String::as_str).unwrap_or("")
-            )),
-        };
-        let ended = now_ms();
-        if let Some(id) = &id
-            && let Err(err) = history::finish(
-                &self.store,
-                id,
-                ended,
-                outcome.as_str(),
-                counts,
-                error.as_deref(),
-            )
-            .await
+        run
+    }
+
+    /// Writes a finished run to the history, the metrics and the log.
+    async fn record(
+        &self,
+        job: &WarmupJob,
+        id: Option<&String>,
+        started: Instant,
+        outcome: Outcome,
+        run: &Execution,
+        error: Option<&str>,
+    ) {
+        let counts = run.counts;
+        if let Some(id) = id
+            && let Err(err) =
+                history::finish(&self.store, id, now_ms(), outcome.as_str(), counts, error).await
         {
             tracing::error!(job = %job.name, error = %err, "cannot record the end of the run in the history");
         }
@@ -301,7 +305,7 @@ impl Runner {
             .warmup
             .duration
             .get_or_create(&labels)
-            .observe(clock_started.elapsed().as_secs_f64());
+            .observe(started.elapsed().as_secs_f64());
         self.metrics
             .warmup
             .bytes
@@ -321,7 +325,7 @@ impl Runner {
                 })
                 .inc_by(n.max(0) as u64);
         }
-        for problem in problems.iter().take(20) {
+        for problem in run.problems.iter().take(20) {
             tracing::error!(job = %job.name, "warm-up key failed: {problem}");
         }
         let log = format!(
@@ -334,15 +338,14 @@ impl Runner {
         );
         match outcome {
             Outcome::Ok if counts.warmed == 0 => {
-                tracing::warn!(job = %job.name, "{log}; warmed nothing: {}", error.as_deref().unwrap_or("every key was still fresh"))
+                tracing::warn!(job = %job.name, "{log}; warmed nothing: {}", error.unwrap_or("every key was still fresh"))
             }
             Outcome::Ok => tracing::info!(job = %job.name, "{log}"),
             Outcome::Partial | Outcome::Interrupted => {
-                tracing::warn!(job = %job.name, "{log}: {}", error.as_deref().unwrap_or(""))
+                tracing::warn!(job = %job.name, "{log}: {}", error.unwrap_or(""))
             }
-            _ => tracing::error!(job = %job.name, "{log}: {}", error.as_deref().unwrap_or("")),
+            _ => tracing::error!(job = %job.name, "{log}: {}", error.unwrap_or("")),
         }
-        self.report(job, outcome, counts, error)
     }
 
     /// Records a run that could not start, and reports it.
@@ -500,29 +503,59 @@ impl Runner {
             Role::Follower(subscriber) => subscriber,
             Role::Overloaded => return KeyResult::Failed("too many waiters".into()),
         };
-        let bytes = match drain(subscriber).await {
+        let mut subscriber = subscriber;
+        let bytes = match drain(&mut subscriber).await {
             Ok(bytes) => bytes,
             Err(msg) => return KeyResult::Failed(msg),
         };
-        // The answer streamed; make sure it was stored, not just computed.
-        // Readers see the end of a flight before the fill's store lands, so
-        // look a few times (bounded by the scheduler's Redis timeout).
-        let deadline = Instant::now() + self.config.scheduler.redis_timeout;
-        loop {
-            match self.cache.get(&target.key, now_ms()).await {
-                Some(entry) if replaces.is_none_or(|old| entry.header.created_ms > old) => {
-                    return KeyResult::Warmed(bytes);
-                }
-                _ if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(10)).await
-                }
-                _ => {
-                    return KeyResult::Failed(format!(
-                        "computed ({bytes} bytes) but not stored: larger than cache.max_entry_bytes, or Redis refused it"
-                    ));
-                }
-            }
+        // The answer streamed; the flight says whether it was stored.
+        match subscriber.stored() {
+            Some(StoreOutcome::Stored) => KeyResult::Warmed(bytes),
+            Some(StoreOutcome::TooLarge) => KeyResult::Failed(format!(
+                "computed ({bytes} bytes) but not stored: larger than cache.max_entry_bytes"
+            )),
+            Some(StoreOutcome::Failed) | None => KeyResult::Failed(format!(
+                "computed ({bytes} bytes) but not stored: Redis refused it or did not answer"
+            )),
         }
+    }
+}
+
+/// What a run did, before it is judged and recorded.
+struct Execution {
+    counts: Counts,
+    /// One line per key that failed (or could not be made).
+    problems: Vec<String>,
+    total: usize,
+    interrupted: bool,
+}
+
+impl Execution {
+    /// The run's outcome, and the error its history row carries.
+    fn verdict(&self, job: &WarmupJob) -> (Outcome, Option<String>) {
+        let (counts, total) = (self.counts, self.total);
+        let outcome = if self.interrupted {
+            Outcome::Interrupted
+        } else if counts.failed == 0 && !(total == 0 && job_is_query(job)) {
+            Outcome::Ok
+        } else if counts.warmed + counts.skipped > 0 {
+            Outcome::Partial
+        } else {
+            Outcome::Failed
+        };
+        let error = match (self.interrupted, self.problems.len()) {
+            (true, _) => Some(format!(
+                "cut at shutdown after {} of {total} keys",
+                counts.warmed + counts.skipped + counts.failed
+            )),
+            (false, 0) if total == 0 && job_is_query(job) => Some("no keys to warm".into()),
+            (false, 0) => None,
+            (false, n) => Some(format!(
+                "{n} keys failed; first: {}",
+                self.problems.first().map(String::as_str).unwrap_or("")
+            )),
+        };
+        (outcome, error)
     }
 }
 
@@ -531,7 +564,7 @@ fn job_is_query(job: &WarmupJob) -> bool {
 }
 
 /// Reads a flight to its end: its size, or why it failed.
-async fn drain(mut subscriber: Subscriber) -> Result<i64, String> {
+async fn drain(subscriber: &mut Subscriber) -> Result<i64, String> {
     let mut bytes = 0i64;
     while let Some(chunk) = subscriber.next().await {
         match chunk {

@@ -20,6 +20,7 @@ use tokio::sync::watch;
 
 use crate::cache::CacheKey;
 use crate::clickhouse::UpstreamError;
+use crate::outcome::StoreOutcome;
 
 /// Why a flight ended without a complete answer.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -109,6 +110,8 @@ pub struct Flight {
 struct State {
     chunks: Vec<Bytes>,
     outcome: Option<Result<(), FlightError>>,
+    /// What became of the complete answer, told by the producer.
+    stored: Option<StoreOutcome>,
 }
 
 impl Flight {
@@ -172,6 +175,14 @@ impl Producer {
         self.end(Ok(()));
     }
 
+    /// Marks the answer complete and says what became of it (stored, too
+    /// large, refused), so a reader that must know — a warm-up — need not
+    /// look in the cache to find out.
+    pub fn complete_stored(&mut self, stored: StoreOutcome) {
+        lock(&self.flight.state).stored = Some(stored);
+        self.end(Ok(()));
+    }
+
     pub fn fail(&mut self, err: FlightError) {
         self.end(Err(err));
     }
@@ -213,6 +224,12 @@ impl Subscriber {
     /// Whether this process computed the answer (see [`Producer::mark_computed`]).
     pub fn computed_here(&self) -> bool {
         self.flight.computed.load(Ordering::Relaxed)
+    }
+
+    /// What became of the complete answer, once the flight completed (`None`
+    /// before, or when the producer did not say).
+    pub fn stored(&self) -> Option<StoreOutcome> {
+        lock(&self.flight.state).stored
     }
 
     /// The next chunk; `None` once the answer is complete.

@@ -280,7 +280,8 @@ impl Filler {
         match body {
             Ok(body) => {
                 producer.push(body);
-                producer.complete();
+                // Another process stored it: it is in the shared store.
+                producer.complete_stored(StoreOutcome::Stored);
             }
             Err(err) => {
                 tracing::error!(etag = %entry.header.etag, error = %err, "stored answer does not decompress");
@@ -374,7 +375,7 @@ impl Filler {
             }
         };
         self.metrics.store_outcome(outcome);
-        producer.complete();
+        producer.complete_stored(outcome);
         // The caller drops the producer, which lands the flight: later
         // requests read the cache.
     }
