@@ -100,10 +100,6 @@ impl Pool {
         self.replicas.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.replicas.is_empty()
-    }
-
     pub fn replica(&self, index: usize) -> &Replica {
         &self.replicas[index]
     }
