@@ -132,23 +132,14 @@ impl MissQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::tier::Allowed;
     use std::time::Duration;
 
     fn tier(cap: usize, queue: usize, wait: Duration) -> Tier {
         Tier {
-            name: "t".into(),
-            requests_per_minute: 60,
-            burst: 1,
             max_concurrent_misses: cap,
             miss_queue: queue,
             miss_queue_wait: wait,
-            queries: Allowed::All,
-            exports: Allowed::All,
-            export_max_rows: 0,
-            export_max_bytes: 0,
-            export_max_duration: Duration::ZERO,
-            min_ttl: Duration::ZERO,
+            ..Tier::for_tests()
         }
     }
 

@@ -223,23 +223,12 @@ impl RateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::tier::Allowed;
-    use std::time::Duration;
 
     fn tier(per_minute: u32, burst: u32) -> Tier {
         Tier {
-            name: "t".into(),
             requests_per_minute: per_minute,
             burst,
-            max_concurrent_misses: 1,
-            miss_queue: 0,
-            miss_queue_wait: Duration::ZERO,
-            queries: Allowed::All,
-            exports: Allowed::All,
-            export_max_rows: 0,
-            export_max_bytes: 0,
-            export_max_duration: Duration::ZERO,
-            min_ttl: Duration::ZERO,
+            ..Tier::for_tests()
         }
     }
 

@@ -53,6 +53,27 @@ pub struct Tier {
     pub min_ttl: Duration,
 }
 
+#[cfg(test)]
+impl Tier {
+    /// A tier that allows everything, for unit tests to adjust.
+    pub fn for_tests() -> Tier {
+        Tier {
+            name: "t".into(),
+            requests_per_minute: 60,
+            burst: 1,
+            max_concurrent_misses: 1,
+            miss_queue: 0,
+            miss_queue_wait: Duration::ZERO,
+            queries: Allowed::All,
+            exports: Allowed::All,
+            export_max_rows: 0,
+            export_max_bytes: 0,
+            export_max_duration: Duration::ZERO,
+            min_ttl: Duration::ZERO,
+        }
+    }
+}
+
 /// Every tier of a config, by name.
 #[derive(Debug, Default)]
 pub struct Tiers {
