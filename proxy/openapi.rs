@@ -18,13 +18,13 @@
 //! bodies, and the `QueryResult` and `ValidationError` schemas.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use bytes::Bytes;
 use dashcache::catalog::{Catalog, QueryDef};
 use dashcache::config::{AuthConfig, ParamType};
 use dashcache::format::Format;
 use dashcache::params::{MAX_RAW_LEN, ParamDef};
+use dashcache::timeexpr::span_text;
 use http::{HeaderValue, Response, StatusCode, header};
 use serde_json::{Map, Value, json};
 
@@ -114,8 +114,8 @@ fn query_operation(query: &QueryDef) -> Value {
     description.push_str(&format!(
         "\n\nAnswers are fresh for {} (`X-Cache: HIT`), then served `STALE` for up to {} \
          while they are refreshed. `If-None-Match` with a stored answer's `ETag` gives 304.",
-        span(query.ttl),
-        span(query.grace)
+        span_text(query.ttl),
+        span_text(query.grace)
     ));
     let ok_headers = json!({
         "X-Cache": { "$ref": "#/components/headers/X-Cache" },
@@ -248,14 +248,14 @@ fn range_rule(query: &QueryDef) -> Option<String> {
                 .filter_map(|v| {
                     range
                         .max_span(Some(v))
-                        .map(|s| format!("{}={v}: {}", g.name, span(s)))
+                        .map(|s| format!("{}={v}: {}", g.name, span_text(s)))
                 })
                 .collect();
             text.push_str(&format!("At most: {}.", spans.join("; ")));
         }
         None => {
             if let Some(max) = range.max_span(None) {
-                text.push_str(&format!("At most {}.", span(max)));
+                text.push_str(&format!("At most {}.", span_text(max)));
             }
         }
     }
@@ -719,16 +719,6 @@ fn components() -> Value {
             },
         },
     })
-}
-
-/// A duration as operators write spans: in days when whole days.
-fn span(d: Duration) -> String {
-    let secs = d.as_secs();
-    match secs {
-        86_400 => "1 day".into(),
-        s if s > 0 && s % 86_400 == 0 => format!("{} days", s / 86_400),
-        _ => humantime::format_duration(d).to_string(),
-    }
 }
 
 #[cfg(test)]
