@@ -8,21 +8,27 @@
 //! API key. The document is built once at start ([`build`]) and served as the
 //! same bytes to everyone, without authentication.
 //!
-//! It does not validate anything: the rules it describes are enforced by
-//! [`dashcache::params`] and [`dashcache::catalog`], which stay the only
-//! source of truth (the document is derived from the same compiled
-//! definitions, so it cannot drift from them).
+//! It does not validate anything and decides no status: the rules it
+//! describes are enforced by [`dashcache::params`] and [`dashcache::catalog`],
+//! and the error answers are [`crate::error`]'s. Parameters are derived from
+//! the same compiled definitions, and error statuses, `type` values and
+//! headers from [`ApiError::ALL`], so those cannot drift. The rest is written
+//! here by hand and is kept true only by the tests and `scripts/schemathesis`:
+//! success answers (200/304 and their headers), the `/healthz` and `/readyz`
+//! bodies, and the `QueryResult` and `ValidationError` schemas.
 
-use std::time::Duration;
+use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use dashcache::catalog::{Catalog, QueryDef};
 use dashcache::config::{AuthConfig, ParamType};
 use dashcache::format::Format;
 use dashcache::params::{MAX_RAW_LEN, ParamDef};
+use dashcache::timeexpr::span_text;
 use http::{HeaderValue, Response, StatusCode, header};
 use serde_json::{Map, Value, json};
 
+use crate::error::{self, ApiError, Surface};
 use crate::reply::{self, Body};
 
 /// What `GET /openapi.json` answers: the document built at start.
@@ -108,8 +114,8 @@ fn query_operation(query: &QueryDef) -> Value {
     description.push_str(&format!(
         "\n\nAnswers are fresh for {} (`X-Cache: HIT`), then served `STALE` for up to {} \
          while they are refreshed. `If-None-Match` with a stored answer's `ETag` gives 304.",
-        span(query.ttl),
-        span(query.grace)
+        span_text(query.ttl),
+        span_text(query.grace)
     ));
     let ok_headers = json!({
         "X-Cache": { "$ref": "#/components/headers/X-Cache" },
@@ -123,39 +129,35 @@ fn query_operation(query: &QueryDef) -> Value {
         "RateLimit-Remaining": { "$ref": "#/components/headers/RateLimit-Remaining" },
         "RateLimit-Reset": { "$ref": "#/components/headers/RateLimit-Reset" },
     });
+    let mut responses = json!({
+        "200": {
+            "description": "The answer, in the requested format",
+            "headers": ok_headers,
+            "content": {
+                "application/json": { "schema": { "$ref": "#/components/schemas/QueryResult" } },
+                "text/csv": { "schema": { "type": "string" } },
+                "application/x-ndjson": { "schema": { "type": "string" } },
+                "text/tab-separated-values": { "schema": { "type": "string" } },
+            },
+        },
+        "304": {
+            "description": "Not modified: the stored answer still has the `ETag` given in `If-None-Match`",
+            "headers": {
+                "X-Cache": { "$ref": "#/components/headers/X-Cache" },
+                "ETag": { "$ref": "#/components/headers/ETag" },
+                "Age": { "$ref": "#/components/headers/Age" },
+                "Cache-Control": { "$ref": "#/components/headers/Cache-Control" },
+            },
+        },
+    });
+    add_errors(&mut responses, Surface::Query);
     json!({
         "operationId": format!("query_{}", query.name),
         "summary": query.description.clone().unwrap_or_else(|| format!("Query `{}`", query.name)),
         "description": description,
         "tags": ["queries"],
         "parameters": parameters,
-        "responses": {
-            "200": {
-                "description": "The answer, in the requested format",
-                "headers": ok_headers,
-                "content": {
-                    "application/json": { "schema": { "$ref": "#/components/schemas/QueryResult" } },
-                    "text/csv": { "schema": { "type": "string" } },
-                    "application/x-ndjson": { "schema": { "type": "string" } },
-                    "text/tab-separated-values": { "schema": { "type": "string" } },
-                },
-            },
-            "304": {
-                "description": "Not modified: the stored answer still has the `ETag` given in `If-None-Match`",
-                "headers": {
-                    "X-Cache": { "$ref": "#/components/headers/X-Cache" },
-                    "ETag": { "$ref": "#/components/headers/ETag" },
-                    "Age": { "$ref": "#/components/headers/Age" },
-                    "Cache-Control": { "$ref": "#/components/headers/Cache-Control" },
-                },
-            },
-            "401": { "$ref": "#/components/responses/Unauthorized" },
-            "403": { "$ref": "#/components/responses/Forbidden" },
-            "404": { "$ref": "#/components/responses/NotFound" },
-            "422": { "$ref": "#/components/responses/Invalid" },
-            "429": { "$ref": "#/components/responses/RateLimited" },
-            "503": { "$ref": "#/components/responses/Unavailable" },
-        },
+        "responses": responses,
     })
 }
 
@@ -170,51 +172,43 @@ fn export_operation(export: &QueryDef) -> Value {
          one line `{\"error\": {\"type\", \"code\", \"detail\"}}`, and cuts a CSV/TSV transfer \
          (the chunked body never terminates properly).",
     );
+    let mut responses = json!({
+        "200": {
+            "description": "The rows, streamed in the requested format",
+            "headers": {
+                "Content-Disposition": {
+                    "description": "`attachment; filename=\"<export>.<ext>\"`",
+                    "schema": { "type": "string" },
+                },
+                "X-Dashcache-Query-Id": {
+                    "description": "The export's ClickHouse `query_id` (system.processes)",
+                    "schema": { "type": "string" },
+                },
+                "Cache-Control": {
+                    "description": "Always `no-store`",
+                    "schema": { "type": "string" },
+                },
+                "Content-Encoding": { "$ref": "#/components/headers/Content-Encoding" },
+                "Vary": { "$ref": "#/components/headers/Vary" },
+                "RateLimit-Limit": { "$ref": "#/components/headers/RateLimit-Limit" },
+                "RateLimit-Remaining": { "$ref": "#/components/headers/RateLimit-Remaining" },
+                "RateLimit-Reset": { "$ref": "#/components/headers/RateLimit-Reset" },
+            },
+            "content": {
+                "application/x-ndjson": { "schema": { "type": "string" } },
+                "text/csv": { "schema": { "type": "string" } },
+                "text/tab-separated-values": { "schema": { "type": "string" } },
+            },
+        },
+    });
+    add_errors(&mut responses, Surface::Export);
     json!({
         "operationId": format!("export_{}", export.name),
         "summary": export.description.clone().unwrap_or_else(|| format!("Export `{}`", export.name)),
         "description": description,
         "tags": ["exports"],
         "parameters": parameters,
-        "responses": {
-            "200": {
-                "description": "The rows, streamed in the requested format",
-                "headers": {
-                    "Content-Disposition": {
-                        "description": "`attachment; filename=\"<export>.<ext>\"`",
-                        "schema": { "type": "string" },
-                    },
-                    "X-Dashcache-Query-Id": {
-                        "description": "The export's ClickHouse `query_id` (system.processes)",
-                        "schema": { "type": "string" },
-                    },
-                    "Cache-Control": {
-                        "description": "Always `no-store`",
-                        "schema": { "type": "string" },
-                    },
-                    "Content-Encoding": { "$ref": "#/components/headers/Content-Encoding" },
-                    "Vary": { "$ref": "#/components/headers/Vary" },
-                    "RateLimit-Limit": { "$ref": "#/components/headers/RateLimit-Limit" },
-                    "RateLimit-Remaining": { "$ref": "#/components/headers/RateLimit-Remaining" },
-                    "RateLimit-Reset": { "$ref": "#/components/headers/RateLimit-Reset" },
-                },
-                "content": {
-                    "application/x-ndjson": { "schema": { "type": "string" } },
-                    "text/csv": { "schema": { "type": "string" } },
-                    "text/tab-separated-values": { "schema": { "type": "string" } },
-                },
-            },
-            "401": { "$ref": "#/components/responses/Unauthorized" },
-            "403": { "$ref": "#/components/responses/Forbidden" },
-            "404": { "$ref": "#/components/responses/NotFound" },
-            "413": {
-                "description": "The export exceeds the tier's row or byte limit (`export_too_large`): narrow the range or filters",
-                "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } },
-            },
-            "422": { "$ref": "#/components/responses/Invalid" },
-            "429": { "$ref": "#/components/responses/RateLimited" },
-            "503": { "$ref": "#/components/responses/Unavailable" },
-        },
+        "responses": responses,
     })
 }
 
@@ -254,14 +248,14 @@ fn range_rule(query: &QueryDef) -> Option<String> {
                 .filter_map(|v| {
                     range
                         .max_span(Some(v))
-                        .map(|s| format!("{}={v}: {}", g.name, span(s)))
+                        .map(|s| format!("{}={v}: {}", g.name, span_text(s)))
                 })
                 .collect();
             text.push_str(&format!("At most: {}.", spans.join("; ")));
         }
         None => {
             if let Some(max) = range.max_span(None) {
-                text.push_str(&format!("At most {}.", span(max)));
+                text.push_str(&format!("At most {}.", span_text(max)));
             }
         }
     }
@@ -434,7 +428,6 @@ fn health_operation(auth: &AuthConfig) -> Value {
                 "properties": { "status": { "type": "string" } },
             } } },
         },
-        "503": { "$ref": "#/components/responses/Unavailable" },
     });
     protect(&mut responses, auth.protect_health);
     json!({
@@ -497,43 +490,107 @@ fn metrics_operation(auth: &AuthConfig) -> Value {
 /// The answers an API key check adds to a route.
 fn protect(responses: &mut Value, protected: bool) {
     if protected {
-        responses["401"] = json!({ "$ref": "#/components/responses/Unauthorized" });
-        responses["403"] = json!({ "$ref": "#/components/responses/Forbidden" });
-        responses["429"] = json!({ "$ref": "#/components/responses/RateLimited" });
+        add_errors(responses, Surface::Service);
     }
 }
 
-fn components() -> Value {
-    let error = |description: &str| {
-        json!({
-            "description": description,
-            "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } },
-        })
-    };
-    let rate_headers = json!({
-        "RateLimit-Limit": { "$ref": "#/components/headers/RateLimit-Limit" },
-        "RateLimit-Remaining": { "$ref": "#/components/headers/RateLimit-Remaining" },
-        "RateLimit-Reset": { "$ref": "#/components/headers/RateLimit-Reset" },
+/// The error kinds `surface` can answer, by status ([`ApiError::surfaces`]).
+fn errors_by_status(surface: Surface) -> BTreeMap<u16, Vec<ApiError>> {
+    let mut by_status: BTreeMap<u16, Vec<ApiError>> = BTreeMap::new();
+    for kind in ApiError::ALL {
+        if kind.surfaces().contains(&surface) {
+            by_status
+                .entry(kind.status().as_u16())
+                .or_default()
+                .push(kind);
+        }
+    }
+    by_status
+}
+
+/// The name under `#/components/responses` of `surface`'s `status` answer.
+fn error_response_name(surface: Surface, status: u16) -> String {
+    format!("{}_{status}", surface.as_str())
+}
+
+/// Adds to `responses` every error status `surface` can answer.
+fn add_errors(responses: &mut Value, surface: Surface) {
+    for status in errors_by_status(surface).keys() {
+        responses[status.to_string()] = json!({
+            "$ref": format!("#/components/responses/{}", error_response_name(surface, *status)),
+        });
+    }
+    if error::INVALID_SURFACES.contains(&surface) {
+        responses[error::INVALID_STATUS.as_u16().to_string()] =
+            json!({ "$ref": "#/components/responses/Invalid" });
+    }
+}
+
+/// One status's answer: its kinds in words, the error body, the headers
+/// any of them carries.
+fn error_response(kinds: &[ApiError]) -> Value {
+    let description: Vec<String> = kinds
+        .iter()
+        .map(|k| format!("{} (`{}`)", k.description(), k.as_str()))
+        .collect();
+    let mut headers = Map::new();
+    if kinds.iter().any(|k| k.rate_limit_headers()) {
+        for name in ["RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"] {
+            headers.insert(
+                name.into(),
+                json!({ "$ref": format!("#/components/headers/{name}") }),
+            );
+        }
+    }
+    if kinds.iter().any(|k| k.retry_after().is_some()) {
+        headers.insert(
+            "Retry-After".into(),
+            json!({ "$ref": "#/components/headers/Retry-After" }),
+        );
+    }
+    for kind in kinds {
+        for (name, value) in kind.headers() {
+            headers.insert(
+                (*name).into(),
+                json!({ "description": format!("`{value}`"), "schema": { "type": "string" } }),
+            );
+        }
+    }
+    let mut response = json!({
+        "description": description.join("; or "),
+        "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } },
     });
-    let mut unauthorized =
-        error("No API key, or an unknown, expired or revoked one (`unauthorized`)");
-    unauthorized["headers"] = json!({ "WWW-Authenticate": {
-        "description": "`Bearer`",
-        "schema": { "type": "string" },
-    } });
-    let mut rate_limited = error(
-        "Over the tier's request rate (`rate_limited`), or too many uncached queries of one key \
-         at once (`too_many_uncached`)",
+    if !headers.is_empty() {
+        response["headers"] = Value::Object(headers);
+    }
+    response
+}
+
+/// Every `type` an error body can have, once each, in [`ApiError::ALL`]'s order.
+fn error_types() -> Vec<&'static str> {
+    let mut types: Vec<&'static str> = Vec::new();
+    for kind in ApiError::ALL {
+        if !types.contains(&kind.as_str()) {
+            types.push(kind.as_str());
+        }
+    }
+    types
+}
+
+fn components() -> Value {
+    let mut responses = Map::new();
+    for surface in Surface::ALL {
+        for (status, kinds) in errors_by_status(surface) {
+            responses.insert(error_response_name(surface, status), error_response(&kinds));
+        }
+    }
+    responses.insert(
+        "Invalid".into(),
+        json!({
+            "description": "Invalid parameters: every problem, each naming its parameter",
+            "content": { "application/json": { "schema": { "$ref": "#/components/schemas/ValidationError" } } },
+        }),
     );
-    rate_limited["headers"] = rate_headers;
-    rate_limited["headers"]["Retry-After"] = json!({ "$ref": "#/components/headers/Retry-After" });
-    let mut unavailable = error(
-        "Nothing to serve right now: ClickHouse is slow (`upstream_timeout`), unreachable \
-         (`upstream_unavailable`) or failing (`upstream_error`) and no stored answer is left, or \
-         too many requests wait for one answer (`too_many_waiters`)",
-    );
-    unavailable["headers"] =
-        json!({ "Retry-After": { "$ref": "#/components/headers/Retry-After" } });
 
     json!({
         "securitySchemes": {
@@ -555,7 +612,11 @@ fn components() -> Value {
                 "required": ["detail", "type"],
                 "properties": {
                     "detail": { "type": "string", "description": "What went wrong, for people" },
-                    "type": { "type": "string", "description": "A stable machine-readable kind, e.g. `unknown_query`" },
+                    "type": {
+                        "type": "string",
+                        "enum": error_types(),
+                        "description": "A stable machine-readable kind",
+                    },
                 },
             },
             "ValidationError": {
@@ -608,17 +669,7 @@ fn components() -> Value {
                 },
             },
         },
-        "responses": {
-            "Unauthorized": unauthorized,
-            "Forbidden": error("The key's tier may not call this (`forbidden`), or is not configured"),
-            "NotFound": error("No such query or export (`unknown_query`, `unknown_export`)"),
-            "Invalid": {
-                "description": "Invalid parameters: every problem, each naming its parameter",
-                "content": { "application/json": { "schema": { "$ref": "#/components/schemas/ValidationError" } } },
-            },
-            "RateLimited": rate_limited,
-            "Unavailable": unavailable,
-        },
+        "responses": responses,
         "headers": {
             "X-Cache": {
                 "description": "Where the answer came from: `HIT` (stored, fresh), `STALE` (stored, \
@@ -668,16 +719,6 @@ fn components() -> Value {
             },
         },
     })
-}
-
-/// A duration as operators write spans: in days when whole days.
-fn span(d: Duration) -> String {
-    let secs = d.as_secs();
-    match secs {
-        86_400 => "1 day".into(),
-        s if s > 0 && s % 86_400 == 0 => format!("{} days", s / 86_400),
-        _ => humantime::format_duration(d).to_string(),
-    }
 }
 
 #[cfg(test)]
@@ -785,6 +826,77 @@ mod tests {
         );
     }
 
+    /// The documented answer for `status` of the operation `op`.
+    fn documented<'a>(doc: &'a Value, op: &Value, status: u16) -> &'a Value {
+        let reference = op["responses"][status.to_string()]["$ref"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{status} is not documented"));
+        let name = reference.trim_start_matches("#/components/responses/");
+        &doc["components"]["responses"][name]
+    }
+
+    #[test]
+    fn every_error_answer_is_documented_where_it_can_happen() {
+        let (catalog, mut auth) = catalog();
+        auth.protect_health = true;
+        auth.protect_metrics = true;
+        let doc = document(&catalog, &auth);
+        let query = catalog.iter().next().expect("a query");
+        let export = catalog.exports().next().expect("an export");
+        let operations = [
+            (Surface::Query, format!("/v1/query/{}", query.name)),
+            (Surface::Export, format!("/v1/export/{}", export.name)),
+            (Surface::Service, "/metrics".to_owned()),
+            (Surface::Service, "/healthz".to_owned()),
+        ];
+        for (surface, path) in &operations {
+            let op = &doc["paths"][path]["get"];
+            for kind in ApiError::ALL {
+                if !kind.surfaces().contains(surface) {
+                    continue;
+                }
+                let answer = documented(&doc, op, kind.status().as_u16());
+                let description = answer["description"].as_str().unwrap();
+                assert!(
+                    description.contains(&format!("(`{}`)", kind.as_str())),
+                    "{path} {kind:?}: {description}"
+                );
+                assert_eq!(
+                    answer["content"]["application/json"]["schema"]["$ref"],
+                    "#/components/schemas/Error"
+                );
+                if kind.retry_after().is_some() {
+                    assert!(
+                        answer["headers"].get("Retry-After").is_some(),
+                        "{path} {kind:?}"
+                    );
+                }
+                for (name, _) in kind.headers() {
+                    assert!(answer["headers"].get(*name).is_some(), "{path} {kind:?}");
+                }
+            }
+        }
+        // Only the statuses some kind (or invalid parameters) gives are documented.
+        let op = &doc["paths"][format!("/v1/export/{}", export.name)]["get"];
+        let mut statuses: Vec<String> = op["responses"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        statuses.sort();
+        assert_eq!(
+            statuses,
+            [
+                "200", "401", "403", "404", "413", "422", "429", "500", "503"
+            ]
+        );
+        let op = &doc["paths"]["/healthz"]["get"];
+        let mut statuses: Vec<&String> = op["responses"].as_object().unwrap().keys().collect();
+        statuses.sort();
+        assert_eq!(statuses, ["200", "401", "403", "429"]);
+    }
+
     #[test]
     fn error_bodies_and_security_are_described() {
         let (catalog, auth) = catalog();
@@ -799,6 +911,15 @@ mod tests {
             doc["components"]["schemas"]["Error"]["required"],
             json!(["detail", "type"])
         );
+        // Every `type` an error body can carry is in the schema, and nothing else.
+        let types = &doc["components"]["schemas"]["Error"]["properties"]["type"]["enum"];
+        let mut expected: Vec<&str> = ApiError::ALL.iter().map(|k| k.as_str()).collect();
+        expected.sort_unstable();
+        expected.dedup();
+        assert_eq!(types.as_array().unwrap().len(), expected.len());
+        for kind in ApiError::ALL {
+            assert!(types.as_array().unwrap().contains(&json!(kind.as_str())));
+        }
         // The served bytes are the document.
         let served: Value = serde_json::from_slice(&build(&catalog, &auth)).unwrap();
         assert_eq!(served, doc);

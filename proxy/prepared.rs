@@ -12,9 +12,10 @@ use dashcache::cache::CacheKey;
 use dashcache::catalog::{Asked, QueryDef, TimeRange};
 use dashcache::format::Format;
 use dashcache::params::{Bound, RawParam};
-use http::{Response, StatusCode};
+use http::Response;
 
-use crate::reply::{self, Body};
+use crate::error::{self, ApiError};
+use crate::reply::Body;
 
 /// A request reduced to what the cache needs: validated, bound, rendered, keyed.
 pub struct Prepared {
@@ -73,19 +74,15 @@ impl PreparedMemo {
         let clock = query.clock(now);
         let bound = match query.bind(&params, &clock, tenant) {
             Ok(bound) if problems.is_empty() => bound,
-            Ok(_) => return Err(Box::new(reply::invalid(&problems))),
+            Ok(_) => return Err(Box::new(error::invalid(&problems))),
             Err(more) => {
                 problems.extend(more);
-                return Err(Box::new(reply::invalid(&problems)));
+                return Err(Box::new(error::invalid(&problems)));
             }
         };
         let sql = query.render(&bound).map_err(|err| {
             tracing::error!(query = %query.name, error = %err, "template rendering failed");
-            Box::new(reply::error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "query template error",
-            ))
+            Box::new(ApiError::Internal.reply("query template error"))
         })?;
         let key = query.cache_key(key_prefix, tenant, format, &bound);
         let asked = bound

@@ -1,8 +1,7 @@
-//! Building responses: the body type, JSON errors, streamed answers.
+//! Building responses: the body type, JSON bodies, streamed answers.
 //!
-//! Every error leaves the proxy as JSON: `{"detail": "...", "type": "..."}`, or
-//! for invalid parameters FastAPI's 422 shape, `{"detail": [{loc, msg, type}]}`.
-//! Streamed bodies can be compressed on the fly ([`compressed`]).
+//! Streamed bodies can be compressed on the fly ([`compressed`]). Error
+//! answers are not built here but in [`crate::error`], on top of [`json`].
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -10,7 +9,6 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use dashcache::coalesce::Subscriber;
 use dashcache::encoding::{Encoding, StreamEncoder};
-use dashcache::params::Problem;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -37,22 +35,6 @@ pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
         HeaderValue::from_static("application/json"),
     );
     response
-}
-
-/// A JSON error: what went wrong (`detail`) and a stable machine-readable `type`.
-pub fn error(status: StatusCode, kind: &str, detail: impl Into<String>) -> Response<Body> {
-    json(
-        status,
-        &serde_json::json!({ "detail": detail.into(), "type": kind }),
-    )
-}
-
-/// 422 listing every invalid parameter.
-pub fn invalid(problems: &[Problem]) -> Response<Body> {
-    json(
-        StatusCode::UNPROCESSABLE_ENTITY,
-        &serde_json::json!({ "detail": problems }),
-    )
 }
 
 /// A body that starts with `first` and goes on with what `rest` yields.

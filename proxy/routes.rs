@@ -14,12 +14,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use dashcache::metrics::{HttpLabels, RouteLabels};
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::auth;
+use crate::error::ApiError;
 use crate::handlers::{export, health, query};
-use crate::reply::{self, Body};
+use crate::reply::Body;
 use crate::state::App;
 use dashcache::config::{ProxyConfig, RequestLog};
 use dashcache::outcome::CacheStatus;
@@ -131,14 +132,8 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
 
 async fn route(app: &Arc<App>, req: &Request<Incoming>) -> (Route, Response<Body>) {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        let mut response = reply::error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            format!("{} is not supported; use GET", req.method()),
-        );
-        response
-            .headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        let response =
+            ApiError::MethodNotAllowed.reply(format!("{} is not supported; use GET", req.method()));
         return (Route::Other, response);
     }
     let path = req.uri().path();
@@ -174,11 +169,7 @@ async fn route(app: &Arc<App>, req: &Request<Incoming>) -> (Route, Response<Body
         "/readyz" => (Route::Readyz, app.config.auth.protect_health),
         "/metrics" => (Route::Metrics, app.config.auth.protect_metrics),
         _ => {
-            let response = reply::error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("no route for {path}"),
-            );
+            let response = ApiError::NotFound.reply(format!("no route for {path}"));
             return (Route::Other, response);
         }
     };

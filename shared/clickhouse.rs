@@ -7,7 +7,10 @@
 //! exception text to a `200 OK` body. [`Answer`] holds back the last
 //! [`TAIL_HOLDBACK`] bytes of every body and checks them at the end, so such a
 //! body fails instead of being served or cached. Small answers are held whole,
-//! so their failures become clean HTTP errors before any byte is sent.
+//! so their failures become clean HTTP errors before any byte is sent. The
+//! check matches only the server's exact framings where the server puts them
+//! ([`exception_start`]), so data that merely mentions an exception (TSV
+//! strings are unquoted) is served as data.
 //!
 //! With several replicas (`[clickhouse] replicas`), [`crate::upstream`] picks
 //! the server of each query; a query whose server cannot be reached before its
@@ -340,6 +343,7 @@ impl ClickHouse {
             format,
             held: VecDeque::new(),
             held_len: 0,
+            passed_last: None,
             finished: false,
             salvage: false,
             failure: None,
@@ -466,6 +470,9 @@ pub struct Answer {
     format: Format,
     held: VecDeque<Bytes>,
     held_len: usize,
+    /// The last byte passed on (`None` before the first): whether the held
+    /// tail starts a line.
+    passed_last: Option<u8>,
     finished: bool,
     /// Yield the complete rows before an appended exception, then fail.
     salvage: bool,
@@ -490,6 +497,7 @@ impl Answer {
                 && (self.finished || self.held_len - front.len() >= TAIL_HOLDBACK)
             {
                 self.held_len -= front.len();
+                self.passed_last = front.last().copied().or(self.passed_last);
                 return Ok(self.held.pop_front());
             }
             if self.finished {
@@ -529,7 +537,7 @@ impl Answer {
             tail.extend_from_slice(chunk);
         }
         let tail = tail.freeze();
-        if let Some(at) = exception_start(&tail) {
+        if let Some(at) = exception_start(&tail, self.passed_last, self.format) {
             let message = String::from_utf8_lossy(&tail[at..]).trim().to_owned();
             let err = counted(
                 &self.metrics,
@@ -580,22 +588,141 @@ fn counted(metrics: &Metrics, err: UpstreamError) -> UpstreamError {
     err
 }
 
-/// Where an exception that ClickHouse appended to a body starts, if any.
+/// The marker of the `__exception__` framings (ClickHouse 25.1+).
+const MARKER: &[u8] = b"__exception__";
+
+/// Where an exception that ClickHouse appended to a complete `format` body
+/// starts, if any. `tail` is the end of the body; `before` is the byte just
+/// before it (`None` when `tail` is the whole body), so that a match at the
+/// start of `tail` is known to start a line or not.
 ///
-/// 18.16 writes `Code: N, e.displayText() = DB::Exception: …`, current
-/// releases `Code: N. DB::Exception: …` or an `__exception__` block. None of
-/// these can occur unquoted in JSON, JSONEachRow or CSV rows.
-pub fn exception_start(tail: &[u8]) -> Option<usize> {
-    if let Some(at) = memchr::memmem::find(tail, b"__exception__") {
+/// Only the server's exact framings count, where the server writes them:
+/// - 25.11+: `\r\n__exception__\r\n<TAG>\r\n<message>\n<length> <TAG>\r\n__exception__\r\n`
+///   closing the body, checked whole: the same tag twice, `length` the
+///   message's. (The tag's `X-ClickHouse-Exception-Tag` header stays inside
+///   the `clickhouse` crate, so the structure is what is matched.)
+/// - 25.1–25.10: `__exception__\r\n<message>` at a line start.
+/// - 18.16: `Code: N, e.displayText() = DB::Exception: …`; later releases
+///   `Code: N. DB::Exception: …` (or another `DB::…Exception`), at a line start.
+/// - 23.9–25.10 (`http_write_exception_in_output_format`): the format's own
+///   member, a JSONEachRow line `{"exception": "Code: N. …"}` (rows are
+///   written without the space after the colon) or JSON's top-level
+///   `\t"exception": "Code: N. …"` (row fields are indented deeper).
+///
+/// Rows of the line formats end with a newline, so an appended text starts a
+/// line; inside a value TSV and JSONEachRow escape newlines, so text that
+/// merely mentions `Code: 42, e.displayText() = ` or `__exception__`
+/// mid-line is data. (A TSV row whose first value, or a CSV value continuing
+/// after a raw newline, begins with the exact framing still reads as a
+/// failure: that fails safe, nothing is served or cached.) JSON is one
+/// document that the server appends to right after the last row (18.16
+/// writes `}Code: …`), and its strings may hold anything: there an appended
+/// text counts only after a structural character and when the body does not
+/// close with `}`; a raw `\r\n` (the marker's) cannot occur in a JSON string.
+pub fn exception_start(tail: &[u8], before: Option<u8>, format: Format) -> Option<usize> {
+    if let Some(at) = tagged_exception(tail) {
         return Some(at);
     }
-    memchr::memmem::find_iter(tail, b"Code: ").find(|&at| {
-        let rest = &tail[at + 6..];
-        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-        digits > 0
-            && (rest[digits..].starts_with(b", e.displayText() = ")
-                || rest[digits..].starts_with(b". DB::Exception"))
-    })
+    let previous = |at: usize| if at == 0 { before } else { Some(tail[at - 1]) };
+    let line_starts = || {
+        memchr::memchr_iter(b'\n', tail)
+            .map(|nl| nl + 1)
+            .filter(|&at| at < tail.len())
+            .chain(before.is_none_or(|b| b == b'\n').then_some(0))
+    };
+    let marker_line =
+        |line: &[u8]| line.starts_with(MARKER) && line[MARKER.len()..].starts_with(b"\r\n");
+    if format == Format::Json {
+        if let Some(at) = line_starts()
+            .filter(|&at| member(&tail[at..], b"\t\"exception\": \""))
+            .min()
+        {
+            return Some(at);
+        }
+        if let Some(at) =
+            memchr::memmem::find_iter(tail, MARKER).find(|&at| marker_line(&tail[at..]))
+        {
+            return Some(at);
+        }
+        if tail.trim_ascii_end().ends_with(b"}") {
+            return None;
+        }
+        return memchr::memmem::find_iter(tail, b"Code: ").find(|&at| {
+            previous(at).is_none_or(|b| b"{}[],".contains(&b) || b.is_ascii_whitespace())
+                && code_framing(&tail[at..])
+        });
+    }
+    line_starts()
+        .filter(|&at| {
+            let line = &tail[at..];
+            marker_line(line)
+                || code_framing(line)
+                || (format == Format::Ndjson && member(line, b"{\"exception\": \""))
+        })
+        .min()
+}
+
+/// Whether `text` starts with `prefix` and an exception's `Code: N…` framing.
+fn member(text: &[u8], prefix: &[u8]) -> bool {
+    text.starts_with(prefix) && code_framing(&text[prefix.len()..])
+}
+
+/// Whether `text` starts like an exception message: `Code: N` then
+/// `, e.displayText() = ` (18.16) or `. ` (later), then `DB::…Exception: `.
+fn code_framing(text: &[u8]) -> bool {
+    let Some(rest) = text.strip_prefix(b"Code: ") else {
+        return false;
+    };
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 {
+        return false;
+    }
+    let rest = &rest[digits..];
+    let Some(rest) = rest
+        .strip_prefix(b", e.displayText() = ")
+        .or_else(|| rest.strip_prefix(b". "))
+        .and_then(|rest| rest.strip_prefix(b"DB::"))
+    else {
+        return false;
+    };
+    let name = rest
+        .iter()
+        .take_while(|b| b.is_ascii_alphanumeric())
+        .count();
+    rest[..name].ends_with(b"Exception") && rest[name..].starts_with(b": ")
+}
+
+/// Where 25.11's tagged exception block closing `tail` starts, if it does.
+fn tagged_exception(tail: &[u8]) -> Option<usize> {
+    const OPENING: &[u8] = b"\r\n__exception__\r\n";
+    let rest = tail.strip_suffix(OPENING)?;
+    let space = memchr::memrchr(b' ', rest)?;
+    let tag = &rest[space + 1..];
+    if tag.is_empty() || tag.len() > 64 || !tag.iter().all(u8::is_ascii_graphic) {
+        return None;
+    }
+    let digits = rest[..space]
+        .iter()
+        .rev()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    if digits == 0 || digits > 9 {
+        return None;
+    }
+    let length_at = space - digits;
+    let length: usize = std::str::from_utf8(&rest[length_at..space])
+        .ok()?
+        .parse()
+        .ok()?;
+    // The message ends with the newline just before its length.
+    if length == 0 || rest.get(length_at.checked_sub(1)?) != Some(&b'\n') {
+        return None;
+    }
+    let message_at = length_at.checked_sub(length)?;
+    let at = message_at.checked_sub(OPENING.len() + tag.len() + 2)?;
+    let opening = &rest[at..message_at];
+    (opening.starts_with(OPENING) && opening[OPENING.len()..].strip_suffix(b"\r\n") == Some(tag))
+        .then_some(at)
 }
 
 /// The number after `Code: ` in an exception text.
@@ -613,19 +740,163 @@ fn error_code(text: &[u8]) -> Option<u32> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn finds_appended_exceptions_of_old_and_new_servers() {
-        let old = b"{\"n\":1}\n{\"n\":2}\nCode: 395, e.displayText() = DB::Exception: Value passed to 'throwIf' function is non zero, e.what() = DB::Exception\n";
-        assert_eq!(exception_start(old), Some(16));
-        assert_eq!(error_code(&old[16..]), Some(395));
-        let new = b"1,2\nCode: 159. DB::Exception: Timeout exceeded. (TIMEOUT_EXCEEDED)\n";
-        assert_eq!(exception_start(new), Some(4));
-        assert_eq!(exception_start(b"ok\n__exception__\r\nabc"), Some(3));
+    const FORMATS: [Format; 4] = [Format::Json, Format::Csv, Format::Ndjson, Format::Tsv];
+
+    /// Rows of `format` before a failure (a JSON document cut after a row).
+    fn rows(format: Format) -> &'static [u8] {
+        match format {
+            Format::Json => b"{\n\t\"meta\":\n\t[\n\t\t{\n\t\t\t\"name\": \"n\",\n\t\t\t\"type\": \"UInt64\"\n\t\t}\n\t],\n\n\t\"data\":\n\t[\n\t\t{\n\t\t\t\"n\": 1\n\t\t}",
+            Format::Csv => b"\"n\"\n1\n2\n",
+            Format::Ndjson => b"{\"n\":1}\n{\"n\":2}\n",
+            Format::Tsv => b"n\n1\n2\n",
+        }
+    }
+
+    /// The body `rows` + `appended`, and where the appended part starts.
+    fn failed(format: Format, appended: &[u8]) -> (Vec<u8>, usize) {
+        let mut body = rows(format).to_vec();
+        let at = body.len();
+        body.extend_from_slice(appended);
+        (body, at)
+    }
+
+    /// 25.11's block with `tag` around `message` (which ends with a newline).
+    fn tagged(tag: &str, message: &str, length: usize) -> Vec<u8> {
+        format!("\r\n__exception__\r\n{tag}\r\n{message}{length} {tag}\r\n__exception__\r\n")
+            .into_bytes()
     }
 
     #[test]
-    fn data_that_mentions_codes_is_not_an_exception() {
-        assert_eq!(exception_start(b"{\"msg\":\"Code: 12\"}\n"), None);
-        assert_eq!(exception_start(b"\"Code: x, e.displayText\"\n"), None);
+    fn every_real_framing_at_the_end_of_a_body_is_an_exception() {
+        let message = "Code: 395. DB::Exception: boom. (FUNCTION_THROW_IF_VALUE_IS_NON_ZERO) (version 25.11.1.1)\n";
+        let framings: Vec<Vec<u8>> = vec![
+            // 18.16, as it writes it (measured against the local server).
+            b"Code: 395, e.displayText() = DB::Exception: Value passed to 'throwIf' function is non zero, e.what() = DB::Exception\n".to_vec(),
+            // Releases up to 24.x.
+            b"Code: 159. DB::Exception: Timeout exceeded: elapsed 1.2 seconds, maximum: 0.1. (TIMEOUT_EXCEEDED) (version 24.10.1.2812 (official build))\n".to_vec(),
+            b"Code: 210. DB::NetException: I/O error: Broken pipe. (NETWORK_ERROR) (version 23.8.8.20)\n".to_vec(),
+            // 25.1-25.10.
+            format!("__exception__\r\n{message}").into_bytes(),
+            // 25.11+.
+            tagged("Ab3dE5gH1jK7mN9p", message, message.len()),
+        ];
+        for format in FORMATS {
+            for framing in &framings {
+                let (body, at) = failed(format, framing);
+                let text = String::from_utf8_lossy(framing);
+                assert_eq!(
+                    exception_start(&body, None, format),
+                    Some(at),
+                    "{format:?}: {text}"
+                );
+                assert!(error_code(&body[at..]).is_some(), "{format:?}: {text}");
+                // Also when the held tail starts just there, after a passed-on line.
+                assert_eq!(
+                    exception_start(&body[at..], Some(b'\n'), format),
+                    Some(0),
+                    "{format:?}: {text}"
+                );
+            }
+        }
+        // 18.16 appends right after the last JSON row, on the same line.
+        let (body, at) = failed(Format::Json, &framings[0]);
+        assert_eq!(body[at - 1], b'}');
+        assert_eq!(error_code(&body[at..]), Some(395));
+    }
+
+    #[test]
+    fn the_formats_own_exception_member_is_an_exception() {
+        let member = "\"exception\": \"Code: 395. DB::Exception: boom. (FUNCTION_THROW_IF_VALUE_IS_NON_ZERO) (version 24.8.1.1)\"";
+        let json = format!(
+            "{}\n\t],\n\n\t\"rows\": 1,\n\n\t{member}\n}}\n",
+            String::from_utf8_lossy(rows(Format::Json))
+        );
+        let at = json.find("\t\"exception\"").unwrap();
+        assert_eq!(
+            exception_start(json.as_bytes(), None, Format::Json),
+            Some(at)
+        );
+        assert_eq!(error_code(&json.as_bytes()[at..]), Some(395));
+
+        let (ndjson, at) = failed(Format::Ndjson, format!("{{{member}}}\n").as_bytes());
+        assert_eq!(exception_start(&ndjson, None, Format::Ndjson), Some(at));
+    }
+
+    #[test]
+    fn data_that_mentions_exceptions_is_not_an_exception() {
+        let fake = "x Code: 42, e.displayText() = DB::Exception: fake";
+        let bodies: Vec<(Format, String)> = vec![
+            (
+                Format::Tsv,
+                format!("s\tt\n{fake}\tmid __exception__ line\n2\tCode: 60. DB::Exception: y\n"),
+            ),
+            (
+                Format::Tsv,
+                "s\nescaped\\r\\n__exception__\\r\\nCode: 1. DB::Exception: z\n".into(),
+            ),
+            (
+                Format::Csv,
+                format!("\"s\",\"t\"\n\"{fake}\",\"mid __exception__ line\"\n"),
+            ),
+            (
+                Format::Csv,
+                "\"s\"\n\"Code: 42, e.displayText() = DB::Exception: quoted\"\n".into(),
+            ),
+            (
+                Format::Ndjson,
+                format!("{{\"s\":\"{fake}\",\"t\":\"mid __exception__ line\"}}\n"),
+            ),
+            // A column named `exception`: rows have no space after the colon.
+            (
+                Format::Ndjson,
+                "{\"exception\":\"Code: 1. DB::Exception: a value\"}\n".into(),
+            ),
+            // JSON that closes, with strings holding every framing's words.
+            (
+                Format::Json,
+                format!(
+                    "{{\n\t\"data\":\n\t[\n\t\t{{\n\t\t\t\"s\": \"{fake}\",\n\t\t\t\"t\": \"}}Code: 42, e.displayText() = DB::Exception: a\",\n\t\t\t\"exception\": \"Code: 1. DB::Exception: b\",\n\t\t\t\"u\": \"__exception__\\r\\n\"\n\t\t}}\n\t],\n\n\t\"rows\": 1\n}}\n"
+                ),
+            ),
+            (Format::Ndjson, "{\"msg\":\"Code: 12\"}\n".into()),
+            (Format::Csv, "\"Code: x, e.displayText\"\n".into()),
+        ];
+        for (format, body) in &bodies {
+            assert_eq!(
+                exception_start(body.as_bytes(), None, *format),
+                None,
+                "{format:?}: {body}"
+            );
+        }
+        // A tail that starts mid-line does not start with an exception.
+        let line = b"Code: 42, e.displayText() = DB::Exception: fake\n";
+        assert_eq!(exception_start(line, Some(b'x'), Format::Tsv), None);
+        assert_eq!(exception_start(line, Some(b'\n'), Format::Tsv), Some(0));
+    }
+
+    #[test]
+    fn the_tagged_block_is_checked_whole() {
+        let message = "Code: 159. DB::Exception: Timeout exceeded. (TIMEOUT_EXCEEDED)\n";
+        let mut body = b"1\n".to_vec();
+        body.extend(tagged("Ab3dE5gH1jK7mN9p", message, message.len()));
+        assert_eq!(tagged_exception(&body), Some(2));
+        // A wrong length, another closing tag, a missing opening: not that block.
+        let mut wrong = b"1\n".to_vec();
+        wrong.extend(tagged("Ab3dE5gH1jK7mN9p", message, message.len() + 1));
+        assert_eq!(tagged_exception(&wrong), None);
+        let other = String::from_utf8(body.clone()).unwrap().replacen(
+            "Ab3dE5gH1jK7mN9p\r\nCode",
+            "Zb3dE5gH1jK7mN9p\r\nCode",
+            1,
+        );
+        assert_eq!(tagged_exception(other.as_bytes()), None);
+        let closing = format!(
+            "1\n{message}{} Ab3dE5gH1jK7mN9p\r\n__exception__\r\n",
+            message.len()
+        );
+        assert_eq!(tagged_exception(closing.as_bytes()), None);
+        // Data mid-line that ends like the block's closing line is not one either.
+        let data = b"s\nx 12 Ab3dE5gH1jK7mN9p\r\n__exception__\r\n";
+        assert_eq!(tagged_exception(data), None);
     }
 }

@@ -9,8 +9,9 @@
 //! and `now-168h` are both `now-7d`, `yesterday` is `today-1d`), which is what
 //! cache keys are made of, so a dashboard polling "the last 7 days" keeps one
 //! key; it is resolved to an instant only when an answer is computed. `now` is
-//! rounded down to a step (one minute) when resolved. It does not know about
-//! parameters or ranges: see [`crate::params`].
+//! rounded down to a step (one minute) when resolved. It also owns how
+//! instants and spans are written for people ([`format`], [`span_text`]). It
+//! does not know about parameters or ranges: see [`crate::params`].
 
 use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, TimeZone, Utc};
 use std::time::Duration;
@@ -136,6 +137,20 @@ pub fn format(secs: i64) -> String {
     }
 }
 
+/// A span as operators think of ranges, for messages and documents: whole
+/// days as `1 day` / `31 days`, longer spans in days to two decimals
+/// (`1.50 days`), shorter ones as a duration (`5m`, `4h`, `1h 30m`).
+pub fn span_text(span: Duration) -> String {
+    const DAY: u64 = 86_400;
+    let secs = span.as_secs();
+    match secs {
+        DAY => "1 day".into(),
+        s if s > 0 && s % DAY == 0 => format!("{} days", s / DAY),
+        s if s > DAY => format!("{:.2} days", s as f64 / DAY as f64),
+        _ => humantime::format_duration(span).to_string(),
+    }
+}
+
 /// The base a relative expression starts with, the shift it implies
 /// (`yesterday` is `today` − 1 day) and the rest of the text.
 fn relative_base(text: &str) -> Option<(Base, i64, &str)> {
@@ -205,6 +220,18 @@ fn absolute(text: &str) -> Result<i64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spans_read_in_days_when_a_day_or_longer() {
+        let span = |secs| span_text(Duration::from_secs(secs));
+        assert_eq!(span(86_400), "1 day");
+        assert_eq!(span(31 * 86_400), "31 days");
+        assert_eq!(span(730 * 86_400), "730 days");
+        assert_eq!(span(36 * 3_600), "1.50 days");
+        assert_eq!(span(300), "5m");
+        assert_eq!(span(4 * 3_600), "4h");
+        assert_eq!(span(5_400), "1h 30m");
+    }
 
     fn now() -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2024, 3, 15, 10, 17, 42).unwrap()

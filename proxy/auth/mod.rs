@@ -22,9 +22,10 @@ use self::ratelimit::RateLimiter;
 use self::tier::Tier;
 use self::tier::Tiers;
 use dashcache::outcome::RateOutcome;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Request, Response, header};
 
-use crate::reply::{self, Body};
+use crate::error::ApiError;
+use crate::reply::Body;
 
 /// An authenticated caller.
 pub struct Caller {
@@ -81,11 +82,9 @@ async fn authenticate<B>(app: &Auth, req: &Request<B>) -> Result<Caller, Respons
         .map_err(unauthorized)?;
     let Some(tier) = app.tiers.get(&key.tier).cloned() else {
         tracing::warn!(key = %key.id, tier = %key.tier, "key of an unconfigured tier");
-        return Err(reply::error(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!("this key's tier `{}` is not configured", key.tier),
-        ));
+        return Err(
+            ApiError::Forbidden.reply(format!("this key's tier `{}` is not configured", key.tier))
+        );
     };
     let rate = app
         .limiter
@@ -97,17 +96,12 @@ async fn authenticate<B>(app: &Auth, req: &Request<B>) -> Result<Caller, Respons
         RateOutcome::Limited
     });
     if !rate.allowed {
-        let mut response = reply::error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
+        let mut response = ApiError::RateLimited.reply_retry_in(
             format!(
                 "rate limit of {} requests per minute (burst {}) exceeded; retry in {} s",
                 tier.requests_per_minute, tier.burst, rate.retry_after_secs
             ),
-        );
-        response.headers_mut().insert(
-            header::RETRY_AFTER,
-            HeaderValue::from(rate.retry_after_secs),
+            rate.retry_after_secs,
         );
         rate_headers(response.headers_mut(), &rate);
         return Err(response);
@@ -116,20 +110,12 @@ async fn authenticate<B>(app: &Auth, req: &Request<B>) -> Result<Caller, Respons
 }
 
 fn unauthorized(err: KeyError) -> Response<Body> {
-    let mut response = reply::error(StatusCode::UNAUTHORIZED, "unauthorized", err.to_string());
-    response
-        .headers_mut()
-        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    response
+    ApiError::Unauthorized.reply(err.to_string())
 }
 
 /// 403 for a query or export outside the caller's tier.
 pub fn forbidden(caller: &Caller, what: &str) -> Response<Body> {
-    reply::error(
-        StatusCode::FORBIDDEN,
-        "forbidden",
-        format!("tier `{}` may not call {what}", caller.tier.name),
-    )
+    ApiError::Forbidden.reply(format!("tier `{}` may not call {what}", caller.tier.name))
 }
 
 /// The IETF `RateLimit-*` headers.

@@ -30,11 +30,12 @@ use dashcache::format::Format;
 use dashcache::metrics::Metrics;
 use dashcache::outcome::ExportOutcome;
 use dashcache::params::RawParam;
-use http::{HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderValue, Request, Response, header};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 
 use crate::auth::{self, Caller};
+use crate::error::{self, ApiError};
 use crate::reply::{self, Body, BoxError};
 use crate::state::App;
 
@@ -49,11 +50,7 @@ pub async fn handle<B>(
 ) -> Response<Body> {
     let started = Instant::now();
     let Some(export) = app.catalog.export(name) else {
-        return reply::error(
-            StatusCode::NOT_FOUND,
-            "unknown_export",
-            format!("no export named `{name}`"),
-        );
+        return ApiError::UnknownExport.reply(format!("no export named `{name}`"));
     };
     if !caller.tier.exports.allows(name) {
         return auth::forbidden(caller, &format!("export `{name}`"));
@@ -73,21 +70,17 @@ pub async fn handle<B>(
     let clock = export.clock(Utc::now());
     let bound = match export.bind(&params, &clock, Some(&caller.key.tenant)) {
         Ok(bound) if problems.is_empty() => bound,
-        Ok(_) => return reply::invalid(&problems),
+        Ok(_) => return error::invalid(&problems),
         Err(more) => {
             problems.extend(more);
-            return reply::invalid(&problems);
+            return error::invalid(&problems);
         }
     };
     let sql = match export.render(&bound) {
         Ok(sql) => sql,
         Err(err) => {
             tracing::error!(export = name, error = %err, "template rendering failed");
-            return reply::error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "export template error",
-            );
+            return ApiError::Internal.reply("export template error");
         }
     };
 
@@ -172,30 +165,22 @@ pub async fn handle<B>(
 fn failed_before_first_byte(err: &UpstreamError, caller: &Caller) -> Response<Body> {
     tracing::warn!(error = %err, "export failed before its first byte");
     if err.code() == Some(LIMIT_CODE) {
-        return reply::error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "export_too_large",
-            format!(
-                "the export exceeds tier `{}`'s limit ({} rows, {} bytes); narrow the range or filters",
-                caller.tier.name, caller.tier.export_max_rows, caller.tier.export_max_bytes
-            ),
-        );
+        return ApiError::ExportTooLarge.reply(format!(
+            "the export exceeds tier `{}`'s limit ({} rows, {} bytes); narrow the range or filters",
+            caller.tier.name, caller.tier.export_max_rows, caller.tier.export_max_bytes
+        ));
     }
     let (kind, detail) = if err.is_timeout() {
         (
-            "upstream_timeout",
+            ApiError::UpstreamTimeout,
             "the export exceeded its time limit; narrow the range",
         )
     } else if matches!(err, UpstreamError::Connect(_)) {
-        ("upstream_unavailable", "ClickHouse is unreachable")
+        (ApiError::UpstreamUnavailable, "ClickHouse is unreachable")
     } else {
-        ("upstream_error", "ClickHouse failed the export")
+        (ApiError::UpstreamError, "ClickHouse failed the export")
     };
-    let mut response = reply::error(StatusCode::SERVICE_UNAVAILABLE, kind, detail);
-    response
-        .headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-    response
+    kind.reply(detail)
 }
 
 /// The body of one export.

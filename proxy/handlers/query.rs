@@ -27,12 +27,10 @@ use dashcache::outcome::CacheStatus;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 
 use crate::auth::{self, Caller};
+use crate::error::ApiError;
 use crate::prepared::Prepared;
 use crate::reply::{self, Body};
 use crate::state::App;
-
-/// What a client is told to wait before retrying when nothing can be served.
-const RETRY_AFTER_SECS: u64 = 5;
 
 pub async fn handle<B>(
     app: &Arc<App>,
@@ -41,11 +39,7 @@ pub async fn handle<B>(
     caller: &Caller,
 ) -> Response<Body> {
     let Some(query) = app.catalog.get(name) else {
-        return reply::error(
-            StatusCode::NOT_FOUND,
-            "unknown_query",
-            format!("no query named `{name}`"),
-        );
+        return ApiError::UnknownQuery.reply(format!("no query named `{name}`"));
     };
     if !caller.tier.queries.allows(name) {
         return auth::forbidden(caller, &format!("query `{name}`"));
@@ -144,10 +138,8 @@ pub async fn handle<B>(
         }
         Role::Follower(subscriber) => (subscriber, false),
         Role::Overloaded => {
-            return unavailable(
-                "too_many_waiters",
-                "too many requests are waiting for this answer; retry shortly",
-            );
+            return ApiError::TooManyWaiters
+                .reply("too many requests are waiting for this answer; retry shortly");
         }
     };
     streamed(
@@ -210,7 +202,7 @@ async fn stored(
             Ok(body) => Response::new(reply::full(body)),
             Err(err) => {
                 tracing::error!(error = %err, "stored answer does not decompress");
-                return unavailable("internal", "a stored answer is damaged; retry shortly");
+                return ApiError::DamagedEntry.reply("a stored answer is damaged; retry shortly");
             }
         }
     };
@@ -345,46 +337,25 @@ impl ServerTiming {
     }
 }
 
-/// 503 with `Retry-After`: nothing to serve right now.
-fn unavailable(kind: &str, detail: &str) -> Response<Body> {
-    let mut response = reply::error(StatusCode::SERVICE_UNAVAILABLE, kind, detail);
-    response
-        .headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
-    response
-}
-
-/// A failed computation as the client sees it: 503 + `Retry-After`, nothing
-/// being cached to serve instead. ClickHouse's own message stays in the log:
-/// it can carry SQL and server internals.
+/// A failed computation as the client sees it: 503 + `Retry-After` (429
+/// when the key has too many computations), nothing being cached to serve
+/// instead. ClickHouse's own message stays in the log: it can carry SQL and
+/// server internals.
 fn upstream_error(err: &FlightError) -> Response<Body> {
     match err {
-        FlightError::Upstream(err) if err.is_timeout() => unavailable(
-            "upstream_timeout",
-            "ClickHouse did not finish the query in time; narrow the range or retry later",
-        ),
+        FlightError::Upstream(err) if err.is_timeout() => ApiError::UpstreamTimeout
+            .reply("ClickHouse did not finish the query in time; narrow the range or retry later"),
         FlightError::Upstream(UpstreamError::Connect(_)) => {
-            unavailable("upstream_unavailable", "ClickHouse is unreachable")
+            ApiError::UpstreamUnavailable.reply("ClickHouse is unreachable")
         }
-        FlightError::Upstream(err) => unavailable(
-            "upstream_error",
-            &match err.code() {
-                Some(code) => format!("ClickHouse failed the query (code {code})"),
-                None => "ClickHouse failed the query".to_string(),
-            },
-        ),
-        FlightError::WaitTimeout(wait) => unavailable(
-            "upstream_timeout",
-            &format!("no answer within {}s", wait.as_secs()),
-        ),
-        FlightError::Aborted => unavailable("upstream_error", "the query ended without an answer"),
-        FlightError::OverCapacity(detail) => {
-            let mut response =
-                reply::error(StatusCode::TOO_MANY_REQUESTS, "too_many_uncached", detail);
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(1u64));
-            response
+        FlightError::Upstream(err) => ApiError::UpstreamError.reply(match err.code() {
+            Some(code) => format!("ClickHouse failed the query (code {code})"),
+            None => "ClickHouse failed the query".to_string(),
+        }),
+        FlightError::WaitTimeout(wait) => {
+            ApiError::UpstreamTimeout.reply(format!("no answer within {}s", wait.as_secs()))
         }
+        FlightError::Aborted => ApiError::UpstreamError.reply("the query ended without an answer"),
+        FlightError::OverCapacity(detail) => ApiError::TooManyUncached.reply(detail.clone()),
     }
 }

@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-use crate::harness::{Proxy, clickhouse};
+use crate::harness::{Proxy, ProxyOptions, clickhouse};
 
 /// A day-aligned range inside the demo data (the last 90 days).
 const RANGE_DAYS: (i64, i64) = (10, 3);
@@ -311,4 +311,66 @@ async fn revenue_has_at_most_two_decimals_in_every_format() {
             }
         }
     }
+}
+
+/// What the looking-alike query selects: a value with 18.16's exception
+/// framing mid-line, and one with the newer marker.
+const LOOKALIKE: &str = "SELECT 'x Code: 60, e.displayText() = DB::Exception: fake' AS s, \
+     'mid __exception__ line' AS t";
+
+#[tokio::test]
+async fn data_that_mentions_an_exception_is_served_whole_and_a_real_one_is_not() {
+    let proxy = Proxy::start_with(ProxyOptions {
+        extra_queries: vec![
+            ("lookalike".into(), LOOKALIKE.into(), "ttl = \"5m\"".into()),
+            (
+                // ClickHouse has sent 200 OK and ~1.5 MB of rows when it fails.
+                "fails_late".into(),
+                "SELECT number, toString(number) AS s, throwIf(number = 150000) AS boom \
+                 FROM system.numbers LIMIT 200000 SETTINGS max_block_size = 1000"
+                    .into(),
+                "ttl = \"5m\"".into(),
+            ),
+        ],
+        ..Default::default()
+    })
+    .await;
+    // TSV strings are unquoted: the value is on the line as it is.
+    let direct = clickhouse(&format!("{LOOKALIKE} FORMAT TSVWithNames")).await;
+    assert!(direct.contains("\nx Code: 60, e.displayText() = DB::Exception: fake\t"));
+    for format in ["tsv", "csv", "ndjson", "json"] {
+        let reply = proxy
+            .get(&format!("/v1/query/lookalike?format={format}"))
+            .await;
+        assert_eq!(reply.status, 200, "{format}: {}", reply.text());
+        assert!(reply.body.is_ok(), "{format}: the transfer was cut");
+        assert_eq!(reply.cache(), "MISS", "{format}");
+        let text = reply.text();
+        assert!(
+            text.contains("x Code: 60, e.displayText() = DB::Exception: fake")
+                && text.contains("mid __exception__ line"),
+            "{format}: {text}"
+        );
+        if format == "tsv" {
+            assert_eq!(text, direct, "the whole body");
+        }
+        // It was stored: the next request is a HIT with the same body.
+        let again = proxy
+            .get(&format!("/v1/query/lookalike?format={format}"))
+            .await;
+        assert_eq!(again.cache(), "HIT", "{format}");
+        assert_eq!(again.text(), text, "{format}");
+    }
+
+    // A real failure after the first rows, in TSV too, is still one.
+    let reply = proxy.get("/v1/query/fails_late?format=tsv").await;
+    assert!(
+        !(reply.status == 200 && reply.body.is_ok()),
+        "a failed TSV answer looked like a success"
+    );
+    if let Ok(body) = &reply.body {
+        assert!(!String::from_utf8_lossy(body).contains("DB::Exception"));
+    }
+    let again = proxy.get("/v1/query/fails_late?format=tsv").await;
+    assert_ne!(again.cache(), "HIT");
 }
