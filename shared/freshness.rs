@@ -6,6 +6,12 @@
 //! uniform in (0, 1] and `delta` the time the answer took to compute. Slow
 //! answers and hot keys are refreshed earlier; one read of many does it, so a
 //! popular entry is renewed before it expires instead of stampeding after.
+//!
+//! XFetch's window scales with the compute time, so a cheap answer (10 ms)
+//! would be refreshed early only by a read in the last few tens of
+//! milliseconds of its life. A read in the last `window` share of the TTL
+//! (`cache.early_refresh`, e.g. 0.2) refreshes too, so an answer that is
+//! being read is renewed before it expires, however cheap it is.
 
 use crate::cache::EntryHeader;
 
@@ -20,17 +26,34 @@ pub enum Freshness {
     Expired,
 }
 
-/// Judges `header` at `now_ms`; `r` is a uniform sample in (0, 1].
-pub fn judge(header: &EntryHeader, now_ms: i64, beta: f64, r: f64) -> Freshness {
-    judge_with_min_ttl(header, now_ms, beta, r, 0)
+/// When reads refresh an answer early.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EarlyRefresh {
+    /// XFetch's beta: above 1 earlier, below 1 later, 0 never by XFetch.
+    pub beta: f64,
+    /// A read in this last share of the TTL (0.0–1.0) refreshes.
+    pub window: f64,
 }
 
-/// Like [`judge`], for a caller that accepts answers up to `min_ttl_ms` old
-/// as fresh even past their TTL (cheaper tiers).
-pub fn judge_with_min_ttl(
+impl EarlyRefresh {
+    /// XFetch alone (no window).
+    pub const fn xfetch(beta: f64) -> EarlyRefresh {
+        EarlyRefresh { beta, window: 0.0 }
+    }
+}
+
+/// Judges `header` at `now_ms`; `r` is a uniform sample in (0, 1].
+pub fn judge(header: &EntryHeader, now_ms: i64, beta: f64, r: f64) -> Freshness {
+    judge_read(header, now_ms, EarlyRefresh::xfetch(beta), r, 0)
+}
+
+/// Like [`judge`], for a reader that accepts answers up to `min_ttl_ms` old
+/// as fresh even past their TTL (cheaper tiers), with early refresh by
+/// XFetch or by the last `early.window` of the answer's own TTL.
+pub fn judge_read(
     header: &EntryHeader,
     now_ms: i64,
-    beta: f64,
+    early: EarlyRefresh,
     r: f64,
     min_ttl_ms: i64,
 ) -> Freshness {
@@ -44,8 +67,18 @@ pub fn judge_with_min_ttl(
         return Freshness::Stale;
     }
     Freshness::Fresh {
-        refresh_early: xfetch(now_ms, fresh_until, header.compute_ms, beta, r),
+        refresh_early: in_window(header, now_ms, early.window)
+            || xfetch(now_ms, fresh_until, header.compute_ms, early.beta, r),
     }
+}
+
+/// Whether `now_ms` is in the last `window` share of the answer's own TTL.
+fn in_window(header: &EntryHeader, now_ms: i64, window: f64) -> bool {
+    if window.is_nan() || window <= 0.0 {
+        return false;
+    }
+    let ttl = (header.fresh_until_ms - header.created_ms).max(0) as f64;
+    now_ms as f64 >= header.fresh_until_ms as f64 - ttl * window.min(1.0)
 }
 
 /// XFetch's test. A zero compute time counts as 1 ms.
@@ -97,16 +130,46 @@ mod tests {
     fn a_min_ttl_extends_freshness_for_its_caller() {
         let h = header(1_000, 2_000, 10);
         assert_eq!(
-            judge_with_min_ttl(&h, 1_500, 0.0, 1.0, 1_800),
+            judge_read(&h, 1_500, EarlyRefresh::xfetch(0.0), 1.0, 1_800),
             Freshness::Fresh {
                 refresh_early: false
             }
         );
         assert_eq!(
-            judge_with_min_ttl(&h, 1_900, 0.0, 1.0, 1_800),
+            judge_read(&h, 1_900, EarlyRefresh::xfetch(0.0), 1.0, 1_800),
             Freshness::Stale
         );
-        assert_eq!(judge_with_min_ttl(&h, 1_500, 0.0, 1.0, 0), Freshness::Stale);
+        assert_eq!(
+            judge_read(&h, 1_500, EarlyRefresh::xfetch(0.0), 1.0, 0),
+            Freshness::Stale
+        );
+    }
+
+    #[test]
+    fn a_read_in_the_last_share_of_the_ttl_refreshes_however_cheap_the_answer() {
+        // Created at 0, fresh until 10 s, computed in 1 ms.
+        let h = EntryHeader {
+            created_ms: 0,
+            ..header(10_000, 20_000, 1)
+        };
+        let early = EarlyRefresh {
+            beta: 1.0,
+            window: 0.2,
+        };
+        let refresh = |now| match judge_read(&h, now, early, 0.5, 0) {
+            Freshness::Fresh { refresh_early } => refresh_early,
+            other => panic!("{other:?}"),
+        };
+        assert!(!refresh(7_999), "before the last 20 %");
+        assert!(refresh(8_000));
+        assert!(refresh(9_999));
+        // XFetch alone would not: its window is about a millisecond here.
+        assert_eq!(
+            judge_read(&h, 9_000, EarlyRefresh::xfetch(1.0), 0.5, 0),
+            Freshness::Fresh {
+                refresh_early: false
+            }
+        );
     }
 
     #[test]

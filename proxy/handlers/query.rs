@@ -21,7 +21,7 @@ use dashcache::clickhouse::UpstreamError;
 use dashcache::coalesce::{FlightError, Role, Subscriber};
 use dashcache::encoding::{self, Encoding};
 use dashcache::fill::FillJob;
-use dashcache::freshness::{self, Freshness};
+use dashcache::freshness::{self, EarlyRefresh, Freshness};
 use dashcache::outcome::CacheStatus;
 
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
@@ -86,15 +86,12 @@ pub async fn handle<B>(
     let found = app.cache.get(key, now_ms).await;
     timing.add("cache", lookup);
     if let Some(entry) = found {
-        let beta = app.config.cache.xfetch_beta;
+        let early = EarlyRefresh {
+            beta: app.config.cache.xfetch_beta,
+            window: app.config.cache.early_refresh,
+        };
         let min_ttl = i64::try_from(caller.tier.min_ttl.as_millis()).unwrap_or(i64::MAX);
-        match freshness::judge_with_min_ttl(
-            &entry.header,
-            now_ms,
-            beta,
-            freshness::sample(),
-            min_ttl,
-        ) {
+        match freshness::judge_read(&entry.header, now_ms, early, freshness::sample(), min_ttl) {
             Freshness::Fresh { refresh_early } => {
                 if refresh_early && refresh(app, key, &entry, job()) {
                     app.metrics.early_refreshes.inc();

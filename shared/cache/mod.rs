@@ -19,6 +19,7 @@ pub use self::key::CacheKey;
 pub use self::l1::L1;
 pub use self::redis::{LockOutcome, RedisCache};
 
+use crate::clock::now_ms;
 #[cfg(doc)]
 use crate::config::Config;
 use crate::config::{CacheConfig, RedisConfig};
@@ -72,6 +73,19 @@ impl Cache {
             && now_ms < entry.header.fresh_until_ms
         {
             l1.insert(key.clone(), entry.clone());
+        }
+        Some(entry)
+    }
+
+    /// The entry other processes see (Redis, not L1); a fresh one replaces
+    /// this process's L1 copy, so an answer another process refreshed is
+    /// served here at once.
+    pub async fn shared(&self, key: &CacheKey) -> Option<Entry> {
+        let entry = self.redis.get(key).await?;
+        if let Some(l1) = &self.l1
+            && now_ms() < entry.header.fresh_until_ms
+        {
+            l1.insert(key.clone(), Arc::new(entry.clone()));
         }
         Some(entry)
     }

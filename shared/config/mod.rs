@@ -249,6 +249,10 @@ pub struct CacheConfig {
     pub default_grace: Duration,
     /// XFetch's beta: above 1 refreshes earlier, below 1 later, 0 never early.
     pub xfetch_beta: f64,
+    /// A read in this last share of an answer's TTL (0.0–1.0) starts a
+    /// background refresh, so answers that are being read never expire
+    /// however cheap they are (XFetch alone favours slow queries).
+    pub early_refresh: f64,
     /// `now` in relative times (`now-7d`) is rounded down to this step when a
     /// request or refresh resolves it (so the range an answer states is whole minutes).
     #[serde(with = "humantime_serde")]
@@ -268,6 +272,7 @@ impl Default for CacheConfig {
             default_ttl: Duration::from_secs(300),
             default_grace: Duration::from_secs(3600),
             xfetch_beta: 1.0,
+            early_refresh: 0.2,
             now_step: Duration::from_secs(60),
             l1_max_bytes: 64 << 20,
             l1_ttl: Duration::from_secs(2),
@@ -530,6 +535,12 @@ impl Config {
         })?;
         config.path = path.to_owned();
         config.store.url = sqlite_url_against(&config.store.url, config.base_dir());
+        if !(0.0..=1.0).contains(&config.cache.early_refresh) {
+            return Err(config.invalid(format!(
+                "cache.early_refresh = {} must be between 0.0 and 1.0",
+                config.cache.early_refresh
+            )));
+        }
         if !(0.0..=1.0).contains(&config.proxy.request_log_sample) {
             return Err(config.invalid(format!(
                 "proxy.request_log_sample = {} must be between 0.0 and 1.0",

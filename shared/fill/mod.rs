@@ -114,7 +114,7 @@ pub trait AnswerStream: Send {
 impl AnswerStore for Cache {
     fn shared(&self, key: &CacheKey) -> BoxFuture<'_, Option<Entry>> {
         let key = key.clone();
-        Box::pin(async move { self.redis().get(&key).await })
+        Box::pin(async move { self.shared(&key).await })
     }
 
     fn put(&self, key: &CacheKey, entry: Arc<Entry>, now_ms: i64) -> BoxFuture<'_, bool> {
