@@ -402,7 +402,7 @@ impl QueryDef {
     /// Renders the SQL for a bound parameter set.
     pub fn render(&self, bound: &Bound) -> Result<String, String> {
         match &self.templates {
-            Templates::One(template) => template.render(bound),
+            Templates::One(template) => template.render(bound).map_err(|e| e.to_string()),
             Templates::ByParam { param, by_value } => {
                 let Some(Value::Str(value)) = bound.get(param) else {
                     return Err(format!("template selector `{param}` is not bound"));
@@ -411,6 +411,7 @@ impl QueryDef {
                     .get(value)
                     .ok_or_else(|| format!("no template for {param}={value}"))?
                     .render(bound)
+                    .map_err(|e| e.to_string())
             }
         }
     }

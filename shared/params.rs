@@ -202,7 +202,7 @@ impl ParamDef {
         match self.kind {
             ParamType::Time => timeexpr::resolve(raw, clock.now, clock.now_step)
                 .map(Value::Time)
-                .map_err(|msg| self.problem("datetime_parsing", msg)),
+                .map_err(|err| self.problem("datetime_parsing", err.to_string())),
             ParamType::Enum => {
                 if self.values.iter().any(|v| v == raw) {
                     Ok(Value::Str(raw.to_owned()))
