@@ -424,8 +424,7 @@ pub struct QueryConfig {
 }
 
 /// The declared type of a parameter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ParamType {
     /// A point in time: `YYYY-MM-DD`, RFC 3339, or relative (`today`, `now-7d`).
     Time,
@@ -455,35 +454,143 @@ impl DefaultValue {
     }
 }
 
-/// One `[query.<name>.params.<param>]` table.
+/// One `[query.<name>.params.<param>]` table. Its `type` says which keys it
+/// may have: a key that belongs to another type (`pattern` on an `int`) is an
+/// error naming the key, like any unknown key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ParamConfig {
+    /// A point in time: `YYYY-MM-DD`, RFC 3339, or relative (`today`, `now-7d`).
+    Time(TimeParam),
+    /// One of `values`.
+    Enum(EnumParam),
+    /// A whole number within `min`..=`max`.
+    Int(IntParam),
+    /// A string matching `pattern` (anchored) or one of `values`, at most `max_len` long.
+    String(StringParam),
+}
+
+/// What every parameter type has (each type's table repeats these keys:
+/// serde cannot flatten into a table that refuses unknown keys).
+#[derive(Debug, Clone, Default)]
+pub struct ParamCommon {
+    pub required: bool,
+    pub default: Option<DefaultValue>,
+    pub description: Option<String>,
+    /// Accept a comma-separated list (`country=DE,FR`); bound as an array.
+    pub list: bool,
+    pub max_items: Option<usize>,
+}
+
+/// `type = "time"`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ParamConfig {
-    #[serde(rename = "type")]
-    pub kind: ParamType,
+pub struct TimeParam {
     #[serde(default)]
     pub required: bool,
     #[serde(default)]
     pub default: Option<DefaultValue>,
     #[serde(default)]
     pub description: Option<String>,
-    /// Allowed values (enum).
-    #[serde(default)]
-    pub values: Vec<String>,
-    /// Anchored regular expression every value must match (string).
-    #[serde(default)]
-    pub pattern: Option<String>,
-    #[serde(default)]
-    pub max_len: Option<usize>,
-    #[serde(default)]
-    pub min: Option<i64>,
-    #[serde(default)]
-    pub max: Option<i64>,
-    /// Accept a comma-separated list (`country=DE,FR`); bound as an array.
     #[serde(default)]
     pub list: bool,
     #[serde(default)]
     pub max_items: Option<usize>,
+}
+
+/// `type = "enum"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnumParam {
+    /// The allowed values.
+    #[serde(default)]
+    pub values: Vec<String>,
+    #[serde(default)]
+    pub required: bool,
+    #[serde(default)]
+    pub default: Option<DefaultValue>,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub list: bool,
+    #[serde(default)]
+    pub max_items: Option<usize>,
+}
+
+/// `type = "int"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntParam {
+    #[serde(default)]
+    pub min: Option<i64>,
+    #[serde(default)]
+    pub max: Option<i64>,
+    #[serde(default)]
+    pub required: bool,
+    #[serde(default)]
+    pub default: Option<DefaultValue>,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub list: bool,
+    #[serde(default)]
+    pub max_items: Option<usize>,
+}
+
+/// `type = "string"`: needs a `pattern` or `values`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StringParam {
+    /// Anchored regular expression every value must match.
+    #[serde(default)]
+    pub pattern: Option<String>,
+    /// Allowed values.
+    #[serde(default)]
+    pub values: Vec<String>,
+    #[serde(default)]
+    pub max_len: Option<usize>,
+    #[serde(default)]
+    pub required: bool,
+    #[serde(default)]
+    pub default: Option<DefaultValue>,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub list: bool,
+    #[serde(default)]
+    pub max_items: Option<usize>,
+}
+
+impl ParamConfig {
+    pub fn kind(&self) -> ParamType {
+        match self {
+            ParamConfig::Time(_) => ParamType::Time,
+            ParamConfig::Enum(_) => ParamType::Enum,
+            ParamConfig::Int(_) => ParamType::Int,
+            ParamConfig::String(_) => ParamType::String,
+        }
+    }
+
+    /// The keys every type has.
+    pub fn common(&self) -> ParamCommon {
+        macro_rules! common {
+            ($p:expr) => {
+                ParamCommon {
+                    required: $p.required,
+                    default: $p.default.clone(),
+                    description: $p.description.clone(),
+                    list: $p.list,
+                    max_items: $p.max_items,
+                }
+            };
+        }
+        match self {
+            ParamConfig::Time(p) => common!(p),
+            ParamConfig::Enum(p) => common!(p),
+            ParamConfig::Int(p) => common!(p),
+            ParamConfig::String(p) => common!(p),
+        }
+    }
 }
 
 /// The time-range rule of a query: which parameters bound it, and how wide it may be.
