@@ -133,7 +133,7 @@ impl Target {
                 .collect::<Vec<_>>()
                 .join("; ")
         })?;
-        let sql = query.render(&bound)?;
+        let sql = query.render(&bound).map_err(|e| e.to_string())?;
         let key = query.cache_key(prefix, tenant, format, &bound);
         Ok(Target {
             query: query.clone(),
