@@ -13,6 +13,7 @@ use crate::auth::tier::Tiers;
 use anyhow::Context as _;
 use dashcache::cache::Cache;
 use dashcache::catalog::Catalog;
+use dashcache::check::Checked;
 use dashcache::clickhouse::ClickHouse;
 use dashcache::coalesce::Coalescer;
 use dashcache::config::Config;
@@ -44,10 +45,12 @@ pub struct App {
 }
 
 impl App {
-    /// Compiles the config, connects the control store and loads the keys.
-    pub async fn new(config: Config) -> anyhow::Result<Arc<App>> {
-        let catalog = Catalog::load(&config)?;
-        let tiers = Tiers::load(&config)?;
+    /// Builds the state of a checked config: tiers, the control store, the keys.
+    pub async fn new(checked: Checked) -> anyhow::Result<Arc<App>> {
+        let Checked {
+            config, catalog, ..
+        } = checked;
+        let tiers = Tiers::new(&config);
         let metrics = Arc::new(Metrics::new());
         let cache = Arc::new(Cache::new(
             &config.cache,

@@ -19,6 +19,7 @@ use std::time::Duration;
 use crate::jobs;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
+use dashcache::check::{Checked, Rejected};
 use dashcache::metrics::{Metrics, ResultLabels};
 use dashcache::service;
 use dashcache::store::Store;
@@ -221,13 +222,18 @@ impl Daemon {
     /// Loads, validates and swaps in the config; keeps the old schedule on any error.
     async fn reload(&mut self, why: &str) {
         service::reloading();
-        let result = jobs::check(&self.path)
+        let result = dashcache::check::load(&self.path)
             .map_err(anyhow::Error::from)
-            .and_then(|(config, catalog, jobs)| {
+            .and_then(|checked| {
+                let Checked {
+                    config,
+                    catalog,
+                    warmups,
+                } = checked;
                 Runner::new(
                     config,
                     catalog,
-                    jobs,
+                    jobs::compile(warmups),
                     self.store.clone(),
                     self.metrics.clone(),
                 )
@@ -261,10 +267,21 @@ impl Daemon {
                     .reloads
                     .get_or_create(&ResultLabels { result: "rejected" })
                     .inc();
-                tracing::error!(
-                    trigger = why,
-                    "config rejected, the running schedule stays: {err:#}"
-                );
+                // One line per problem, as `dashcache-scheduler check` lists them.
+                match err.downcast_ref::<Rejected>() {
+                    Some(rejected) => {
+                        for diagnostic in &rejected.diagnostics {
+                            tracing::error!(
+                                trigger = why,
+                                "config rejected, the running schedule stays: {diagnostic}"
+                            );
+                        }
+                    }
+                    None => tracing::error!(
+                        trigger = why,
+                        "config rejected, the running schedule stays: {err:#}"
+                    ),
+                }
                 service::reloaded("config rejected; the previous schedule keeps running");
             }
         }

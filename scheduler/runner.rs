@@ -11,10 +11,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::jobs::{JobKind, Target, WarmupJob};
+use crate::jobs::{Target, WarmupJob};
 use chrono::Utc;
 use dashcache::cache::Cache;
 use dashcache::catalog::Catalog;
+use dashcache::check::warmup::WarmupKind;
 use dashcache::clickhouse::ClickHouse;
 use dashcache::clock::now_ms;
 use dashcache::coalesce::{Coalescer, Role, Subscriber};
@@ -410,8 +411,11 @@ impl Runner {
             now_step: self.config.cache.now_step,
         };
         match job.kind {
-            JobKind::Query { .. } => job.targets(prefix, &clock),
-            JobKind::Popular { top, hours } => {
+            WarmupKind::Query { .. } => {
+                let (targets, problems) = job.targets(prefix, &clock);
+                (targets, problems.iter().map(ToString::to_string).collect())
+            }
+            WarmupKind::Popular { top, hours } => {
                 let mut redis = self.redis.clone();
                 let demand = match popularity::top(&mut redis, prefix, hours, top, Utc::now()).await
                 {
@@ -434,8 +438,8 @@ impl Runner {
                     ) {
                         Ok(t) => targets.push(t),
                         // The catalog changed since it was requested: not this run's failure.
-                        Err(msg) => {
-                            tracing::debug!(query = %d.query, "popular key no longer binds: {msg}")
+                        Err(err) => {
+                            tracing::debug!(query = %d.query, "popular key no longer binds: {err}")
                         }
                     }
                 }
@@ -520,7 +524,7 @@ impl Runner {
 }
 
 fn job_is_query(job: &WarmupJob) -> bool {
-    matches!(job.kind, JobKind::Query { .. })
+    matches!(job.kind, WarmupKind::Query { .. })
 }
 
 /// Reads a flight to its end: its size, or why it failed.

@@ -14,7 +14,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use crate::cache::CacheKey;
-use crate::config::{Config, ConfigError, MaxSpan, ParamType, QueryConfig, RangeConfig};
+use crate::config::{Config, MaxSpan, ParamType, QueryConfig, RangeConfig};
 use crate::format::Format;
 use crate::params::{Bound, Clock, ParamDef, ParamError, Problem, RawParam, Value};
 use crate::sql::{Template, TemplateError, UnboundPlaceholder};
@@ -277,18 +277,6 @@ impl Catalog {
         } else {
             Err(errors)
         }
-    }
-
-    /// [`Catalog::compile`], and `clickhouse.readonly` checked: every
-    /// problem in one error naming the file.
-    pub fn load(config: &Config) -> Result<Catalog, ConfigError> {
-        if !(1..=2).contains(&config.clickhouse.readonly) {
-            return Err(config.invalid("clickhouse.readonly must be 1 or 2"));
-        }
-        Catalog::compile(config).map_err(|errors| {
-            let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
-            config.invalid(lines.join("\n"))
-        })
     }
 
     /// Like [`Catalog::compile`], but also the tables that compile: checks
