@@ -18,14 +18,14 @@ use dashcache::catalog::Catalog;
 use dashcache::check::warmup::WarmupKind;
 use dashcache::clickhouse::ClickHouse;
 use dashcache::clock::now_ms;
-use dashcache::coalesce::{Coalescer, Role, Subscriber};
+use dashcache::coalesce::{Coalescer, FlightError, Role, Subscriber};
 use dashcache::config::Config;
 use dashcache::fill::{FillJob, Filler};
 use dashcache::freshness::{self, Freshness};
 use dashcache::metrics::{JobLabels, JobOutcomeLabels, Metrics};
 use dashcache::params::Clock;
 use dashcache::popularity;
-use dashcache::redis_conn::{RedisConn, Timeouts};
+use dashcache::redis_conn::{RedisConn, RedisConnError, Timeouts};
 use dashcache::store::Store;
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -102,7 +102,7 @@ impl Runner {
         jobs: Vec<WarmupJob>,
         store: Store,
         metrics: Arc<Metrics>,
-    ) -> anyhow::Result<Runner> {
+    ) -> Result<Runner, RedisConnError> {
         let mut redis_config = config.redis.clone();
         redis_config.timeout = config.redis.timeout.max(config.scheduler.redis_timeout);
         let cache = Arc::new(Cache::new(
@@ -499,7 +499,7 @@ impl Runner {
         };
         let bytes = match drain(subscriber).await {
             Ok(bytes) => bytes,
-            Err(msg) => return KeyResult::Failed(msg),
+            Err(err) => return KeyResult::Failed(err.to_string()),
         };
         // The answer streamed; make sure it was stored, not just computed.
         // Readers see the end of a flight before the fill's store lands, so
@@ -528,13 +528,10 @@ fn job_is_query(job: &WarmupJob) -> bool {
 }
 
 /// Reads a flight to its end: its size, or why it failed.
-async fn drain(mut subscriber: Subscriber) -> Result<i64, String> {
+async fn drain(mut subscriber: Subscriber) -> Result<i64, FlightError> {
     let mut bytes = 0i64;
     while let Some(chunk) = subscriber.next().await {
-        match chunk {
-            Ok(chunk) => bytes += chunk.len() as i64,
-            Err(err) => return Err(err.to_string()),
-        }
+        bytes += chunk?.len() as i64;
     }
     Ok(bytes)
 }
