@@ -6,10 +6,24 @@ use std::time::Duration;
 
 use crate::auth::keys::{KeyStore, valid_tenant};
 use crate::auth::tier::Tiers;
-use anyhow::{Context as _, bail};
 use clap::Subcommand;
 use dashcache::config::Config;
-use dashcache::store::Store;
+use dashcache::store::{Store, StoreError};
+
+/// Why a `keys` command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum KeysError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("storing the key: {0}")]
+    Storing(#[source] StoreError),
+    #[error("unknown tier `{tier}` (configured: {})", known.join(", "))]
+    UnknownTier { tier: String, known: Vec<String> },
+    #[error("tenant `{0}` must be 1-64 characters of a-z, A-Z, 0-9, _ and -")]
+    BadTenant(String),
+    #[error("no active key `{0}`")]
+    NoActiveKey(String),
+}
 
 #[derive(Subcommand)]
 pub enum KeysCommand {
@@ -31,7 +45,9 @@ pub enum KeysCommand {
     Revoke { id: String },
 }
 
-pub async fn run(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
+/// Key management needs the store and the tier names, not a config that
+/// passes every check: keys can be minted while a query is being fixed.
+pub async fn run(config: &Config, command: KeysCommand) -> Result<(), KeysError> {
     let store = Store::from_config(config).await?;
     let keys = KeyStore::new(store);
     match command {
@@ -41,18 +57,18 @@ pub async fn run(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
             label,
             expires,
         } => {
-            let tiers = Tiers::load(config)?;
+            let tiers = Tiers::new(config);
             if tiers.get(&tier).is_none() {
-                let known: Vec<&str> = tiers.names().collect();
-                bail!("unknown tier `{tier}` (configured: {})", known.join(", "));
+                let known = tiers.names().map(str::to_owned).collect();
+                return Err(KeysError::UnknownTier { tier, known });
             }
             if !valid_tenant(&tenant) {
-                bail!("tenant `{tenant}` must be 1-64 characters of a-z, A-Z, 0-9, _ and -");
+                return Err(KeysError::BadTenant(tenant));
             }
             let (key, secret) = keys
                 .add(&tier, &tenant, label.as_deref(), expires)
                 .await
-                .context("storing the key")?;
+                .map_err(KeysError::Storing)?;
             eprintln!(
                 "created {} (tier {tier}, tenant {tenant}); the key is shown once:",
                 key.id
@@ -82,7 +98,7 @@ pub async fn run(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
         }
         KeysCommand::Revoke { id } => {
             if !keys.revoke(&id).await? {
-                bail!("no active key `{id}`");
+                return Err(KeysError::NoActiveKey(id));
             }
             println!("revoked {id}");
         }

@@ -46,7 +46,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Validate the config (and its SQL templates) and exit.
+    /// Validate the config (queries, SQL templates, tiers, warm-up jobs) and
+    /// exit; on error, every problem on stderr (file, line, reason) and exit 1.
     Check,
     /// Manage API keys.
     #[command(subcommand)]
@@ -56,37 +57,59 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
-    // Start-up errors are one line naming the file, the setting and the fix.
+    // Start-up errors are one line naming the file, the setting and the fix
+    // (a config that fails the check: one such line per problem).
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
-            eprintln!(
-                "dashcache-proxy: error: {}",
-                telemetry::one_line(err.as_ref())
-            );
+            match err.downcast_ref::<dashcache::check::Rejected>() {
+                Some(rejected) => {
+                    for diagnostic in &rejected.diagnostics {
+                        eprintln!("dashcache-proxy: error: {diagnostic}");
+                    }
+                }
+                None => eprintln!(
+                    "dashcache-proxy: error: {}",
+                    telemetry::one_line(err.as_ref())
+                ),
+            }
             ExitCode::FAILURE
         }
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
-    let config = dashcache::config::Config::load(&cli.config)?;
-    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Some(Command::Check) => {
-            let catalog = dashcache::catalog::Catalog::load(&config)?;
-            crate::auth::tier::Tiers::load(&config)?;
-            println!(
-                "{}: ok ({} queries)",
-                cli.config.display(),
-                catalog.iter().count()
-            );
-            Ok(())
-        }
-        Some(Command::Keys(command)) => runtime.block_on(keycmd::run(&config, command)),
-        None => runtime.block_on(async {
-            let app = state::App::new(config).await?;
-            server::run(app, cli.listen).await
+        // The same check, and the same diagnostics, as `dashcache-scheduler check`.
+        Some(Command::Check) => Ok(match dashcache::check::load(&cli.config) {
+            Ok(checked) => {
+                println!(
+                    "{}: ok ({} queries)",
+                    cli.config.display(),
+                    checked.catalog.iter().count()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(rejected) => {
+                eprintln!("{rejected}");
+                ExitCode::FAILURE
+            }
         }),
+        Some(Command::Keys(command)) => {
+            let config = dashcache::config::Config::load(&cli.config)?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            runtime.block_on(keycmd::run(&config, command))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        None => {
+            let checked = dashcache::check::load(&cli.config)?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            runtime.block_on(async {
+                let app = state::App::new(checked).await?;
+                server::run(app, cli.listen).await?;
+                anyhow::Ok(())
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

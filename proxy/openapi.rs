@@ -730,7 +730,7 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
         let config = dashcache::config::Config::load(&path).expect("config.toml loads");
         (
-            Catalog::load(&config).expect("catalog"),
+            Catalog::compile(&config).expect("catalog"),
             config.auth.clone(),
         )
     }

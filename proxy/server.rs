@@ -8,7 +8,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::Context as _;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -19,26 +18,34 @@ use tokio::net::TcpListener;
 use crate::routes;
 use crate::state::App;
 
+/// The listening socket could not be made.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}: {source}")]
+pub struct ListenError {
+    pub addr: SocketAddr,
+    pub source: std::io::Error,
+}
+
 /// Binds the configured (or given) address and serves until SIGTERM/Ctrl-C.
-pub async fn run(app: Arc<App>, listen: Option<SocketAddr>) -> anyhow::Result<()> {
+pub async fn run(app: Arc<App>, listen: Option<SocketAddr>) -> Result<(), ListenError> {
     let addr = listen.unwrap_or(app.config.proxy.listen);
-    let listener = bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
-    tracing::info!(addr = %listener.local_addr()?, queries = app.catalog.iter().count(), "dashcache-proxy listening");
+    let listener = bind(addr)
+        .and_then(|listener| Ok((listener.local_addr()?, listener)))
+        .map_err(|source| ListenError { addr, source });
+    let (local, listener) = listener?;
+    tracing::info!(addr = %local, queries = app.catalog.iter().count(), "dashcache-proxy listening");
     // systemd (Type=notify): config, keys and listener are ready; no-op outside systemd.
-    dashcache::service::ready(&format!("listening on {}", listener.local_addr()?));
+    dashcache::service::ready(&format!("listening on {local}"));
     ignore_sighup();
-    serve(listener, app, shutdown_signal()).await
+    serve(listener, app, shutdown_signal()).await;
+    Ok(())
 }
 
 /// Serves `listener` until `shutdown` completes, then drains in-flight
 /// requests for up to `proxy.shutdown_grace` (mini-redis's
 /// `server::run(listener, shutdown)`): the caller owns the socket and the
 /// signal, so a test can serve on its own listener and stop it at will.
-pub async fn serve(
-    listener: TcpListener,
-    app: Arc<App>,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
+pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
     routes::Route::zero_series(&app.metrics);
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
@@ -81,7 +88,6 @@ pub async fn serve(
     if let Err(err) = app.popularity.flush().await {
         tracing::warn!(error = %err, "could not flush request counts at shutdown");
     }
-    Ok(())
 }
 
 /// The listening socket, with `SO_REUSEPORT`: a new process can bind the same

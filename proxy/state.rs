@@ -10,17 +10,17 @@ use std::time::Duration;
 use crate::auth::keys::{KeyRing, KeyStore};
 use crate::auth::ratelimit::RateLimiter;
 use crate::auth::tier::Tiers;
-use anyhow::Context as _;
 use dashcache::cache::Cache;
 use dashcache::catalog::Catalog;
+use dashcache::check::Checked;
 use dashcache::clickhouse::ClickHouse;
 use dashcache::coalesce::Coalescer;
 use dashcache::config::Config;
 use dashcache::fill::Filler;
 use dashcache::metrics::Metrics;
-use dashcache::popularity::Recorder;
-use dashcache::redis_conn::{RedisConn, Timeouts};
-use dashcache::store::Store;
+use dashcache::popularity::{PopularityError, Recorder};
+use dashcache::redis_conn::{RedisConn, RedisConnError, Timeouts};
+use dashcache::store::{Store, StoreError};
 
 use crate::auth::Auth;
 use crate::auth::missqueue::MissQueue;
@@ -45,11 +45,26 @@ pub struct App {
     pub openapi: bytes::Bytes,
 }
 
+/// Why the proxy could not start with a config that passed the check.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Redis(#[from] RedisConnError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("loading API keys: {0}")]
+    Keys(#[source] StoreError),
+    #[error(transparent)]
+    Popularity(#[from] PopularityError),
+}
+
 impl App {
-    /// Compiles the config, connects the control store and loads the keys.
-    pub async fn new(config: Config) -> anyhow::Result<Arc<App>> {
-        let catalog = Catalog::load(&config)?;
-        let tiers = Tiers::load(&config)?;
+    /// Builds the state of a checked config: tiers, the control store, the keys.
+    pub async fn new(checked: Checked) -> Result<Arc<App>, StartError> {
+        let Checked {
+            config, catalog, ..
+        } = checked;
+        let tiers = Tiers::new(&config);
         let metrics = Arc::new(Metrics::new());
         let cache = Arc::new(Cache::new(
             &config.cache,
@@ -61,7 +76,7 @@ impl App {
         let store = Store::from_config(&config).await?;
         let key_store = KeyStore::new(store);
         let keys = Arc::new(KeyRing::default());
-        let count = keys.reload(&key_store).await.context("loading API keys")?;
+        let count = keys.reload(&key_store).await.map_err(StartError::Keys)?;
         tracing::info!(keys = count, "API keys loaded");
         keys.spawn_reloads(key_store.clone(), config.auth.reload_interval);
         let clickhouse = ClickHouse::new(&config.clickhouse, metrics.clone());

@@ -17,19 +17,35 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::jobs;
-use anyhow::Context;
 use chrono::{DateTime, Utc};
+use dashcache::check::Checked;
 use dashcache::metrics::{Metrics, ResultLabels};
 use dashcache::service;
 use dashcache::store::Store;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tokio_cron_scheduler::{Job, JobScheduler};
+use tokio_cron_scheduler::{Job, JobScheduler, JobSchedulerError};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::runner::Runner;
+
+/// Why the scheduler could not start serving.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("starting the job scheduler: {0}")]
+    Scheduler(#[source] JobSchedulerError),
+    #[error("metrics listener on {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("watching {}: {source}", dir.display())]
+    Watch { dir: PathBuf, source: notify::Error },
+    #[error("installing signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+}
 
 enum Event {
     Fire {
@@ -57,15 +73,10 @@ pub async fn serve(
     runner: Runner,
     store: Store,
     metrics: Arc<Metrics>,
-) -> anyhow::Result<()> {
+) -> Result<(), DaemonError> {
     let (events, mut rx) = mpsc::channel(64);
-    let scheduler = JobScheduler::new()
-        .await
-        .context("starting the job scheduler")?;
-    scheduler
-        .start()
-        .await
-        .context("starting the job scheduler")?;
+    let scheduler = JobScheduler::new().await.map_err(DaemonError::Scheduler)?;
+    scheduler.start().await.map_err(DaemonError::Scheduler)?;
     if let Some(addr) = runner.config.scheduler.metrics_listen {
         serve_metrics(addr, metrics.clone()).await?;
     }
@@ -95,9 +106,9 @@ pub async fn serve(
 
     let mut running = JoinSet::new();
     let stop = CancellationToken::new();
-    let mut hangup = signal(SignalKind::hangup())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut hangup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     loop {
         tokio::select! {
             Some(event) = rx.recv() => match event {
@@ -221,16 +232,22 @@ impl Daemon {
     /// Loads, validates and swaps in the config; keeps the old schedule on any error.
     async fn reload(&mut self, why: &str) {
         service::reloading();
-        let result = jobs::check(&self.path)
-            .map_err(anyhow::Error::from)
-            .and_then(|(config, catalog, jobs)| {
+        let result = dashcache::check::load(&self.path)
+            .map_err(ReloadError::Rejected)
+            .and_then(|checked| {
+                let Checked {
+                    config,
+                    catalog,
+                    warmups,
+                } = checked;
                 Runner::new(
                     config,
                     catalog,
-                    jobs,
+                    jobs::compile(warmups),
                     self.store.clone(),
                     self.metrics.clone(),
                 )
+                .map_err(ReloadError::Redis)
             });
         match result {
             Ok(runner) => {
@@ -261,19 +278,39 @@ impl Daemon {
                     .reloads
                     .get_or_create(&ResultLabels { result: "rejected" })
                     .inc();
-                tracing::error!(
-                    trigger = why,
-                    "config rejected, the running schedule stays: {err:#}"
-                );
+                // One line per problem, as `dashcache-scheduler check` lists them.
+                match &err {
+                    ReloadError::Rejected(rejected) => {
+                        for diagnostic in &rejected.diagnostics {
+                            tracing::error!(
+                                trigger = why,
+                                "config rejected, the running schedule stays: {diagnostic}"
+                            );
+                        }
+                    }
+                    ReloadError::Redis(err) => tracing::error!(
+                        trigger = why,
+                        "config rejected, the running schedule stays: {err}"
+                    ),
+                }
                 service::reloaded("config rejected; the previous schedule keeps running");
             }
         }
     }
 }
 
+/// Why a reload kept the running schedule.
+enum ReloadError {
+    Rejected(dashcache::check::Rejected),
+    Redis(dashcache::redis_conn::RedisConnError),
+}
+
 /// Sends a reload when the config file changes. Watches its directory:
 /// editors replace files by renaming, which a watch on the file would miss.
-fn watch(path: &Path, events: mpsc::Sender<Event>) -> anyhow::Result<notify::RecommendedWatcher> {
+fn watch(
+    path: &Path,
+    events: mpsc::Sender<Event>,
+) -> Result<notify::RecommendedWatcher, DaemonError> {
     use notify::Watcher;
     let file = path.file_name().map(|f| f.to_owned());
     let dir = match path.parent() {
@@ -281,6 +318,10 @@ fn watch(path: &Path, events: mpsc::Sender<Event>) -> anyhow::Result<notify::Rec
         _ => PathBuf::from("."),
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
+    let watching = |source| DaemonError::Watch {
+        dir: dir.clone(),
+        source,
+    };
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(event) = event
             && !event.kind.is_access()
@@ -288,10 +329,11 @@ fn watch(path: &Path, events: mpsc::Sender<Event>) -> anyhow::Result<notify::Rec
         {
             let _ = tx.send(());
         }
-    })?;
+    })
+    .map_err(watching)?;
     watcher
         .watch(&dir, notify::RecursiveMode::NonRecursive)
-        .with_context(|| format!("watching {}", dir.display()))?;
+        .map_err(watching)?;
     tokio::spawn(async move {
         while rx.recv().await.is_some() {
             // An edit is often several events (truncate, write, rename): settle first.
@@ -306,11 +348,14 @@ fn watch(path: &Path, events: mpsc::Sender<Event>) -> anyhow::Result<notify::Rec
 }
 
 /// Serves `GET /metrics` (any path, really) as Prometheus text.
-async fn serve_metrics(addr: std::net::SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    metrics: Arc<Metrics>,
+) -> Result<(), DaemonError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .with_context(|| format!("metrics listener on {addr}"))?;
+        .map_err(|source| DaemonError::Metrics { addr, source })?;
     tokio::spawn(async move {
         loop {
             let Ok((mut socket, _)) = listener.accept().await else {

@@ -17,6 +17,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use dashcache::check::{Checked, Rejected};
 use dashcache::metrics::Metrics;
 use dashcache::store::Store;
 use dashcache::telemetry::{self, LogFormat};
@@ -49,7 +50,8 @@ enum Command {
     /// for queries that are not per tenant), a tab, the proxy path that
     /// asks for it (`popular` jobs depend on demand and list nothing).
     Targets { job: String },
-    /// Validate the config (queries, SQL templates, warm-up jobs); exit non-zero on error.
+    /// Validate the config (queries, SQL templates, tiers, warm-up jobs); on
+    /// error, every problem on stderr (file, line, reason) and exit 1.
     Check,
     /// Print the run history, newest first.
     History {
@@ -73,17 +75,37 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!(
-                "dashcache-scheduler: error: {}",
-                telemetry::one_line(err.as_ref())
-            );
+            match err.downcast_ref::<Rejected>() {
+                Some(rejected) => {
+                    for diagnostic in &rejected.diagnostics {
+                        eprintln!("dashcache-scheduler: error: {diagnostic}");
+                    }
+                }
+                None => eprintln!(
+                    "dashcache-scheduler: error: {}",
+                    telemetry::one_line(err.as_ref())
+                ),
+            }
             ExitCode::FAILURE
         }
     }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let (config, catalog, jobs) = crate::jobs::check(&cli.config)?;
+    let checked = match (dashcache::check::load(&cli.config), &cli.command) {
+        // The same check, and the same diagnostics, as `dashcache-proxy check`.
+        (Err(rejected), Command::Check) => {
+            eprintln!("{rejected}");
+            return Ok(ExitCode::FAILURE);
+        }
+        (checked, _) => checked?,
+    };
+    let Checked {
+        config,
+        catalog,
+        warmups,
+    } = checked;
+    let jobs = jobs::compile(warmups);
     match cli.command {
         Command::Check => {
             println!(

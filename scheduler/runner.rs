@@ -11,13 +11,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::jobs::{JobKind, Target, WarmupJob};
+use crate::jobs::{Target, WarmupJob};
 use chrono::Utc;
 use dashcache::cache::Cache;
 use dashcache::catalog::Catalog;
+use dashcache::check::warmup::WarmupKind;
 use dashcache::clickhouse::ClickHouse;
 use dashcache::clock::now_ms;
-use dashcache::coalesce::{Coalescer, Role, Subscriber};
+use dashcache::coalesce::{Coalescer, FlightError, Role, Subscriber};
 use dashcache::config::Config;
 use dashcache::fill::{FillJob, Filler};
 use dashcache::freshness::{self, Freshness};
@@ -25,7 +26,7 @@ use dashcache::metrics::{JobLabels, JobOutcomeLabels, Metrics};
 use dashcache::outcome::StoreOutcome;
 use dashcache::params::Clock;
 use dashcache::popularity;
-use dashcache::redis_conn::{RedisConn, Timeouts};
+use dashcache::redis_conn::{RedisConn, RedisConnError, Timeouts};
 use dashcache::store::Store;
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -105,7 +106,7 @@ impl Runner {
         jobs: Vec<WarmupJob>,
         store: Store,
         metrics: Arc<Metrics>,
-    ) -> anyhow::Result<Runner> {
+    ) -> Result<Runner, RedisConnError> {
         let mut redis_config = config.redis.clone();
         redis_config.timeout = config.redis.timeout.max(config.scheduler.redis_timeout);
         let cache = Arc::new(Cache::new(
@@ -420,8 +421,11 @@ impl Runner {
             now_step: self.config.cache.now_step,
         };
         match job.kind {
-            JobKind::Query { .. } => job.targets(prefix, &clock),
-            JobKind::Popular { top, hours } => {
+            WarmupKind::Query { .. } => {
+                let (targets, problems) = job.targets(prefix, &clock);
+                (targets, problems.iter().map(ToString::to_string).collect())
+            }
+            WarmupKind::Popular { top, hours } => {
                 let mut redis = self.redis.clone();
                 let demand = match popularity::top(&mut redis, prefix, hours, top, Utc::now()).await
                 {
@@ -444,8 +448,8 @@ impl Runner {
                     ) {
                         Ok(t) => targets.push(t),
                         // The catalog changed since it was requested: not this run's failure.
-                        Err(msg) => {
-                            tracing::debug!(query = %d.query, "popular key no longer binds: {msg}")
+                        Err(err) => {
+                            tracing::debug!(query = %d.query, "popular key no longer binds: {err}")
                         }
                     }
                 }
@@ -506,7 +510,7 @@ impl Runner {
         let mut subscriber = subscriber;
         let bytes = match drain(&mut subscriber).await {
             Ok(bytes) => bytes,
-            Err(msg) => return KeyResult::Failed(msg),
+            Err(err) => return KeyResult::Failed(err.to_string()),
         };
         // The answer streamed; the flight says whether it was stored.
         match subscriber.stored() {
@@ -560,17 +564,14 @@ impl Execution {
 }
 
 fn job_is_query(job: &WarmupJob) -> bool {
-    matches!(job.kind, JobKind::Query { .. })
+    matches!(job.kind, WarmupKind::Query { .. })
 }
 
 /// Reads a flight to its end: its size, or why it failed.
-async fn drain(subscriber: &mut Subscriber) -> Result<i64, String> {
+async fn drain(subscriber: &mut Subscriber) -> Result<i64, FlightError> {
     let mut bytes = 0i64;
     while let Some(chunk) = subscriber.next().await {
-        match chunk {
-            Ok(chunk) => bytes += chunk.len() as i64,
-            Err(err) => return Err(err.to_string()),
-        }
+        bytes += chunk?.len() as i64;
     }
     Ok(bytes)
 }

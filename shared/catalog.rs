@@ -6,18 +6,18 @@
 //! with every problem reported at once. Single-parameter parsing lives in
 //! [`crate::params`]; SQL rendering in [`crate::sql`].
 
-use std::collections::{BTreeMap, HashSet};
-use std::path::Path;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
 use crate::cache::CacheKey;
-use crate::config::{Config, ConfigError, MaxSpan, ParamType, QueryConfig};
+use crate::config::{Config, MaxSpan, ParamType, QueryConfig, RangeConfig};
 use crate::format::Format;
-use crate::params::{Bound, Clock, ParamDef, Problem, RawParam, Value};
-use crate::sql::Template;
+use crate::params::{Bound, Clock, ParamDef, ParamError, Problem, RawParam, Value};
+use crate::sql::{Template, TemplateError, UnboundPlaceholder};
 pub use crate::timeexpr::TimeRange;
 
 /// How far `now` is rounded down by default (`cache.now_step`).
@@ -27,6 +27,143 @@ pub const NOW_STEP: Duration = Duration::from_secs(60);
 pub const RESERVED_PARAMS: [&str; 2] = ["format", TENANT];
 
 pub use crate::params::TENANT;
+
+/// What is wrong with one `[query.*]` or `[export.*]` table.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("parameter `{0}` is reserved")]
+    Reserved(String),
+    #[error("parameter `{name}`: {source}")]
+    Param { name: String, source: ParamError },
+    #[error("cannot read SQL `{}`: {source}", path.display())]
+    ReadSql {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("SQL `{}`: {source}", path.display())]
+    Sql {
+        path: PathBuf,
+        source: TemplateError,
+    },
+    #[error("sql path `{sql}`: {source}")]
+    SqlPath { sql: String, source: TemplateError },
+    #[error("sql path names `{param}`, which is not an enum parameter")]
+    SelectorNotEnum { param: String },
+    #[error("sql path `{sql}` may name one parameter at most")]
+    TooManySelectors { sql: String },
+    #[error("SQL `{sql}` uses {{{placeholder}}}, which is not a declared parameter")]
+    Undeclared { sql: String, placeholder: String },
+    /// `range.from` or `range.to` (`key`) names an optional time parameter.
+    #[error("range bound `{param}` must be required or have a default")]
+    RangeBoundOptional { key: &'static str, param: String },
+    #[error("range bound `{param}` must be a time parameter")]
+    RangeBoundNotTime { key: &'static str, param: String },
+    #[error("range granularity `{0}` must be an enum parameter")]
+    GranularityNotEnum(String),
+    #[error("a max_span per granularity needs `granularity`")]
+    SpansWithoutGranularity,
+    #[error("max_span has no limit for granularity `{0}`")]
+    MissingSpan(String),
+}
+
+impl QueryError {
+    /// The keys below the query's table that the problem is about.
+    pub fn keys(&self) -> Vec<&str> {
+        match self {
+            QueryError::Reserved(name) => vec!["params", name],
+            QueryError::Param { name, source } => {
+                let mut keys = vec!["params", name.as_str()];
+                keys.extend(source.key());
+                keys
+            }
+            QueryError::ReadSql { .. }
+            | QueryError::Sql { .. }
+            | QueryError::SqlPath { .. }
+            | QueryError::SelectorNotEnum { .. }
+            | QueryError::TooManySelectors { .. }
+            | QueryError::Undeclared { .. } => vec!["sql"],
+            QueryError::RangeBoundOptional { key, .. }
+            | QueryError::RangeBoundNotTime { key, .. } => {
+                vec!["range", key]
+            }
+            QueryError::GranularityNotEnum(_) => vec!["range", "granularity"],
+            QueryError::SpansWithoutGranularity | QueryError::MissingSpan(_) => {
+                vec!["range", "max_span"]
+            }
+        }
+    }
+}
+
+/// Which part of the catalog a table belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Section {
+    /// `[query.<name>]`
+    Query,
+    /// `[export.<name>]`
+    Export,
+}
+
+impl Section {
+    /// The table's name in the config file.
+    pub fn table(self) -> &'static str {
+        match self {
+            Section::Query => "query",
+            Section::Export => "export",
+        }
+    }
+}
+
+/// One problem of a catalog: which query (or export), and what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{} `{name}`: {error}", section.table())]
+pub struct CatalogError {
+    pub section: Section,
+    pub name: String,
+    pub error: QueryError,
+}
+
+impl CatalogError {
+    /// The key path in the config file the problem is about.
+    pub fn path(&self) -> Vec<&str> {
+        let mut path = vec![self.section.table(), self.name.as_str()];
+        path.extend(self.error.keys());
+        path
+    }
+}
+
+/// A bound set that does not bind: every problem, as `param: message; …`.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}", describe(.0))]
+pub struct BindError(pub Vec<Problem>);
+
+fn describe(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("{}: {}", p.loc[1], p.msg))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Why a bound set did not render (the catalog checks templates when it
+/// compiles, so these mean a bug, not a bad request).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RenderError {
+    #[error("template selector `{0}` is not bound")]
+    SelectorUnbound(String),
+    #[error("no template for {param}={value}")]
+    NoTemplate { param: String, value: String },
+    #[error(transparent)]
+    Unbound(#[from] UnboundPlaceholder),
+}
+
+/// Why a request as asked no longer resolves.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ResolveError {
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error(transparent)]
+    Render(#[from] RenderError),
+}
 
 /// All queries of a config, by name.
 #[derive(Debug, Default)]
@@ -89,23 +226,11 @@ impl Asked {
     /// Binds and renders the request at `now`, exactly as a request arriving
     /// then would be. A range that has grown too wide since (`from=2026-01-01&to=now`)
     /// fails here like it would for that request.
-    pub fn resolve(&self, now: chrono::DateTime<chrono::Utc>) -> Result<Resolved, String> {
-        let raw: Vec<RawParam> = self
-            .params
-            .iter()
-            .map(|(n, v)| (n.as_str().into(), v.as_str().into()))
-            .collect();
+    pub fn resolve(&self, now: chrono::DateTime<chrono::Utc>) -> Result<Resolved, ResolveError> {
         let clock = self.query.clock(now);
         let bound = self
             .query
-            .bind(&raw, &clock, self.tenant.as_deref())
-            .map_err(|problems| {
-                problems
-                    .iter()
-                    .map(|p| format!("{}: {}", p.loc[1], p.msg))
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            })?;
+            .bind_pairs(&self.params, &clock, self.tenant.as_deref())?;
         Ok(Resolved {
             sql: self.query.render(&bound)?,
             range: self.query.range_of(&bound),
@@ -143,24 +268,42 @@ impl RangeRule {
 }
 
 impl Catalog {
-    /// Compiles every `[query.*]` table of `config`, reading SQL files relative to it.
-    pub fn load(config: &Config) -> Result<Catalog, ConfigError> {
-        if !(1..=2).contains(&config.clickhouse.readonly) {
-            return Err(config.invalid("clickhouse.readonly must be 1 or 2"));
+    /// Compiles every `[query.*]` and `[export.*]` table of `config`, reading
+    /// SQL files relative to it; every problem of every table is reported.
+    pub fn compile(config: &Config) -> Result<Catalog, Vec<CatalogError>> {
+        let (catalog, errors) = Catalog::compile_partial(config);
+        if errors.is_empty() {
+            Ok(catalog)
+        } else {
+            Err(errors)
         }
-        let mut queries = BTreeMap::new();
-        for (name, query) in &config.queries {
-            let def = QueryDef::compile(name, query, config)
-                .map_err(|msg| config.invalid(format!("query `{name}`: {msg}")))?;
-            queries.insert(name.clone(), Arc::new(def));
-        }
-        let mut exports = BTreeMap::new();
-        for (name, export) in &config.exports {
-            let def = QueryDef::compile(name, export, config)
-                .map_err(|msg| config.invalid(format!("export `{name}`: {msg}")))?;
-            exports.insert(name.clone(), Arc::new(def));
-        }
-        Ok(Catalog { queries, exports })
+    }
+
+    /// Like [`Catalog::compile`], but also the tables that compile: checks
+    /// of what refers to queries can go on past a broken one.
+    pub fn compile_partial(config: &Config) -> (Catalog, Vec<CatalogError>) {
+        let mut errors = Vec::new();
+        let mut compile_all = |section: Section, tables: &BTreeMap<String, QueryConfig>| {
+            let mut defs = BTreeMap::new();
+            for (name, table) in tables {
+                match QueryDef::compile(name, table, config) {
+                    Ok(def) => {
+                        defs.insert(name.clone(), Arc::new(def));
+                    }
+                    Err(problems) => {
+                        errors.extend(problems.into_iter().map(|error| CatalogError {
+                            section,
+                            name: name.clone(),
+                            error,
+                        }));
+                    }
+                }
+            }
+            defs
+        };
+        let queries = compile_all(Section::Query, &config.queries);
+        let exports = compile_all(Section::Export, &config.exports);
+        (Catalog { queries, exports }, errors)
     }
 
     /// A streamed export by name (`[export.<name>]`).
@@ -182,80 +325,69 @@ impl Catalog {
 }
 
 impl QueryDef {
-    fn compile(name: &str, config: &QueryConfig, file: &Config) -> Result<QueryDef, String> {
+    /// Compiles one table: every problem of its parameters, or else every
+    /// problem of its templates and range rule (which refer to the parameters).
+    fn compile(
+        name: &str,
+        config: &QueryConfig,
+        file: &Config,
+    ) -> Result<QueryDef, Vec<QueryError>> {
         let base_dir = file.base_dir();
+        let mut errors = Vec::new();
         let mut params = Vec::new();
         for (param_name, param) in &config.params {
             if RESERVED_PARAMS.contains(&param_name.as_str()) {
-                return Err(format!("parameter `{param_name}` is reserved"));
+                errors.push(QueryError::Reserved(param_name.clone()));
+                continue;
             }
-            params.push(
-                ParamDef::compile(param_name, param)
-                    .map_err(|msg| format!("parameter `{param_name}`: {msg}"))?,
-            );
+            match ParamDef::compile(param_name, param) {
+                Ok(def) => params.push(def),
+                Err(source) => errors.push(QueryError::Param {
+                    name: param_name.clone(),
+                    source,
+                }),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
         }
         let find = |name: &str| params.iter().find(|p| p.name == name);
 
-        let templates = load_templates(&config.sql, base_dir, &find)?;
+        let templates = load_templates(&config.sql, base_dir, &find);
+        let range = config
+            .range
+            .as_ref()
+            .map(|range| range_rule(range, &find))
+            .transpose();
+        let (templates, range) = match (templates, range) {
+            (Ok(templates), Ok(range)) => (templates, range),
+            (templates, range) => {
+                errors.extend(templates.err());
+                errors.extend(range.err());
+                return Err(errors);
+            }
+        };
         let mut declared: HashSet<&str> = params.iter().map(|p| p.name.as_str()).collect();
         declared.insert(TENANT);
         let tenant_scoped = templates
             .all()
             .iter()
             .any(|t| t.placeholders().any(|p| p == TENANT));
-        for template in templates.all() {
-            if let Some(unknown) = template.placeholders().find(|p| !declared.contains(p)) {
-                return Err(format!(
-                    "SQL `{}` uses {{{unknown}}}, which is not a declared parameter",
-                    config.sql
-                ));
-            }
-        }
-
-        let range = match &config.range {
-            None => None,
-            Some(range) => {
-                for bound in [&range.from, &range.to] {
-                    match find(bound) {
-                        Some(p) if p.kind == ParamType::Time && !p.list => {
-                            if !p.required && p.default.is_none() {
-                                return Err(format!(
-                                    "range bound `{bound}` must be required or have a default"
-                                ));
-                            }
-                        }
-                        _ => return Err(format!("range bound `{bound}` must be a time parameter")),
-                    }
-                }
-                if let Some(g) = &range.granularity
-                    && !find(g).is_some_and(|p| p.kind == ParamType::Enum && !p.list)
-                {
-                    return Err(format!("range granularity `{g}` must be an enum parameter"));
-                }
-                let (max_span, default_span) = match &range.max_span {
-                    MaxSpan::One(span) => (BTreeMap::new(), Some(*span)),
-                    MaxSpan::ByGranularity(spans) => {
-                        let Some(g) = range.granularity.as_deref().and_then(find) else {
-                            return Err("a max_span per granularity needs `granularity`".into());
-                        };
-                        if let Some(missing) = g.values.iter().find(|v| !spans.contains_key(*v)) {
-                            return Err(format!(
-                                "max_span has no limit for granularity `{missing}`"
-                            ));
-                        }
-                        let spans = spans.iter().map(|(k, v)| (k.clone(), **v)).collect();
-                        (spans, None)
-                    }
-                };
-                Some(RangeRule {
-                    from: range.from.clone(),
-                    to: range.to.clone(),
-                    granularity: range.granularity.clone(),
-                    max_span,
-                    default_span,
+        let undeclared: BTreeSet<&str> = templates
+            .all()
+            .into_iter()
+            .flat_map(|t| t.placeholders())
+            .filter(|p| !declared.contains(p))
+            .collect();
+        if !undeclared.is_empty() {
+            return Err(undeclared
+                .into_iter()
+                .map(|placeholder| QueryError::Undeclared {
+                    sql: config.sql.clone(),
+                    placeholder: placeholder.to_owned(),
                 })
-            }
-        };
+                .collect());
+        }
 
         let mut hash = Sha256::new();
         for template in templates.all() {
@@ -353,6 +485,21 @@ impl QueryDef {
         }
     }
 
+    /// [`QueryDef::bind`] for name/value pairs, as warm-up sets and requests
+    /// kept as asked hold them.
+    pub fn bind_pairs(
+        &self,
+        pairs: &[(String, String)],
+        clock: &Clock,
+        tenant: Option<&str>,
+    ) -> Result<Bound, BindError> {
+        let raw: Vec<RawParam> = pairs
+            .iter()
+            .map(|(n, v)| (n.as_str().into(), v.as_str().into()))
+            .collect();
+        self.bind(&raw, clock, tenant).map_err(BindError)
+    }
+
     /// The clock a request arriving at `now` is bound against.
     pub fn clock(&self, now: chrono::DateTime<chrono::Utc>) -> Clock {
         Clock {
@@ -400,19 +547,20 @@ impl QueryDef {
     }
 
     /// Renders the SQL for a bound parameter set.
-    pub fn render(&self, bound: &Bound) -> Result<String, String> {
-        match &self.templates {
-            Templates::One(template) => template.render(bound),
+    pub fn render(&self, bound: &Bound) -> Result<String, RenderError> {
+        let template = match &self.templates {
+            Templates::One(template) => template,
             Templates::ByParam { param, by_value } => {
                 let Some(Value::Str(value)) = bound.get(param) else {
-                    return Err(format!("template selector `{param}` is not bound"));
+                    return Err(RenderError::SelectorUnbound(param.clone()));
                 };
-                by_value
-                    .get(value)
-                    .ok_or_else(|| format!("no template for {param}={value}"))?
-                    .render(bound)
+                by_value.get(value).ok_or_else(|| RenderError::NoTemplate {
+                    param: param.clone(),
+                    value: value.clone(),
+                })?
             }
-        }
+        };
+        Ok(template.render(bound)?)
     }
 
     fn param_names(&self) -> String {
@@ -439,22 +587,27 @@ fn load_templates<'a>(
     sql: &str,
     base_dir: &Path,
     find: &dyn Fn(&str) -> Option<&'a ParamDef>,
-) -> Result<Templates, String> {
-    let read = |path: &str| -> Result<Template, String> {
+) -> Result<Templates, QueryError> {
+    let read = |path: &str| -> Result<Template, QueryError> {
         let full = base_dir.join(path);
-        let text = std::fs::read_to_string(&full)
-            .map_err(|e| format!("cannot read SQL `{}`: {e}", full.display()))?;
-        Template::parse(&text).map_err(|e| format!("SQL `{}`: {e}", full.display()))
+        let text = match std::fs::read_to_string(&full) {
+            Ok(text) => text,
+            Err(source) => return Err(QueryError::ReadSql { path: full, source }),
+        };
+        Template::parse(&text).map_err(|source| QueryError::Sql { path: full, source })
     };
-    let path = Template::parse(sql).map_err(|e| format!("sql path `{sql}`: {e}"))?;
+    let path = Template::parse(sql).map_err(|source| QueryError::SqlPath {
+        sql: sql.to_owned(),
+        source,
+    })?;
     let selectors: Vec<&str> = path.placeholders().collect();
     match selectors.as_slice() {
         [] => Ok(Templates::One(read(sql)?)),
         [param] => {
             let def = find(param)
                 .filter(|p| p.kind == ParamType::Enum && !p.list)
-                .ok_or_else(|| {
-                    format!("sql path names `{param}`, which is not an enum parameter")
+                .ok_or_else(|| QueryError::SelectorNotEnum {
+                    param: (*param).to_owned(),
                 })?;
             let mut by_value = BTreeMap::new();
             for value in &def.values {
@@ -467,8 +620,60 @@ fn load_templates<'a>(
                 by_value,
             })
         }
-        _ => Err(format!("sql path `{sql}` may name one parameter at most")),
+        _ => Err(QueryError::TooManySelectors {
+            sql: sql.to_owned(),
+        }),
     }
+}
+
+/// Checks `[query.<name>.range]` against the declared parameters.
+fn range_rule<'a>(
+    range: &RangeConfig,
+    find: &dyn Fn(&str) -> Option<&'a ParamDef>,
+) -> Result<RangeRule, QueryError> {
+    for (key, bound) in [("from", &range.from), ("to", &range.to)] {
+        match find(bound) {
+            Some(p) if p.kind == ParamType::Time && !p.list => {
+                if !p.required && p.default.is_none() {
+                    return Err(QueryError::RangeBoundOptional {
+                        key,
+                        param: bound.clone(),
+                    });
+                }
+            }
+            _ => {
+                return Err(QueryError::RangeBoundNotTime {
+                    key,
+                    param: bound.clone(),
+                });
+            }
+        }
+    }
+    if let Some(g) = &range.granularity
+        && !find(g).is_some_and(|p| p.kind == ParamType::Enum && !p.list)
+    {
+        return Err(QueryError::GranularityNotEnum(g.clone()));
+    }
+    let (max_span, default_span) = match &range.max_span {
+        MaxSpan::One(span) => (BTreeMap::new(), Some(*span)),
+        MaxSpan::ByGranularity(spans) => {
+            let Some(g) = range.granularity.as_deref().and_then(find) else {
+                return Err(QueryError::SpansWithoutGranularity);
+            };
+            if let Some(missing) = g.values.iter().find(|v| !spans.contains_key(*v)) {
+                return Err(QueryError::MissingSpan(missing.clone()));
+            }
+            let spans = spans.iter().map(|(k, v)| (k.clone(), **v)).collect();
+            (spans, None)
+        }
+    };
+    Ok(RangeRule {
+        from: range.from.clone(),
+        to: range.to.clone(),
+        granularity: range.granularity.clone(),
+        max_span,
+        default_span,
+    })
 }
 
 fn check_range(range: &RangeRule, bound: &Bound) -> Option<Problem> {
@@ -558,7 +763,7 @@ mod tests {
             max_span = { hour = "31d", day = "400d" }
         "#;
         let config = Config::parse(text, &dir.0.join("config.toml")).unwrap();
-        (Catalog::load(&config).unwrap(), dir)
+        (Catalog::compile(&config).unwrap(), dir)
     }
 
     fn bind(query: &str) -> Result<Bound, Vec<Problem>> {
@@ -639,7 +844,10 @@ mod tests {
         let dir = tempdir::Dir::new();
         std::fs::write(dir.0.join("q.sql"), "SELECT {nope}").unwrap();
         let config = Config::parse("[query.q]\nsql = \"q.sql\"\n", &dir.0.join("c.toml")).unwrap();
-        let err = Catalog::load(&config).unwrap_err().to_string();
+        let errors = Catalog::compile(&config).unwrap_err();
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].path(), ["query", "q", "sql"]);
+        let err = errors[0].to_string();
         assert!(err.contains("{nope}"), "{err}");
     }
 

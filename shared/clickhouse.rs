@@ -185,29 +185,38 @@ fn client(config: &ClickHouseConfig, url: &str) -> clickhouse::Client {
     client
 }
 
+/// Why a replica failed the health check.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(transparent)]
+    Request(#[from] clickhouse::error::Error),
+    #[error("unexpected answer to SELECT 1: {0}")]
+    Unexpected(String),
+    #[error("no answer to SELECT 1 within {0:?}")]
+    Timeout(Duration),
+    #[error("no ClickHouse replica configured")]
+    NoReplica,
+}
+
 /// The background health check: `SELECT 1` within `timeout`.
-async fn probe(client: &clickhouse::Client, timeout: Duration) -> Result<(), String> {
+async fn probe(client: &clickhouse::Client, timeout: Duration) -> Result<(), ProbeError> {
     let check = async {
-        let mut cursor = client
-            .query_raw("SELECT 1")
-            .fetch_bytes("TSV")
-            .map_err(|e| e.to_string())?;
+        let mut cursor = client.query_raw("SELECT 1").fetch_bytes("TSV")?;
         let mut body = Vec::new();
-        while let Some(chunk) = cursor.next().await.map_err(|e| e.to_string())? {
+        while let Some(chunk) = cursor.next().await? {
             body.extend_from_slice(&chunk);
         }
         if body.trim_ascii() == b"1" {
             Ok(())
         } else {
-            Err(format!(
-                "unexpected answer to SELECT 1: {}",
-                String::from_utf8_lossy(&body)
+            Err(ProbeError::Unexpected(
+                String::from_utf8_lossy(&body).into_owned(),
             ))
         }
     };
     tokio::time::timeout(timeout, check)
         .await
-        .unwrap_or_else(|_| Err(format!("no answer to SELECT 1 within {timeout:?}")))
+        .unwrap_or(Err(ProbeError::Timeout(timeout)))
 }
 
 /// What it takes to send a query again, to another replica.
@@ -245,7 +254,7 @@ impl ClickHouse {
     /// Whether some replica answers the health check (`SELECT 1` within
     /// `clickhouse.health_timeout`) now; the first failure's text otherwise.
     /// The same probe as the background checks; not counted as a query.
-    pub async fn ping(&self) -> Result<(), String> {
+    pub async fn ping(&self) -> Result<(), ProbeError> {
         let mut first_error = None;
         for client in &self.upstream.clients {
             match probe(client, self.upstream.health_timeout).await {
@@ -255,7 +264,7 @@ impl ClickHouse {
                 }
             }
         }
-        Err(first_error.unwrap_or_else(|| "no ClickHouse replica configured".into()))
+        Err(first_error.unwrap_or(ProbeError::NoReplica))
     }
 
     /// How many replicas queries choose from.
@@ -426,7 +435,7 @@ impl Source {
                 return Err(err);
             }
             let failed = self.in_flight.replica();
-            self.upstream.pool.unreachable(failed, &err.to_string());
+            self.upstream.pool.unreachable(failed, &err);
             let Some(next) = self.upstream.pool.pick(&self.tried) else {
                 self.done();
                 return Err(err);

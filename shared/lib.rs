@@ -9,6 +9,7 @@
 
 pub mod cache;
 pub mod catalog;
+pub mod check;
 pub mod clickhouse;
 pub mod clock;
 pub mod coalesce;

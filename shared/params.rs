@@ -101,44 +101,91 @@ pub struct ParamDef {
     pub max_items: usize,
 }
 
+/// What is wrong with a parameter's declaration.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ParamError {
+    #[error("parameter names use a-z, 0-9 and _")]
+    BadName,
+    #[error("bad pattern `{pattern}`: {source}")]
+    BadPattern {
+        pattern: String,
+        source: regex::Error,
+    },
+    #[error("an enum needs `values`")]
+    EnumWithoutValues,
+    #[error("a string needs a `pattern` or allowed `values`")]
+    StringWithoutRule,
+    /// The default is not a value of the parameter; `reason` is the 422
+    /// message a request with that value would get.
+    #[error("default `{default}` {reason}")]
+    BadDefault { default: String, reason: String },
+}
+
+impl ParamError {
+    /// The key of the declaration to point at (`None`: the table itself).
+    pub fn key(&self) -> Option<&'static str> {
+        match self {
+            ParamError::BadName | ParamError::EnumWithoutValues | ParamError::StringWithoutRule => {
+                None
+            }
+            ParamError::BadPattern { .. } => Some("pattern"),
+            ParamError::BadDefault { .. } => Some("default"),
+        }
+    }
+}
+
 impl ParamDef {
     /// Compiles a declaration; the error says what is wrong with it.
-    pub fn compile(name: &str, config: &ParamConfig) -> Result<ParamDef, String> {
+    pub fn compile(name: &str, config: &ParamConfig) -> Result<ParamDef, ParamError> {
         let valid_name = !name.is_empty()
             && name
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
         if !valid_name {
-            return Err("parameter names use a-z, 0-9 and _".into());
+            return Err(ParamError::BadName);
         }
-        let pattern = match &config.pattern {
-            Some(p) => Some(
-                Regex::new(&format!("^(?:{p})$")).map_err(|e| format!("bad pattern `{p}`: {e}"))?,
-            ),
-            None => None,
-        };
-        match config.kind {
-            ParamType::Enum if config.values.is_empty() => {
-                return Err("an enum needs `values`".into());
+        let common = config.common();
+        let (mut values, mut pattern, mut max_len, mut min, mut max) =
+            (Vec::new(), None, None, None, None);
+        match config {
+            ParamConfig::Time(_) => {}
+            ParamConfig::Enum(p) => {
+                if p.values.is_empty() {
+                    return Err(ParamError::EnumWithoutValues);
+                }
+                values = p.values.clone();
             }
-            ParamType::String if pattern.is_none() && config.values.is_empty() => {
-                return Err("a string needs a `pattern` or allowed `values`".into());
+            ParamConfig::Int(p) => (min, max) = (p.min, p.max),
+            ParamConfig::String(p) => {
+                if let Some(text) = &p.pattern {
+                    let anchored = Regex::new(&format!("^(?:{text})$")).map_err(|source| {
+                        ParamError::BadPattern {
+                            pattern: text.clone(),
+                            source,
+                        }
+                    })?;
+                    pattern = Some(anchored);
+                }
+                if pattern.is_none() && p.values.is_empty() {
+                    return Err(ParamError::StringWithoutRule);
+                }
+                values = p.values.clone();
+                max_len = p.max_len;
             }
-            _ => {}
         }
         let def = ParamDef {
             name: name.to_owned(),
-            kind: config.kind,
-            required: config.required,
-            default: config.default.as_ref().map(|d| d.as_text()),
-            description: config.description.clone(),
-            values: config.values.clone(),
+            kind: config.kind(),
+            required: common.required,
+            default: common.default.as_ref().map(|d| d.as_text()),
+            description: common.description,
+            values,
             pattern,
-            max_len: config.max_len.unwrap_or(DEFAULT_MAX_LEN),
-            min: config.min,
-            max: config.max,
-            list: config.list,
-            max_items: config.max_items.unwrap_or(DEFAULT_MAX_ITEMS),
+            max_len: max_len.unwrap_or(DEFAULT_MAX_LEN),
+            min,
+            max,
+            list: common.list,
+            max_items: common.max_items.unwrap_or(DEFAULT_MAX_ITEMS),
         };
         if let Some(default) = &def.default {
             let clock = Clock {
@@ -146,7 +193,10 @@ impl ParamDef {
                 now_step: Duration::from_secs(60),
             };
             def.parse(default, &clock)
-                .map_err(|p| format!("default `{default}` {}", p.msg))?;
+                .map_err(|p| ParamError::BadDefault {
+                    default: default.clone(),
+                    reason: p.msg,
+                })?;
         }
         Ok(def)
     }
@@ -202,7 +252,7 @@ impl ParamDef {
         match self.kind {
             ParamType::Time => timeexpr::resolve(raw, clock.now, clock.now_step)
                 .map(Value::Time)
-                .map_err(|msg| self.problem("datetime_parsing", msg)),
+                .map_err(|err| self.problem("datetime_parsing", err.to_string())),
             ParamType::Enum => {
                 if self.values.iter().any(|v| v == raw) {
                     Ok(Value::Str(raw.to_owned()))
@@ -428,11 +478,48 @@ mod tests {
     #[test]
     fn bad_declarations_are_refused() {
         let config: ParamConfig = toml::from_str("type = 'string'").unwrap();
-        assert!(ParamDef::compile("p", &config).is_err());
+        assert!(matches!(
+            ParamDef::compile("p", &config),
+            Err(ParamError::StringWithoutRule)
+        ));
         let config: ParamConfig = toml::from_str("type = 'int'\nmax = 5\ndefault = 9").unwrap();
-        assert!(ParamDef::compile("p", &config).is_err());
+        let err = ParamDef::compile("p", &config).unwrap_err();
+        assert_eq!(err.to_string(), "default `9` must be at most 5");
+        assert_eq!(err.key(), Some("default"));
         let config: ParamConfig = toml::from_str("type = 'int'").unwrap();
-        assert!(ParamDef::compile("Bad-Name", &config).is_err());
+        assert!(matches!(
+            ParamDef::compile("Bad-Name", &config),
+            Err(ParamError::BadName)
+        ));
+    }
+
+    #[test]
+    fn a_key_of_another_type_is_an_error_naming_it() {
+        for (text, key) in [
+            ("type = 'int'\npattern = '[0-9]+'", "pattern"),
+            ("type = 'enum'\nvalues = ['a']\nmax_len = 3", "max_len"),
+            ("type = 'time'\nvalues = ['a']", "values"),
+            ("type = 'string'\npattern = 'x'\nmin = 1", "min"),
+        ] {
+            let err = toml::from_str::<ParamConfig>(text).unwrap_err();
+            assert!(
+                err.message().contains(&format!("unknown field `{key}`")),
+                "{text}: {err}"
+            );
+        }
+        let err = toml::from_str::<ParamConfig>("type = 'float'").unwrap_err();
+        assert!(err.message().contains("unknown variant `float`"), "{err}");
+        // Every key a type has is still accepted.
+        for text in [
+            "type = 'time'\nrequired = true\ndefault = 'now-7d'\ndescription = 'd'\nlist = true\nmax_items = 3",
+            "type = 'enum'\nvalues = ['a']\ndefault = 'a'\nlist = true",
+            "type = 'int'\nmin = 1\nmax = 9\ndefault = 5",
+            "type = 'string'\npattern = '[A-Z]{2}'\nvalues = ['DE']\nmax_len = 2\nlist = true\nmax_items = 5",
+        ] {
+            let config: ParamConfig =
+                toml::from_str(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            ParamDef::compile("p", &config).unwrap_or_else(|e| panic!("{text}: {e}"));
+        }
     }
 
     #[test]

@@ -30,9 +30,29 @@ use crate::config::RedisConfig;
 #[derive(Debug, thiserror::Error)]
 pub enum RedisConnError {
     #[error("[redis]: {0}")]
-    Config(String),
+    Topology(#[from] TopologyError),
     #[error("[redis]: {0}")]
     Redis(#[from] RedisError),
+}
+
+/// `[redis]` keys that describe no single topology.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TopologyError {
+    #[error("cluster_nodes and sentinel_* are exclusive: pick one topology")]
+    ClusterAndSentinel,
+    #[error("Sentinel needs both sentinel_master and sentinel_addresses")]
+    HalfSentinel,
+}
+
+impl TopologyError {
+    /// The key of `[redis]` to point at.
+    pub fn key(self, config: &RedisConfig) -> &'static str {
+        match self {
+            TopologyError::ClusterAndSentinel => "cluster_nodes",
+            TopologyError::HalfSentinel if config.sentinel_master.is_some() => "sentinel_master",
+            TopologyError::HalfSentinel => "sentinel_addresses",
+        }
+    }
 }
 
 /// How the connection behaves on a slow or dead server.
@@ -71,19 +91,15 @@ pub enum Topology {
 }
 
 impl Topology {
-    pub fn of(config: &RedisConfig) -> Result<Topology, RedisConnError> {
+    pub fn of(config: &RedisConfig) -> Result<Topology, TopologyError> {
         let cluster = !config.cluster_nodes.is_empty();
         let sentinel = config.sentinel_master.is_some() || !config.sentinel_addresses.is_empty();
         match (cluster, sentinel) {
-            (true, true) => Err(RedisConnError::Config(
-                "cluster_nodes and sentinel_* are exclusive: pick one topology".into(),
-            )),
+            (true, true) => Err(TopologyError::ClusterAndSentinel),
             (true, false) => Ok(Topology::Cluster),
             (false, true) => {
                 if config.sentinel_master.is_none() || config.sentinel_addresses.is_empty() {
-                    return Err(RedisConnError::Config(
-                        "Sentinel needs both sentinel_master and sentinel_addresses".into(),
-                    ));
+                    return Err(TopologyError::HalfSentinel);
                 }
                 Ok(Topology::Sentinel)
             }
@@ -287,11 +303,12 @@ mod tests {
         );
         assert_eq!(Topology::of(&sentinel).ok(), Some(Topology::Sentinel));
         let half = config("[redis]\nsentinel_master = \"m\"\n");
-        assert!(Topology::of(&half).is_err());
+        assert_eq!(Topology::of(&half), Err(TopologyError::HalfSentinel));
+        assert_eq!(TopologyError::HalfSentinel.key(&half), "sentinel_master");
         let both = config(
             "[redis]\ncluster_nodes = [\"redis://a:1\"]\nsentinel_master = \"m\"\nsentinel_addresses = [\"redis://b:2\"]\n",
         );
-        assert!(Topology::of(&both).is_err());
+        assert_eq!(Topology::of(&both), Err(TopologyError::ClusterAndSentinel));
     }
 
     #[tokio::test]

@@ -11,6 +11,25 @@ use std::fmt::Write as _;
 
 use crate::params::{Bound, Value};
 
+/// Why template text does not parse (positions are byte offsets).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    #[error("malformed placeholder at byte {at} (write {{name}}, or {{{{ for a brace)")]
+    Malformed { at: usize },
+    #[error("empty placeholder at byte {at}")]
+    Empty { at: usize },
+    #[error("unmatched `}}` at byte {at} (write }}}} for a brace)")]
+    Unmatched { at: usize },
+}
+
+/// A template rendered with a set that lacks one of its placeholders (the
+/// catalog checks templates against the declared parameters, so this is a bug).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("placeholder {{{name}}} is not bound")]
+pub struct UnboundPlaceholder {
+    pub name: String,
+}
+
 /// A parsed SQL template.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Template {
@@ -25,7 +44,7 @@ enum Part {
 
 impl Template {
     /// Parses template text; the error says where a placeholder is malformed.
-    pub fn parse(text: &str) -> Result<Template, String> {
+    pub fn parse(text: &str) -> Result<Template, TemplateError> {
         let mut parts = Vec::new();
         let mut literal = String::new();
         let mut chars = text.char_indices().peekable();
@@ -49,26 +68,18 @@ impl Template {
                             {
                                 name.push(c)
                             }
-                            _ => {
-                                return Err(format!(
-                                    "malformed placeholder at byte {at} (write {{name}}, or {{{{ for a brace)"
-                                ));
-                            }
+                            _ => return Err(TemplateError::Malformed { at }),
                         }
                     }
                     if name.is_empty() {
-                        return Err(format!("empty placeholder at byte {at}"));
+                        return Err(TemplateError::Empty { at });
                     }
                     if !literal.is_empty() {
                         parts.push(Part::Text(std::mem::take(&mut literal)));
                     }
                     parts.push(Part::Param(name));
                 }
-                '}' => {
-                    return Err(format!(
-                        "unmatched `}}` at byte {at} (write }}}} for a brace)"
-                    ));
-                }
+                '}' => return Err(TemplateError::Unmatched { at }),
                 c => literal.push(c),
             }
         }
@@ -102,7 +113,7 @@ impl Template {
 
     /// Renders the template with bound values. Every placeholder must be bound
     /// (the catalog checks this when it loads).
-    pub fn render(&self, bound: &Bound) -> Result<String, String> {
+    pub fn render(&self, bound: &Bound) -> Result<String, UnboundPlaceholder> {
         let mut sql = String::with_capacity(self.parts.iter().map(Part::len_hint).sum());
         for part in &self.parts {
             match part {
@@ -110,7 +121,7 @@ impl Template {
                 Part::Param(name) => {
                     let value = bound
                         .get(name)
-                        .ok_or_else(|| format!("placeholder {{{name}}} is not bound"))?;
+                        .ok_or_else(|| UnboundPlaceholder { name: name.clone() })?;
                     write_literal(&mut sql, value);
                 }
             }
@@ -217,16 +228,36 @@ mod tests {
 
     #[test]
     fn malformed_templates_are_refused() {
-        assert!(Template::parse("SELECT {").is_err());
-        assert!(Template::parse("SELECT {}").is_err());
+        assert_eq!(
+            Template::parse("SELECT {"),
+            Err(TemplateError::Malformed { at: 7 })
+        );
+        assert_eq!(
+            Template::parse("SELECT {}"),
+            Err(TemplateError::Empty { at: 7 })
+        );
         assert!(Template::parse("SELECT {Bad}").is_err());
-        assert!(Template::parse("SELECT }").is_err());
+        assert_eq!(
+            Template::parse("SELECT }"),
+            Err(TemplateError::Unmatched { at: 7 })
+        );
         assert!(Template::parse("SELECT {a").is_err());
+        assert_eq!(
+            TemplateError::Malformed { at: 7 }.to_string(),
+            "malformed placeholder at byte 7 (write {name}, or {{ for a brace)"
+        );
+        assert_eq!(
+            TemplateError::Unmatched { at: 7 }.to_string(),
+            "unmatched `}` at byte 7 (write }} for a brace)"
+        );
     }
 
     #[test]
     fn unbound_placeholders_are_errors() {
         let t = Template::parse("SELECT {missing}").unwrap();
-        assert!(t.render(&Bound::default()).is_err());
+        assert_eq!(
+            t.render(&Bound::default()).unwrap_err().to_string(),
+            "placeholder {missing} is not bound"
+        );
     }
 }

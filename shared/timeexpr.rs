@@ -34,6 +34,29 @@ impl TimeRange {
     }
 }
 
+/// Why a text is not a time. Each message completes a sentence about the
+/// parameter (`from is not a valid date`), as 422 answers show it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TimeError {
+    /// An instant ClickHouse's `DateTime` cannot hold.
+    #[error("is outside the supported range (1970-01-01 to 2106-02-07)")]
+    OutOfRange,
+    /// A relative base followed by something that is not `-` or `+` a duration.
+    #[error("is not a date, a datetime or a relative time like now-7d")]
+    NotAnOffset,
+    /// The duration after `-` or `+` does not parse.
+    #[error("has a bad offset `{0}` (use e.g. 7d, 1h, 30m)")]
+    BadOffset(String),
+    #[error("offset is too large")]
+    OffsetTooLarge,
+    /// `YYYY-MM-DD` that names no day.
+    #[error("is not a valid date")]
+    InvalidDate,
+    /// None of the grammar's forms.
+    #[error("is not a date (YYYY-MM-DD), an RFC 3339 datetime or a relative time like now-7d")]
+    Unrecognized,
+}
+
 /// A parsed time expression.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TimeExpr {
@@ -66,7 +89,7 @@ impl Base {
 
 impl TimeExpr {
     /// Parses `text`; the error says what is wrong, for a 422.
-    pub fn parse(text: &str) -> Result<TimeExpr, String> {
+    pub fn parse(text: &str) -> Result<TimeExpr, TimeError> {
         let text = text.trim();
         let expr = match relative_base(text) {
             Some((base, shift, rest)) => TimeExpr::Relative {
@@ -86,7 +109,7 @@ impl TimeExpr {
     }
 
     /// The instant this expression names at `now` (`now` rounded to `now_step`).
-    pub fn resolve(self, now: DateTime<Utc>, now_step: Duration) -> Result<i64, String> {
+    pub fn resolve(self, now: DateTime<Utc>, now_step: Duration) -> Result<i64, TimeError> {
         let secs = match self {
             TimeExpr::At(secs) => secs,
             TimeExpr::Relative { base, offset } => base_instant(base, now, now_step) + offset,
@@ -114,18 +137,18 @@ impl TimeExpr {
     }
 }
 
-fn in_range(secs: i64) -> Result<(), String> {
+fn in_range(secs: i64) -> Result<(), TimeError> {
     if (MIN_SECS..=MAX_SECS).contains(&secs) {
         Ok(())
     } else {
-        Err("is outside the supported range (1970-01-01 to 2106-02-07)".into())
+        Err(TimeError::OutOfRange)
     }
 }
 
 /// Resolves `text` to seconds since the Unix epoch (UTC).
 ///
 /// `now` is the request's clock reading; `now_step` the rounding of `now`.
-pub fn resolve(text: &str, now: DateTime<Utc>, now_step: Duration) -> Result<i64, String> {
+pub fn resolve(text: &str, now: DateTime<Utc>, now_step: Duration) -> Result<i64, TimeError> {
     TimeExpr::parse(text)?.resolve(now, now_step)
 }
 
@@ -183,30 +206,30 @@ fn base_instant(base: Base, now: DateTime<Utc>, now_step: Duration) -> i64 {
     }
 }
 
-fn offset(rest: &str) -> Result<i64, String> {
+fn offset(rest: &str) -> Result<i64, TimeError> {
     if rest.is_empty() {
         return Ok(0);
     }
     let (sign, amount) = match rest.as_bytes()[0] {
         b'-' => (-1, &rest[1..]),
         b'+' => (1, &rest[1..]),
-        _ => return Err("is not a date, a datetime or a relative time like now-7d".into()),
+        _ => return Err(TimeError::NotAnOffset),
     };
-    let duration = humantime::parse_duration(amount)
-        .map_err(|_| format!("has a bad offset `{amount}` (use e.g. 7d, 1h, 30m)"))?;
-    let secs = i64::try_from(duration.as_secs()).map_err(|_| "offset is too large".to_string())?;
+    let duration =
+        humantime::parse_duration(amount).map_err(|_| TimeError::BadOffset(amount.to_owned()))?;
+    let secs = i64::try_from(duration.as_secs()).map_err(|_| TimeError::OffsetTooLarge)?;
     if secs > MAX_SECS {
-        return Err("offset is too large".into());
+        return Err(TimeError::OffsetTooLarge);
     }
     Ok(sign * secs)
 }
 
-fn absolute(text: &str) -> Result<i64, String> {
+fn absolute(text: &str) -> Result<i64, TimeError> {
     if let Ok(date) = NaiveDate::parse_from_str(text, "%Y-%m-%d") {
         return date
             .and_hms_opt(0, 0, 0)
             .map(|d| d.and_utc().timestamp())
-            .ok_or_else(|| "is not a valid date".into());
+            .ok_or(TimeError::InvalidDate);
     }
     if let Ok(t) = DateTime::parse_from_rfc3339(text) {
         return Ok(t.timestamp());
@@ -214,7 +237,7 @@ fn absolute(text: &str) -> Result<i64, String> {
     if let Ok(t) = NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S") {
         return Ok(t.and_utc().timestamp());
     }
-    Err("is not a date (YYYY-MM-DD), an RFC 3339 datetime or a relative time like now-7d".into())
+    Err(TimeError::Unrecognized)
 }
 
 #[cfg(test)]
@@ -237,7 +260,7 @@ mod tests {
         Utc.with_ymd_and_hms(2024, 3, 15, 10, 17, 42).unwrap()
     }
 
-    fn at(text: &str) -> Result<String, String> {
+    fn at(text: &str) -> Result<String, TimeError> {
         resolve(text, now(), Duration::from_secs(60)).map(format)
     }
 
@@ -306,5 +329,14 @@ mod tests {
         ] {
             assert!(at(bad).is_err(), "{bad:?} should be rejected");
         }
+        // The variants say which rule a text broke, in the words of a 422.
+        assert_eq!(at("now-7x"), Err(TimeError::BadOffset("7x".into())));
+        assert_eq!(at("now*2"), Err(TimeError::NotAnOffset));
+        assert_eq!(at("1900-01-01"), Err(TimeError::OutOfRange));
+        assert_eq!(at("2024-02-30"), Err(TimeError::Unrecognized));
+        assert_eq!(
+            TimeError::BadOffset("7x".into()).to_string(),
+            "has a bad offset `7x` (use e.g. 7d, 1h, 30m)"
+        );
     }
 }

@@ -13,6 +13,7 @@
 //! queries themselves are [`crate::clickhouse`]'s. Per-replica metrics
 //! (`dashcache_clickhouse_replica_up{replica}`, queries, ejections) are kept here.
 
+use std::fmt::Display;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
@@ -139,7 +140,7 @@ impl Pool {
     }
 
     /// A query could not reach `index`: eject it now.
-    pub fn unreachable(&self, index: usize, error: &str) {
+    pub fn unreachable(&self, index: usize, error: &dyn Display) {
         let replica = &self.replicas[index];
         replica
             .failed_checks
@@ -148,12 +149,12 @@ impl Pool {
     }
 
     /// The outcome of one background check of `index`.
-    pub fn checked(&self, index: usize, result: Result<(), String>) {
+    pub fn checked<E: Display>(&self, index: usize, result: Result<(), E>) {
         let replica = &self.replicas[index];
         match result {
             Ok(()) => {
                 replica.failed_checks.store(0, Ordering::Relaxed);
-                self.set_up(index, true, "");
+                self.set_up(index, true, &"");
             }
             Err(error) => {
                 let failed = replica.failed_checks.fetch_add(1, Ordering::Relaxed) + 1;
@@ -164,7 +165,7 @@ impl Pool {
         }
     }
 
-    fn set_up(&self, index: usize, up: bool, error: &str) {
+    fn set_up(&self, index: usize, up: bool, error: &dyn Display) {
         let replica = &self.replicas[index];
         if replica.up.swap(up, Ordering::Relaxed) == up {
             return;
@@ -187,10 +188,11 @@ impl Pool {
 
     /// Checks every replica every `interval` with `probe` (which bounds its
     /// own time) until the pool is dropped.
-    pub fn spawn_checks<P, F>(self: &Arc<Self>, interval: Duration, probe: P)
+    pub fn spawn_checks<P, F, E>(self: &Arc<Self>, interval: Duration, probe: P)
     where
         P: Fn(usize) -> F + Send + 'static,
-        F: Future<Output = Result<(), String>> + Send + 'static,
+        F: Future<Output = Result<(), E>> + Send + 'static,
+        E: Display + Send + 'static,
     {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
@@ -267,7 +269,7 @@ mod tests {
     #[test]
     fn ejected_replicas_are_skipped_until_a_good_check() {
         let pool = pool(&[1, 1]);
-        pool.unreachable(0, "refused");
+        pool.unreachable(0, &"refused");
         assert!(!pool.replica(0).is_up());
         for _ in 0..4 {
             assert_eq!(pool.pick(&[]), Some(1));
@@ -275,19 +277,19 @@ mod tests {
         // Tried the healthy one already: the ejected one is still a chance.
         assert_eq!(pool.pick(&[1]), Some(0));
         assert_eq!(pool.pick(&[0, 1]), None);
-        pool.checked(0, Ok(()));
+        pool.checked(0, Ok::<(), &str>(()));
         assert!(pool.replica(0).is_up());
     }
 
     #[test]
     fn checks_eject_after_failures_in_a_row() {
         let pool = pool(&[1, 1]);
-        pool.checked(1, Err("timeout".into()));
+        pool.checked(1, Err("timeout"));
         assert!(pool.replica(1).is_up(), "one failed check is not enough");
-        pool.checked(1, Ok(()));
-        pool.checked(1, Err("timeout".into()));
+        pool.checked(1, Ok::<(), &str>(()));
+        pool.checked(1, Err("timeout"));
         assert!(pool.replica(1).is_up(), "a success resets the count");
-        pool.checked(1, Err("timeout".into()));
+        pool.checked(1, Err("timeout"));
         assert!(!pool.replica(1).is_up());
         let text = pool.metrics.render();
         assert!(

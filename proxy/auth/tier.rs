@@ -4,12 +4,16 @@
 //! [`crate::auth::ratelimit`]), how many requests per key may wait on ClickHouse at
 //! once, which queries and exports the tier may call, export size limits, and
 //! a minimum TTL (a cheaper tier accepts older answers, so it costs less).
+//!
+//! The rules a `[tier.*]` table must follow (rates of at least 1, allowed
+//! queries and exports that exist) are checked with the rest of the config
+//! by `dashcache::check`; this compiles an already checked config.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dashcache::config::{Config, ConfigError};
+use dashcache::config::Config;
 
 /// Names a tier may call: all, or a list.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,30 +85,10 @@ pub struct Tiers {
 }
 
 impl Tiers {
-    /// Compiles `[tier.*]`; every named query must exist.
-    pub fn load(config: &Config) -> Result<Tiers, ConfigError> {
+    /// Compiles `[tier.*]` of a config `dashcache::check` passed.
+    pub fn new(config: &Config) -> Tiers {
         let mut by_name = BTreeMap::new();
         for (name, tier) in &config.tiers {
-            let invalid = |msg: String| config.invalid(format!("tier `{name}`: {msg}"));
-            if tier.requests_per_minute == 0 || tier.burst == 0 {
-                return Err(invalid(
-                    "requests_per_minute and burst must be at least 1".into(),
-                ));
-            }
-            if let Some(unknown) = tier
-                .queries
-                .iter()
-                .find(|q| *q != "*" && !config.queries.contains_key(*q))
-            {
-                return Err(invalid(format!("allows unknown query `{unknown}`")));
-            }
-            if let Some(unknown) = tier
-                .exports
-                .iter()
-                .find(|e| *e != "*" && !config.exports.contains_key(*e))
-            {
-                return Err(invalid(format!("allows unknown export `{unknown}`")));
-            }
             by_name.insert(
                 name.clone(),
                 Arc::new(Tier {
@@ -123,7 +107,7 @@ impl Tiers {
                 }),
             );
         }
-        Ok(Tiers { by_name })
+        Tiers { by_name }
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Tier>> {
@@ -141,16 +125,21 @@ mod tests {
     use std::path::Path;
 
     #[test]
-    fn tiers_compile_and_refuse_unknown_queries() {
+    fn tiers_compile_and_the_check_refuses_unknown_queries() {
         let text = "[tier.free]\nrequests_per_minute = 60\nburst = 10\nqueries = ['a']\n";
         let config = Config::parse(text, Path::new("c.toml")).unwrap();
-        let err = Tiers::load(&config).unwrap_err().to_string();
-        assert!(err.contains("unknown query `a`"), "{err}");
+        let diagnostics = dashcache::check::validate(&config);
+        assert_eq!(diagnostics.len(), 1, "{diagnostics:?}");
+        assert_eq!(
+            diagnostics[0].to_string(),
+            "c.toml: line 4: tier `free`: allows unknown query `a`"
+        );
 
         let text =
             "[tier.all]\nrequests_per_minute = 60\nburst = 10\nqueries = ['*']\nmin_ttl = '15m'\n";
         let config = Config::parse(text, Path::new("c.toml")).unwrap();
-        let tiers = Tiers::load(&config).unwrap();
+        assert!(dashcache::check::validate(&config).is_empty());
+        let tiers = Tiers::new(&config);
         let tier = tiers.get("all").unwrap();
         assert!(tier.queries.allows("anything"));
         assert!(!tier.exports.allows("events"));

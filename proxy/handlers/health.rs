@@ -25,10 +25,12 @@ pub fn metrics(app: &App) -> Response<Body> {
 /// each dependency's state. (The config was loaded, or the process would not run.)
 pub async fn readiness(app: &App) -> Response<Body> {
     let (clickhouse, redis) = tokio::join!(app.clickhouse.ping(), app.cache.redis().ping());
-    let check = |result: &Result<(), String>| match result {
-        Ok(()) => serde_json::json!({ "ok": true }),
-        Err(err) => serde_json::json!({ "ok": false, "error": err }),
-    };
+    fn check<E: std::fmt::Display>(result: &Result<(), E>) -> serde_json::Value {
+        match result {
+            Ok(()) => serde_json::json!({ "ok": true }),
+            Err(err) => serde_json::json!({ "ok": false, "error": err.to_string() }),
+        }
+    }
     let ready = clickhouse.is_ok() && redis.is_ok();
     let body = serde_json::json!({
         "status": if ready { "ready" } else { "not_ready" },

@@ -49,7 +49,7 @@ impl Cache {
         min_retention: Duration,
         metrics: Arc<Metrics>,
         with_l1: bool,
-    ) -> Result<Cache, ::redis::RedisError> {
+    ) -> Result<Cache, crate::redis_conn::RedisConnError> {
         let l1 = (with_l1 && cache.l1_max_bytes > 0 && !cache.l1_ttl.is_zero())
             .then(|| L1::new(cache.l1_max_bytes, cache.l1_ttl));
         Ok(Cache {

@@ -52,24 +52,20 @@ pub struct RedisCache {
     metrics: Arc<Metrics>,
 }
 
+/// Why Redis did not answer a readiness check.
+#[derive(Debug, thiserror::Error)]
+pub enum PingError {
+    #[error(transparent)]
+    Redis(redis::RedisError),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
 impl RedisCache {
     /// Prepares a connection; nothing is sent until the first operation, so a
     /// proxy starts even while Redis is down.
-    pub fn new(
-        config: &RedisConfig,
-        metrics: Arc<Metrics>,
-    ) -> Result<RedisCache, redis::RedisError> {
-        let conn = match RedisConn::open(config, Timeouts::of(config)) {
-            Ok(conn) => conn,
-            Err(RedisConnError::Redis(err)) => return Err(err),
-            Err(RedisConnError::Config(msg)) => {
-                return Err(redis::RedisError::from((
-                    redis::ErrorKind::InvalidClientConfig,
-                    "bad [redis] topology",
-                    msg,
-                )));
-            }
-        };
+    pub fn new(config: &RedisConfig, metrics: Arc<Metrics>) -> Result<RedisCache, RedisConnError> {
+        let conn = RedisConn::open(config, Timeouts::of(config))?;
         Ok(RedisCache {
             conn,
             timeout: config.timeout,
@@ -155,7 +151,7 @@ impl RedisCache {
     }
 
     /// Asks Redis for a PONG now (readiness checks), bypassing the down window.
-    pub async fn ping(&self) -> Result<(), String> {
+    pub async fn ping(&self) -> Result<(), PingError> {
         let mut conn = self.conn.clone();
         let reply = tokio::time::timeout(
             self.timeout,
@@ -164,8 +160,8 @@ impl RedisCache {
         .await;
         match reply {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(err)) => Err(err.to_string()),
-            Err(_) => Err(format!("no answer within {:?}", self.timeout)),
+            Ok(Err(err)) => Err(PingError::Redis(err)),
+            Err(_) => Err(PingError::Timeout(self.timeout)),
         }
     }
 

@@ -1,16 +1,21 @@
 //! The config file: its shape, its defaults and loading it.
 //!
-//! Owns parsing `config.toml` into typed structs (unknown keys are errors that
-//! name the key, file and line) and resolving paths relative to the file.
-//! It does not check that queries make sense: [`crate::catalog`] does that when
-//! it turns the `[query.*]` tables into a catalog.
+//! Owns parsing `config.toml` into typed structs (unknown keys, and keys that
+//! do not belong to a parameter's type, are errors that name the key, file and
+//! line), where each key is written ([`Lines`], from the parsed document's
+//! spans), the [`Diagnostic`] a problem with the file is reported as, and
+//! resolving paths relative to the file. It does not check that values make
+//! sense together: [`crate::check`] does, for both binaries.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
 
 mod scheduler;
 pub use scheduler::{PopularConfig, PopularityConfig, SchedulerConfig, WarmupConfig};
@@ -23,13 +28,125 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: Box<toml::de::Error>,
-    },
-    #[error("{path}: {msg}")]
-    Invalid { path: PathBuf, msg: String },
+    /// Not TOML, or not the config's shape (an unknown key, a wrong type).
+    /// Reading stops at the first such problem.
+    #[error("{0}")]
+    Parse(Diagnostic),
+}
+
+/// One problem with a config file: the file, the line of the offending key
+/// (or of its table) and the reason. Shown as `FILE: line N: reason`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub reason: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}: line {line}: {}", self.file.display(), self.reason),
+            None => write!(f, "{}: {}", self.file.display(), self.reason),
+        }
+    }
+}
+
+/// Where each key of a config file is written: the 1-based line of every key
+/// path (`["warmup", "2", "cron"]`: entries of arrays by index), taken from
+/// the spans of the parsed TOML document, so any way of writing a key
+/// (tables, dotted keys, inline tables) is found.
+#[derive(Debug, Clone, Default)]
+pub struct Lines {
+    by_path: HashMap<Vec<String>, usize>,
+    /// The key path of each table, by the offset its span starts at.
+    tables: HashMap<usize, Vec<String>>,
+}
+
+/// Byte offsets of a text's lines, to turn a span into a 1-based line.
+struct LineStarts(Vec<usize>);
+
+impl LineStarts {
+    fn new(text: &str) -> LineStarts {
+        LineStarts(
+            std::iter::once(0)
+                .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+                .collect(),
+        )
+    }
+
+    fn line(&self, offset: usize) -> usize {
+        self.0.partition_point(|&start| start <= offset)
+    }
+}
+
+impl Lines {
+    fn index(doc: &Spanned<DeTable<'_>>, starts: &LineStarts) -> Lines {
+        let mut lines = Lines::default();
+        lines.table(&mut Vec::new(), doc.span().start, doc.get_ref(), starts);
+        lines
+    }
+
+    fn table(
+        &mut self,
+        path: &mut Vec<String>,
+        start: usize,
+        table: &DeTable<'_>,
+        starts: &LineStarts,
+    ) {
+        self.tables.insert(start, path.clone());
+        for (key, value) in table.iter() {
+            path.push(key.get_ref().to_string());
+            self.by_path
+                .insert(path.clone(), starts.line(key.span().start));
+            self.value(path, value, starts);
+            path.pop();
+        }
+    }
+
+    fn value(&mut self, path: &mut Vec<String>, value: &Spanned<DeValue<'_>>, starts: &LineStarts) {
+        match value.get_ref() {
+            DeValue::Table(table) => self.table(path, value.span().start, table, starts),
+            DeValue::Array(array) => {
+                for (index, item) in array.iter().enumerate() {
+                    path.push(index.to_string());
+                    self.by_path
+                        .insert(path.clone(), starts.line(item.span().start));
+                    self.value(path, item, starts);
+                    path.pop();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The line of `path`, or of the nearest enclosing key that is written
+    /// (a missing key is reported at its table).
+    pub fn of(&self, path: &[&str]) -> Option<usize> {
+        (1..=path.len()).rev().find_map(|n| {
+            let key: Vec<String> = path[..n].iter().map(|k| (*k).to_owned()).collect();
+            self.by_path.get(&key).copied()
+        })
+    }
+
+    /// The line of a shape error: toml reports a key a table does not take
+    /// through a tagged enum (a parameter's `type`) at the table; the key itself is more useful.
+    fn of_error(&self, err: &toml::de::Error, starts: &LineStarts) -> Option<usize> {
+        let span = err.span()?;
+        let unknown = err
+            .message()
+            .strip_prefix("unknown field `")
+            .and_then(|rest| rest.split('`').next());
+        if let (Some(table), Some(key)) = (self.tables.get(&span.start), unknown) {
+            let mut path: Vec<&str> = table.iter().map(String::as_str).collect();
+            path.push(key);
+            let exact: Vec<String> = path.iter().map(|k| (*k).to_owned()).collect();
+            if let Some(line) = self.by_path.get(&exact) {
+                return Some(*line);
+            }
+        }
+        Some(starts.line(span.start))
+    }
 }
 
 /// The whole config file.
@@ -72,6 +189,9 @@ pub struct Config {
     /// The file this config was read from (set by [`Config::load`]).
     #[serde(skip)]
     pub path: PathBuf,
+    /// Where each key is written in that file.
+    #[serde(skip)]
+    pub lines: Lines,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -429,8 +549,7 @@ pub struct QueryConfig {
 }
 
 /// The declared type of a parameter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ParamType {
     /// A point in time: `YYYY-MM-DD`, RFC 3339, or relative (`today`, `now-7d`).
     Time,
@@ -460,35 +579,143 @@ impl DefaultValue {
     }
 }
 
-/// One `[query.<name>.params.<param>]` table.
+/// One `[query.<name>.params.<param>]` table. Its `type` says which keys it
+/// may have: a key that belongs to another type (`pattern` on an `int`) is an
+/// error naming the key, like any unknown key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ParamConfig {
+    /// A point in time: `YYYY-MM-DD`, RFC 3339, or relative (`today`, `now-7d`).
+    Time(TimeParam),
+    /// One of `values`.
+    Enum(EnumParam),
+    /// A whole number within `min`..=`max`.
+    Int(IntParam),
+    /// A string matching `pattern` (anchored) or one of `values`, at most `max_len` long.
+    String(StringParam),
+}
+
+/// What every parameter type has (each type's table repeats these keys:
+/// serde cannot flatten into a table that refuses unknown keys).
+#[derive(Debug, Clone, Default)]
+pub struct ParamCommon {
+    pub required: bool,
+    pub default: Option<DefaultValue>,
+    pub description: Option<String>,
+    /// Accept a comma-separated list (`country=DE,FR`); bound as an array.
+    pub list: bool,
+    pub max_items: Option<usize>,
+}
+
+/// `type = "time"`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ParamConfig {
-    #[serde(rename = "type")]
-    pub kind: ParamType,
+pub struct TimeParam {
     #[serde(default)]
     pub required: bool,
     #[serde(default)]
     pub default: Option<DefaultValue>,
     #[serde(default)]
     pub description: Option<String>,
-    /// Allowed values (enum).
-    #[serde(default)]
-    pub values: Vec<String>,
-    /// Anchored regular expression every value must match (string).
-    #[serde(default)]
-    pub pattern: Option<String>,
-    #[serde(default)]
-    pub max_len: Option<usize>,
-    #[serde(default)]
-    pub min: Option<i64>,
-    #[serde(default)]
-    pub max: Option<i64>,
-    /// Accept a comma-separated list (`country=DE,FR`); bound as an array.
     #[serde(default)]
     pub list: bool,
     #[serde(default)]
     pub max_items: Option<usize>,
+}
+
+/// `type = "enum"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnumParam {
+    /// The allowed values.
+    #[serde(default)]
+    pub values: Vec<String>,
+    #[serde(default)]
+    pub required: bool,
+    #[serde(default)]
+    pub default: Option<DefaultValue>,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub list: bool,
+    #[serde(default)]
+    pub max_items: Option<usize>,
+}
+
+/// `type = "int"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntParam {
+    #[serde(default)]
+    pub min: Option<i64>,
+    #[serde(default)]
+    pub max: Option<i64>,
+    #[serde(default)]
+    pub required: bool,
+    #[serde(default)]
+    pub default: Option<DefaultValue>,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub list: bool,
+    #[serde(default)]
+    pub max_items: Option<usize>,
+}
+
+/// `type = "string"`: needs a `pattern` or `values`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StringParam {
+    /// Anchored regular expression every value must match.
+    #[serde(default)]
+    pub pattern: Option<String>,
+    /// Allowed values.
+    #[serde(default)]
+    pub values: Vec<String>,
+    #[serde(default)]
+    pub max_len: Option<usize>,
+    #[serde(default)]
+    pub required: bool,
+    #[serde(default)]
+    pub default: Option<DefaultValue>,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub list: bool,
+    #[serde(default)]
+    pub max_items: Option<usize>,
+}
+
+impl ParamConfig {
+    pub fn kind(&self) -> ParamType {
+        match self {
+            ParamConfig::Time(_) => ParamType::Time,
+            ParamConfig::Enum(_) => ParamType::Enum,
+            ParamConfig::Int(_) => ParamType::Int,
+            ParamConfig::String(_) => ParamType::String,
+        }
+    }
+
+    /// The keys every type has.
+    pub fn common(&self) -> ParamCommon {
+        macro_rules! common {
+            ($p:expr) => {
+                ParamCommon {
+                    required: $p.required,
+                    default: $p.default.clone(),
+                    description: $p.description.clone(),
+                    list: $p.list,
+                    max_items: $p.max_items,
+                }
+            };
+        }
+        match self {
+            ParamConfig::Time(p) => common!(p),
+            ParamConfig::Enum(p) => common!(p),
+            ParamConfig::Int(p) => common!(p),
+            ParamConfig::String(p) => common!(p),
+        }
+    }
 }
 
 /// The time-range rule of a query: which parameters bound it, and how wide it may be.
@@ -528,25 +755,24 @@ impl Config {
     }
 
     /// Parses config text; `path` is used for messages and relative paths.
+    /// Only the shape is checked here; [`crate::check`] checks the values.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let mut config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source: Box::new(source),
-        })?;
+        let starts = LineStarts::new(text);
+        let diagnostic = |line: Option<usize>, err: &toml::de::Error| {
+            ConfigError::Parse(Diagnostic {
+                file: path.to_owned(),
+                line,
+                reason: err.message().to_owned(),
+            })
+        };
+        let doc = DeTable::parse(text)
+            .map_err(|err| diagnostic(err.span().map(|s| starts.line(s.start)), &err))?;
+        let lines = Lines::index(&doc, &starts);
+        let mut config = Config::deserialize(toml::de::Deserializer::from(doc))
+            .map_err(|err| diagnostic(lines.of_error(&err, &starts), &err))?;
         config.path = path.to_owned();
+        config.lines = lines;
         config.store.url = sqlite_url_against(&config.store.url, config.base_dir());
-        if !(0.0..=1.0).contains(&config.cache.early_refresh) {
-            return Err(config.invalid(format!(
-                "cache.early_refresh = {} must be between 0.0 and 1.0",
-                config.cache.early_refresh
-            )));
-        }
-        if !(0.0..=1.0).contains(&config.proxy.request_log_sample) {
-            return Err(config.invalid(format!(
-                "proxy.request_log_sample = {} must be between 0.0 and 1.0",
-                config.proxy.request_log_sample
-            )));
-        }
         Ok(config)
     }
 
@@ -581,11 +807,12 @@ impl Config {
         self.path.parent().unwrap_or(Path::new("."))
     }
 
-    /// An error about this config, naming its file.
-    pub fn invalid(&self, msg: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid {
-            path: self.path.clone(),
-            msg: msg.into(),
+    /// A problem with the key at `path` (or its nearest written table).
+    pub fn diagnostic(&self, path: &[&str], reason: impl Into<String>) -> Diagnostic {
+        Diagnostic {
+            file: self.path.clone(),
+            line: self.lines.of(path),
+            reason: reason.into(),
         }
     }
 }
@@ -650,6 +877,36 @@ mod tests {
         assert!(err.contains("c.toml"), "{err}");
         assert!(err.contains("ttl"), "{err}");
         assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn lines_are_found_however_a_key_is_written() {
+        let text = "[scheduler]\ntimezone = \"x\"\n\n[[warmup]]\nname = \"a\"\ncron = \"x\"\n\n\
+                    [[warmup]]\nname = \"b\"\nmatrix = { window = [\"hour\"] }\n[warmup.params]\n\n\
+                    [tier.free]\nrequests_per_minute = 1\nburst = 1\nqueries = [\n  \"a\",\n  \"b\",\n]\n";
+        let doc = DeTable::parse(text).unwrap();
+        let lines = Lines::index(&doc, &LineStarts::new(text));
+        assert_eq!(lines.of(&["scheduler", "timezone"]), Some(2));
+        assert_eq!(lines.of(&["warmup", "0"]), Some(4));
+        assert_eq!(lines.of(&["warmup", "0", "cron"]), Some(6));
+        assert_eq!(lines.of(&["warmup", "1", "matrix", "window"]), Some(10));
+        assert_eq!(lines.of(&["warmup", "1", "params"]), Some(11));
+        // A key that is not written: its table.
+        assert_eq!(lines.of(&["warmup", "1", "tenants"]), Some(8));
+        assert_eq!(lines.of(&["tier", "free", "queries", "1"]), Some(18));
+        assert_eq!(lines.of(&["nowhere"]), None);
+    }
+
+    #[test]
+    fn a_key_of_another_parameter_type_is_reported_at_its_line() {
+        let text = "[query.q]\nsql = \"q.sql\"\n[query.q.params.limit]\ntype = \"int\"\nmin = 1\npattern = \"[0-9]+\"\n";
+        let err = Config::parse(text, Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("c.toml: line 6: unknown field `pattern`"),
+            "{err}"
+        );
     }
 
     #[test]

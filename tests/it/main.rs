@@ -6,6 +6,7 @@
 
 mod harness;
 
+mod check;
 mod coalescing;
 mod dashboards;
 mod export;
