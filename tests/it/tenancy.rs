@@ -386,7 +386,10 @@ async fn a_cheaper_tier_accepts_older_answers() {
             "ttl = \"1s\"\ngrace = \"0s\"".into(),
         )],
         set: vec![
+            // No early refreshes: a cheap read would start one (the entry is
+            // past its own TTL) and the full-price request would join it.
             ("cache", "xfetch_beta", 0.0.into()),
+            ("cache", "early_refresh", 0.0.into()),
             ("cache", "l1_max_bytes", 0.into()),
             (
                 "tier",
