@@ -34,10 +34,13 @@ pub async fn run(app: Arc<App>, listen: Option<SocketAddr>) -> Result<(), Listen
         .map_err(|source| ListenError { addr, source });
     let (local, listener) = listener?;
     tracing::info!(addr = %local, queries = app.catalog.iter().count(), "dashcache-proxy listening");
+    // Signal handlers first: a SIGTERM or SIGHUP sent right after READY=1 must
+    // find them installed (SIGHUP's default action would end the process).
+    ignore_sighup();
+    let shutdown = shutdown_signal();
     // systemd (Type=notify): config, keys and listener are ready; no-op outside systemd.
     dashcache::service::ready(&format!("listening on {local}"));
-    ignore_sighup();
-    serve(listener, app, shutdown_signal()).await;
+    serve(listener, app, shutdown).await;
     Ok(())
 }
 
@@ -117,23 +120,21 @@ fn ignore_sighup() {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on SIGTERM or Ctrl-C. The SIGTERM handler is installed when this
+/// is called, not when the future is first polled.
+fn shutdown_signal() -> impl Future<Output = ()> {
     #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        if let Some(mut term) = term {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+            return;
         }
+        let _ = ctrl_c.await;
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
