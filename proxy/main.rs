@@ -2,6 +2,7 @@
 //!
 //! Everything else lives in the server modules below and in the library.
 
+mod ahead;
 mod auth;
 mod error;
 mod handlers;

@@ -22,6 +22,7 @@ use dashcache::popularity::{PopularityError, Recorder};
 use dashcache::redis_conn::{RedisConn, RedisConnError, Timeouts};
 use dashcache::store::{Store, StoreError};
 
+use crate::ahead::RefreshAhead;
 use crate::auth::Auth;
 use crate::auth::missqueue::MissQueue;
 use crate::prepared::PreparedMemo;
@@ -43,6 +44,8 @@ pub struct App {
     pub popularity: Arc<Recorder>,
     /// `GET /openapi.json`, generated from the catalog at start.
     pub openapi: bytes::Bytes,
+    /// Timers that refresh answers being read just before they expire.
+    pub ahead: Arc<RefreshAhead>,
 }
 
 /// Why the proxy could not start with a config that passed the check.
@@ -107,6 +110,7 @@ impl App {
                 metrics: metrics.clone(),
             },
             prepared: PreparedMemo::new(config.cache.now_step),
+            ahead: RefreshAhead::new(config.cache.refresh_ahead_keys),
             catalog,
             cache,
             clickhouse,

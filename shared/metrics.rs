@@ -68,6 +68,7 @@ pub struct Metrics {
     pub cache_stores: Family<ResultLabels, Counter>,
     pub l1_hits: Counter,
     pub early_refreshes: Counter,
+    pub ahead_refreshes: Counter,
     pub refresh_failures: Counter,
     pub clickhouse_queries: Counter,
     pub clickhouse_errors: Family<KindLabels, Counter>,
@@ -154,6 +155,12 @@ impl Metrics {
             "early_refreshes",
             "Background refreshes started by XFetch before an answer expired",
             early_refreshes.clone(),
+        );
+        let ahead_refreshes = Counter::default();
+        registry.register(
+            "ahead_refreshes",
+            "Background refreshes started just before a read answer expired (refresh-ahead)",
+            ahead_refreshes.clone(),
         );
         let refresh_failures = Counter::default();
         registry.register(
@@ -266,6 +273,7 @@ impl Metrics {
             cache_stores,
             l1_hits,
             early_refreshes,
+            ahead_refreshes,
             refresh_failures,
             clickhouse_queries,
             clickhouse_errors,

@@ -93,8 +93,12 @@ pub async fn handle<B>(
         let min_ttl = i64::try_from(caller.tier.min_ttl.as_millis()).unwrap_or(i64::MAX);
         match freshness::judge_read(&entry.header, now_ms, early, freshness::sample(), min_ttl) {
             Freshness::Fresh { refresh_early } => {
-                if refresh_early && refresh(app, key, &entry, job()) {
-                    app.metrics.early_refreshes.inc();
+                if refresh_early {
+                    if refresh(app, key, entry.header.created_ms, job()) {
+                        app.metrics.early_refreshes.inc();
+                    }
+                } else if entry.read_once.set(()).is_ok() {
+                    refresh_ahead(app, key, &entry, now_ms, job);
                 }
                 app.metrics.cache_result(CacheStatus::Hit);
                 return stored(
@@ -108,7 +112,7 @@ pub async fn handle<B>(
                 .await;
             }
             Freshness::Stale => {
-                refresh(app, key, &entry, job());
+                refresh(app, key, entry.header.created_ms, job());
                 app.metrics.cache_result(CacheStatus::Stale);
                 return stored(
                     app,
@@ -151,12 +155,36 @@ pub async fn handle<B>(
     .await
 }
 
-/// Starts a background refresh of `entry` unless one is already running in
-/// this process (other processes are kept out by the fill's Redis lock).
-fn refresh(app: &App, key: &CacheKey, entry: &Entry, mut job: FillJob) -> bool {
+/// Arms the refresh-ahead timer of a stored answer on its first `HIT` in this
+/// process (see [`crate::ahead`]): just before the answer expires it is
+/// refreshed, unless an answer at least as new was stored meanwhile (the
+/// fill checks under the key's lock).
+fn refresh_ahead(
+    app: &Arc<App>,
+    key: &CacheKey,
+    entry: &Entry,
+    now_ms: i64,
+    job: impl FnOnce() -> FillJob,
+) {
+    let created = entry.header.created_ms;
+    app.ahead.arm(key, &entry.header, now_ms, || {
+        let (app, key, job) = (Arc::downgrade(app), key.clone(), job());
+        async move {
+            let Some(app) = app.upgrade() else { return };
+            if refresh(&app, &key, created, job) {
+                app.metrics.ahead_refreshes.inc();
+            }
+        }
+    });
+}
+
+/// Starts a background refresh of the answer created at `created_ms` unless
+/// one is already running in this process (other processes are kept out by
+/// the fill's Redis lock).
+fn refresh(app: &App, key: &CacheKey, created_ms: i64, mut job: FillJob) -> bool {
     match app.coalescer.join(key, usize::MAX) {
         Role::Leader(producer, _reader) => {
-            job.replaces = Some(entry.header.created_ms);
+            job.replaces = Some(created_ms);
             app.filler.spawn(job, producer);
             true
         }

@@ -54,6 +54,9 @@ pub struct Entry {
     pub body: Bytes,
     /// The uncompressed body, once some request needed it (not stored).
     pub identity: std::sync::OnceLock<Bytes>,
+    /// Set by the first read of this in-process copy that armed (or tried to
+    /// arm) the proxy's refresh-ahead timer; later reads skip it (not stored).
+    pub read_once: std::sync::OnceLock<()>,
 }
 
 impl Entry {
@@ -99,6 +102,7 @@ impl Entry {
             header,
             body: bytes.slice(body_start..),
             identity: Default::default(),
+            read_once: Default::default(),
         })
     }
 }
@@ -122,6 +126,7 @@ mod tests {
             },
             body,
             identity: Default::default(),
+            read_once: Default::default(),
         }
     }
 

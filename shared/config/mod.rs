@@ -373,6 +373,9 @@ pub struct CacheConfig {
     /// background refresh, so answers that are being read never expire
     /// however cheap they are (XFetch alone favours slow queries).
     pub early_refresh: f64,
+    /// Answers being read are refreshed just before they expire (one timer per
+    /// answer, armed by its first `HIT`): at most this many at once (0: off).
+    pub refresh_ahead_keys: usize,
     /// `now` in relative times (`now-7d`) is rounded down to this step when a
     /// request or refresh resolves it (so the range an answer states is whole minutes).
     #[serde(with = "humantime_serde")]
@@ -393,6 +396,7 @@ impl Default for CacheConfig {
             default_grace: Duration::from_secs(3600),
             xfetch_beta: 1.0,
             early_refresh: 0.2,
+            refresh_ahead_keys: 10_000,
             now_step: Duration::from_secs(60),
             l1_max_bytes: 64 << 20,
             l1_ttl: Duration::from_secs(2),

@@ -438,6 +438,7 @@ fn new_entry(
         },
         body,
         identity: Default::default(),
+        read_once: Default::default(),
     }
 }
 

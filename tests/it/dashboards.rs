@@ -204,6 +204,61 @@ async fn a_relative_range_keeps_one_entry_whose_range_moves_with_each_refresh() 
     );
 }
 
+/// An answer that is read is refreshed just before it expires, with no read
+/// needed in its last moments (refresh-ahead): a dashboard polling less often
+/// than the early-refresh window never gets an answer older than its TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_answer_that_is_read_is_refreshed_before_it_expires_without_further_reads() {
+    let proxy = Proxy::start_with(ProxyOptions {
+        extra_queries: vec![(
+            "polled".into(),
+            "SELECT count() AS n FROM demo.events WHERE ts < now()".into(),
+            "ttl = \"6s\"\ngrace = \"1h\"".into(),
+        )],
+        set: vec![
+            // Neither XFetch nor the read window: only refresh-ahead refreshes.
+            ("cache", "xfetch_beta", 0.0.into()),
+            ("cache", "early_refresh", 0.0.into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let url = "/v1/query/polled";
+    assert_eq!(proxy.get(url).await.cache(), "MISS");
+    let stores = proxy
+        .metric("dashcache_cache_stores_total{result=\"stored\"}")
+        .await;
+    // One read while fresh arms the timer...
+    assert_eq!(proxy.get(url).await.cache(), "HIT");
+    // ...and, with no other read, the answer is computed again and stored
+    // (bounded wait: the timer fires about a second before the 6 s TTL ends).
+    let mut refreshed = false;
+    for _ in 0..300 {
+        if proxy.metric("dashcache_ahead_refreshes_total").await >= 1.0
+            && proxy
+                .metric("dashcache_cache_stores_total{result=\"stored\"}")
+                .await
+                > stores
+        {
+            refreshed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(refreshed, "no refresh-ahead; log:\n{}", proxy.log());
+    let reply = proxy.get(url).await;
+    assert_eq!(reply.cache(), "HIT", "{}", proxy.log());
+    let age: u64 = reply
+        .header("age")
+        .and_then(|a| a.parse().ok())
+        .expect("age");
+    assert!(age < 6, "the answer read is the refreshed one: Age {age}");
+    assert_eq!(
+        proxy.metric("dashcache_clickhouse_queries_total").await,
+        2.0
+    );
+}
+
 /// Popularity counts the request as asked, so the `popular` job warms
 /// exactly the relative requests dashboards will ask for next.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
