@@ -164,21 +164,32 @@ impl Upstream {
     }
 }
 
+/// The ClickHouse settings every query carries (as URL parameters), besides
+/// its `query_id`: a user whose profile is `readonly=1` must be allowed to
+/// change each one (see the README's "ClickHouse user").
+pub fn query_settings(config: &ClickHouseConfig) -> Vec<(&'static str, String)> {
+    vec![
+        ("readonly", config.readonly.to_string()),
+        (
+            "max_execution_time",
+            config.max_execution_time.as_secs().max(1).to_string(),
+        ),
+        ("max_result_rows", config.max_result_rows.to_string()),
+        ("max_result_bytes", config.max_result_bytes.to_string()),
+        ("result_overflow_mode", "throw".into()),
+        ("output_format_json_quote_64bit_integers", "0".into()),
+    ]
+}
+
 /// One replica's client with the settings every query carries.
 fn client(config: &ClickHouseConfig, url: &str) -> clickhouse::Client {
     let mut client = clickhouse::Client::default()
         .with_url(url)
         .with_user(&config.user)
-        .with_validation(false)
-        .with_setting("readonly", config.readonly.to_string())
-        .with_setting(
-            "max_execution_time",
-            config.max_execution_time.as_secs().max(1).to_string(),
-        )
-        .with_setting("max_result_rows", config.max_result_rows.to_string())
-        .with_setting("max_result_bytes", config.max_result_bytes.to_string())
-        .with_setting("result_overflow_mode", "throw")
-        .with_setting("output_format_json_quote_64bit_integers", "0");
+        .with_validation(false);
+    for (name, value) in query_settings(config) {
+        client = client.with_setting(name, value);
+    }
     if let Some(password) = &config.password {
         client = client.with_password(password);
     }
@@ -735,7 +746,7 @@ fn tagged_exception(tail: &[u8]) -> Option<usize> {
 }
 
 /// The number after `Code: ` in an exception text.
-fn error_code(text: &[u8]) -> Option<u32> {
+pub(crate) fn error_code(text: &[u8]) -> Option<u32> {
     let at = memchr::memmem::find(text, b"Code: ")?;
     let digits: Vec<u8> = text[at + 6..]
         .iter()
