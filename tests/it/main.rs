@@ -15,6 +15,7 @@ mod faults;
 mod freshness;
 mod http;
 mod locks;
+mod modern;
 mod query;
 mod scale;
 mod scheduler;
