@@ -599,3 +599,45 @@ fn the_proxys_settings_under_a_readonly_user_on_26x() {
         Some(164)
     );
 }
+
+#[test]
+fn every_warmup_jobs_settings_are_accepted_on_26x() {
+    let Some(engine) = engine() else { return };
+    let checked = shipped();
+    assert!(
+        !checked.warmups.is_empty(),
+        "the shipped config has warm-up jobs"
+    );
+    for warmup in &checked.warmups {
+        // The scheduler's client: the proxy's settings, then the job's (as URL
+        // parameters of one request, so applied before readonly is).
+        let mut settings = query_settings(&checked.config.clickhouse);
+        for (name, value) in &warmup.settings {
+            settings.retain(|(n, _)| n != name);
+            settings.push((name.as_str(), value.clone()));
+        }
+        let mut connection = engine.connect(&settings);
+        let applied = run(
+            &mut connection,
+            &format!(
+                "SELECT {}",
+                warmup
+                    .settings
+                    .iter()
+                    .map(|(n, _)| format!("getSetting('{n}')"))
+                    .chain(["1".to_owned()])
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            "TSV",
+        );
+        let applied = String::from_utf8_lossy(&applied);
+        for (name, value) in &warmup.settings {
+            assert!(
+                applied.split('\t').any(|v| v.trim() == value),
+                "{}: {name}={value} not applied: {applied}",
+                warmup.name
+            );
+        }
+    }
+}
