@@ -164,21 +164,32 @@ impl Upstream {
     }
 }
 
+/// The ClickHouse settings every query carries (as URL parameters), besides
+/// its `query_id`: a user whose profile is `readonly=1` must be allowed to
+/// change each one (see the README's "ClickHouse user").
+pub fn query_settings(config: &ClickHouseConfig) -> Vec<(&'static str, String)> {
+    vec![
+        ("readonly", config.readonly.to_string()),
+        (
+            "max_execution_time",
+            config.max_execution_time.as_secs().max(1).to_string(),
+        ),
+        ("max_result_rows", config.max_result_rows.to_string()),
+        ("max_result_bytes", config.max_result_bytes.to_string()),
+        ("result_overflow_mode", "throw".into()),
+        ("output_format_json_quote_64bit_integers", "0".into()),
+    ]
+}
+
 /// One replica's client with the settings every query carries.
 fn client(config: &ClickHouseConfig, url: &str) -> clickhouse::Client {
     let mut client = clickhouse::Client::default()
         .with_url(url)
         .with_user(&config.user)
-        .with_validation(false)
-        .with_setting("readonly", config.readonly.to_string())
-        .with_setting(
-            "max_execution_time",
-            config.max_execution_time.as_secs().max(1).to_string(),
-        )
-        .with_setting("max_result_rows", config.max_result_rows.to_string())
-        .with_setting("max_result_bytes", config.max_result_bytes.to_string())
-        .with_setting("result_overflow_mode", "throw")
-        .with_setting("output_format_json_quote_64bit_integers", "0");
+        .with_validation(false);
+    for (name, value) in query_settings(config) {
+        client = client.with_setting(name, value);
+    }
     if let Some(password) = &config.password {
         client = client.with_password(password);
     }
@@ -526,9 +537,15 @@ impl Answer {
                 }
                 Ok(Ok(None)) => {
                     self.finished = true;
-                    self.verify_tail()?;
+                    self.verify_tail(None)?;
                 }
-                Ok(Err(err)) => return Err(counted(&self.metrics, UpstreamError::from_crate(err))),
+                Ok(Err(err)) => {
+                    // ClickHouse 25.1+ writes its exception and then breaks the
+                    // stream (no final chunk): report that exception, not the
+                    // broken transfer, when the held tail ends with one.
+                    self.finished = true;
+                    self.verify_tail(Some(UpstreamError::from_crate(err)))?;
+                }
                 Err(_) => {
                     return Err(counted(
                         &self.metrics,
@@ -539,51 +556,62 @@ impl Answer {
         }
     }
 
-    /// Checks the held tail of a complete body for an appended exception.
-    fn verify_tail(&mut self) -> Result<(), UpstreamError> {
+    /// Checks the held tail of a body for an appended exception. `broken`:
+    /// the body did not end cleanly but with this error, which is the
+    /// answer's failure unless the tail names ClickHouse's own. When
+    /// salvaging, the whole rows held before the failure are kept (they
+    /// complete the line passed on last), then the failure is reported.
+    fn verify_tail(&mut self, broken: Option<UpstreamError>) -> Result<(), UpstreamError> {
         let mut tail = BytesMut::with_capacity(self.held_len);
         for chunk in &self.held {
             tail.extend_from_slice(chunk);
         }
         let tail = tail.freeze();
-        if let Some(at) = exception_start(&tail, self.passed_last, self.format) {
-            let message = String::from_utf8_lossy(&tail[at..]).trim().to_owned();
-            let err = counted(
-                &self.metrics,
+        let (end, err) = match (
+            exception_start(&tail, self.passed_last, self.format),
+            broken,
+        ) {
+            (Some(at), _) => (
+                at,
                 UpstreamError::Body {
                     code: error_code(&tail[at..]),
-                    message,
+                    message: String::from_utf8_lossy(&tail[at..]).trim().to_owned(),
                 },
-            );
-            if !self.salvage {
-                return Err(err);
+            ),
+            (None, Some(err)) => (tail.len(), err),
+            (None, None) => {
+                if self.format == Format::Json && !tail.trim_ascii_end().ends_with(b"}") {
+                    return Err(counted(
+                        &self.metrics,
+                        UpstreamError::Body {
+                            code: None,
+                            message: "JSON answer ended before its closing brace".into(),
+                        },
+                    ));
+                }
+                self.held.clear();
+                if !tail.is_empty() {
+                    self.held.push_back(tail);
+                }
+                return Ok(());
             }
-            // Keep whole lines only: the rows before the failure.
-            let rows = tail[..at]
-                .iter()
-                .rposition(|&b| b == b'\n')
-                .map_or(0, |nl| nl + 1);
-            self.held.clear();
-            self.held_len = rows;
-            if rows > 0 {
-                self.held.push_back(tail.slice(..rows));
-            }
-            self.failure = Some(err);
-            return Ok(());
-        }
-        if self.format == Format::Json && !tail.trim_ascii_end().ends_with(b"}") {
-            return Err(counted(
-                &self.metrics,
-                UpstreamError::Body {
-                    code: None,
-                    message: "JSON answer ended before its closing brace".into(),
-                },
-            ));
-        }
+        };
+        let err = counted(&self.metrics, err);
         self.held.clear();
-        if !tail.is_empty() {
-            self.held.push_back(tail);
+        self.held_len = 0;
+        if !self.salvage {
+            return Err(err);
         }
+        // Keep whole lines only: the rows before the failure.
+        let rows = tail[..end]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |nl| nl + 1);
+        self.held_len = rows;
+        if rows > 0 {
+            self.held.push_back(tail.slice(..rows));
+        }
+        self.failure = Some(err);
         Ok(())
     }
 }
@@ -735,7 +763,7 @@ fn tagged_exception(tail: &[u8]) -> Option<usize> {
 }
 
 /// The number after `Code: ` in an exception text.
-fn error_code(text: &[u8]) -> Option<u32> {
+pub(crate) fn error_code(text: &[u8]) -> Option<u32> {
     let at = memchr::memmem::find(text, b"Code: ")?;
     let digits: Vec<u8> = text[at + 6..]
         .iter()

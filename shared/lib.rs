@@ -15,6 +15,7 @@ pub mod clock;
 pub mod coalesce;
 pub mod config;
 pub mod encoding;
+pub mod engine;
 pub mod fill;
 pub mod format;
 pub mod freshness;

@@ -8,12 +8,14 @@ mod harness;
 
 mod check;
 mod coalescing;
+mod compat;
 mod dashboards;
 mod export;
 mod faults;
 mod freshness;
 mod http;
 mod locks;
+mod modern;
 mod query;
 mod scale;
 mod scheduler;

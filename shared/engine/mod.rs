@@ -1,0 +1,8 @@
+//! Query engines other than a ClickHouse server reached over HTTP.
+//!
+//! Owns [`chdb`]: ClickHouse's engine as an in-process library, loaded at run
+//! time (the 26.x compatibility suite runs the catalog on it). It does not own
+//! the HTTP client of real servers (`crate::clickhouse`) nor choosing between
+//! engines.
+
+pub mod chdb;
