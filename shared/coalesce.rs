@@ -35,6 +35,10 @@ pub enum FlightError {
     /// allowance (the proxy's miss queue was full or its wait ran out).
     #[error("{0}")]
     OverCapacity(String),
+    /// The computation never started: the key's last one failed and its
+    /// backoff ([`crate::backoff`]) has this long to run.
+    #[error("the last computation failed; not tried again for {0:?}")]
+    BackingOff(std::time::Duration),
 }
 
 /// The flights currently in the air, by cache key.

@@ -38,6 +38,39 @@ impl CacheStatus {
     }
 }
 
+/// What became of one computation's attempt at ClickHouse:
+/// `dashcache_clickhouse_attempts_total{result}`. Only `sent` reached a server;
+/// the others cost ClickHouse nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AttemptOutcome {
+    /// A server answered (with data or an error of its own).
+    Sent,
+    /// No replica could be connected to.
+    Unreachable,
+    /// A refresh not started: every replica is ejected (until a health check re-admits one).
+    Ejected,
+    /// Not started: the key's last computation failed and its backoff runs.
+    BackingOff,
+}
+
+impl AttemptOutcome {
+    pub const ALL: [AttemptOutcome; 4] = [
+        AttemptOutcome::Sent,
+        AttemptOutcome::Unreachable,
+        AttemptOutcome::Ejected,
+        AttemptOutcome::BackingOff,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            AttemptOutcome::Sent => "sent",
+            AttemptOutcome::Unreachable => "unreachable",
+            AttemptOutcome::Ejected => "ejected",
+            AttemptOutcome::BackingOff => "backing_off",
+        }
+    }
+}
+
 /// What became of a computed answer: `dashcache_cache_stores_total{result}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StoreOutcome {

@@ -513,6 +513,13 @@ pub struct CoalesceConfig {
     /// How often processes waiting on another's lock look for the answer.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
+    /// After a key's computation failed, it is not tried again for this long
+    /// (doubling with each failure in a row, jittered; 0 disables).
+    #[serde(with = "humantime_serde")]
+    pub backoff: Duration,
+    /// The longest such wait.
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
 }
 
 impl Default for CoalesceConfig {
@@ -522,6 +529,8 @@ impl Default for CoalesceConfig {
             wait_timeout: Duration::from_secs(35),
             lock_ttl: Duration::from_secs(10),
             poll_interval: Duration::from_millis(20),
+            backoff: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(30),
         }
     }
 }

@@ -32,6 +32,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
 use tokio::time::Instant;
 
+use crate::backoff::Backoff;
 use crate::cache::{Cache, CacheKey, Entry, EntryHeader};
 use crate::catalog::{Asked, TimeRange};
 use crate::clickhouse::{Answer, ClickHouse, UpstreamError};
@@ -41,7 +42,7 @@ use crate::config::CoalesceConfig;
 use crate::encoding::{self, Encoding, STORE_THRESHOLD};
 use crate::format::Format;
 use crate::metrics::Metrics;
-use crate::outcome::StoreOutcome;
+use crate::outcome::{AttemptOutcome, StoreOutcome};
 
 /// One answer to compute.
 #[derive(Debug, Clone)]
@@ -104,6 +105,10 @@ pub trait Upstream: Send + Sync {
     ) -> Result<Box<dyn AnswerStream>, UpstreamError>;
     /// How many replicas a query can fail over to.
     fn replicas(&self) -> usize;
+    /// Whether some replica is up; while none is, refreshes are not started.
+    fn available(&self) -> bool {
+        true
+    }
 }
 
 /// An answer being read, chunk by chunk; `None` at its verified end.
@@ -160,6 +165,10 @@ impl Upstream for ClickHouse {
     fn replicas(&self) -> usize {
         ClickHouse::replicas(self)
     }
+
+    fn available(&self) -> bool {
+        ClickHouse::available(self)
+    }
 }
 
 impl AnswerStream for Answer {
@@ -175,6 +184,17 @@ pub struct Filler {
     pub metrics: Arc<Metrics>,
     pub max_entry_bytes: usize,
     pub coalesce: CoalesceConfig,
+    /// Per-key waits after failed computations (`Backoff::of(&coalesce)`).
+    pub backoff: Backoff,
+}
+
+/// Why a refresh is not started now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// Every ClickHouse replica is ejected: wait for a health check.
+    Ejected,
+    /// The key's last computation failed; its backoff has this long to run.
+    BackingOff(Duration),
 }
 
 /// How waiting on another process's lock ended.
@@ -185,6 +205,24 @@ enum Remote {
 }
 
 impl Filler {
+    /// Whether a background refresh of `key` may start now: not while every
+    /// replica is ejected, nor while the key backs off after a failure (a
+    /// skipped refresh is counted; the stored answer keeps being served).
+    pub fn may_refresh(&self, key: &CacheKey) -> Result<(), Skip> {
+        let skip = if !self.upstream.available() {
+            Skip::Ejected
+        } else if let Some(wait) = self.backoff.wait(key) {
+            Skip::BackingOff(wait)
+        } else {
+            return Ok(());
+        };
+        self.metrics.attempt(match skip {
+            Skip::Ejected => AttemptOutcome::Ejected,
+            Skip::BackingOff(_) => AttemptOutcome::BackingOff,
+        });
+        Err(skip)
+    }
+
     /// Starts computing `job` in the background; its answer goes to `producer`'s flight.
     pub fn spawn(self: &Arc<Self>, job: FillJob, producer: Producer) {
         let filler = self.clone();
@@ -216,6 +254,13 @@ impl Filler {
     }
 
     async fn run(&self, mut job: FillJob, mut producer: Producer) {
+        if let Some(wait) = self.backoff.wait(&job.key) {
+            // Failed moments ago: its readers hear so at once, ClickHouse
+            // is not asked again before the backoff ends.
+            self.metrics.attempt(AttemptOutcome::BackingOff);
+            producer.fail(FlightError::BackingOff(wait));
+            return;
+        }
         if job.replaces.is_some()
             && let Some(asked) = &job.asked
         {
@@ -339,7 +384,8 @@ impl Filler {
                     attempt += 1;
                 }
                 Err(err) => {
-                    tracing::warn!(query = %job.query, error = %err, "ClickHouse query failed");
+                    let wait = self.backoff.failed(&job.key);
+                    tracing::warn!(query = %job.query, error = %err, backoff = ?wait, "ClickHouse query failed");
                     if job.replaces.is_some() {
                         self.metrics.refresh_failures.inc();
                     }
@@ -348,6 +394,7 @@ impl Filler {
                 }
             }
         };
+        self.backoff.succeeded(&job.key);
         let compute = started.elapsed();
         self.metrics
             .clickhouse_duration

@@ -14,6 +14,7 @@ mod faults;
 mod freshness;
 mod http;
 mod locks;
+mod outage;
 mod query;
 mod scale;
 mod scheduler;

@@ -1,0 +1,247 @@
+//! Outages under a burst of requests, judged by counts: what failed, and how
+//! many queries ClickHouse was sent. ClickHouse gone (relay cut), Redis
+//! stopped and restarted empty (dedicated server), Redis black-holed.
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+
+use crate::harness::{BlackHole, Proxy, ProxyOptions, RedisServer, Relay, Reply, shared_prefix};
+
+async fn burst(proxy: &Proxy, urls: &[String], per_url: usize) -> Vec<Reply> {
+    let requests = urls
+        .iter()
+        .flat_map(|url| std::iter::repeat_n(url, per_url))
+        .map(|url| proxy.get(url));
+    join_all(requests).await
+}
+
+fn all_ok(replies: &[Reply], proxy: &Proxy) {
+    for reply in replies {
+        assert_eq!(
+            reply.status,
+            200,
+            "{}; log:\n{}",
+            reply
+                .body
+                .as_ref()
+                .map_or("(cut)".into(), |b| String::from_utf8_lossy(b).into_owned()),
+            proxy.log()
+        );
+        assert!(reply.body.is_ok(), "a cut answer");
+    }
+}
+
+async fn queries(proxy: &Proxy) -> f64 {
+    proxy.metric("dashcache_clickhouse_queries_total").await
+}
+
+async fn attempts(proxy: &Proxy, result: &str) -> f64 {
+    proxy
+        .metric(&format!(
+            "dashcache_clickhouse_attempts_total{{result=\"{result}\"}}"
+        ))
+        .await
+}
+
+/// Revenue over ranges in the past: a distinct key each, fresh for 5 minutes.
+fn revenue(n: usize) -> Vec<String> {
+    (1..=n)
+        .map(|i| format!("/v1/query/revenue?from=2024-01-{i:02}&to=2024-02-01&granularity=day"))
+        .collect()
+}
+
+#[tokio::test]
+async fn clickhouse_gone_cached_keys_answer_uncached_get_503_and_each_key_is_tried_at_most_twice() {
+    let mut relay = Relay::start().await;
+    let proxy = Proxy::start_with(ProxyOptions {
+        clickhouse_url: relay.url(),
+        extra_queries: vec![(
+            "brief".into(),
+            "SELECT {n} AS n".into(),
+            "ttl = \"1s\"\ngrace = \"1h\"\n[query.brief.params.n]\ntype = \"int\"\nmin = 0\nmax = 100000\n"
+                .into(),
+        )],
+        set: vec![
+            // One failure keeps a key from ClickHouse for the whole test, so
+            // the bound below does not depend on how long the test takes.
+            ("coalesce", "backoff", "1h".into()),
+            ("coalesce", "backoff_max", "1h".into()),
+            ("cache", "xfetch_beta", 0.0.into()),
+            ("cache", "early_refresh", 0.0.into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let cached: Vec<String> = (0..5).map(|n| format!("/v1/query/brief?n={n}")).collect();
+    let uncached: Vec<String> = (100..103)
+        .map(|n| format!("/v1/query/brief?n={n}"))
+        .collect();
+    for url in &cached {
+        let reply = proxy.get(url).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.cache(), "MISS");
+    }
+    assert_eq!(attempts(&proxy, "ejected").await, 0.0, "exported at 0");
+
+    relay.cut();
+    let before = queries(&proxy).await;
+    let sent_before = attempts(&proxy, "sent").await;
+    // Until the answers' 1 s freshness has run out.
+    let mut stale = false;
+    for _ in 0..200 {
+        let reply = proxy.get(&cached[0]).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        if reply.cache() == "STALE" {
+            stale = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(stale, "the answer never went stale");
+
+    let (mut served_stale, mut refused) = (0, 0);
+    for _ in 0..40 {
+        for url in &cached {
+            let reply = proxy.get(url).await;
+            assert_eq!(reply.status, 200, "{}", reply.text());
+            assert!(
+                ["HIT", "STALE"].contains(&reply.cache()),
+                "{}",
+                reply.cache()
+            );
+            served_stale += usize::from(reply.cache() == "STALE");
+        }
+        for url in &uncached {
+            let reply = proxy.get(url).await;
+            assert_eq!(reply.status, 503, "{}", reply.text());
+            assert_eq!(reply.json()["type"], "upstream_unavailable");
+            assert!(reply.header("retry-after").is_some());
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 120);
+    assert!(served_stale >= 100, "{served_stale}");
+    // 320 reads of 8 keys, all of them wanting ClickHouse: at most one
+    // attempt (2 queries: the retry once) per key, not one per read.
+    let sent = queries(&proxy).await - before;
+    assert!(sent <= 16.0, "{sent} queries for 8 keys");
+    assert_eq!(attempts(&proxy, "sent").await, sent_before, "none reached");
+    assert!(attempts(&proxy, "unreachable").await >= 1.0);
+    // Refreshes of the cached keys were not even started once the replica was
+    // ejected (or once their key had failed).
+    assert!(
+        attempts(&proxy, "ejected").await + attempts(&proxy, "backing_off").await >= 100.0,
+        "{}",
+        proxy.get("/metrics").await.text()
+    );
+
+    // ClickHouse returns: a health check re-admits it, and a key that never
+    // failed is computed at once.
+    relay.restore().await;
+    let up = format!(
+        "dashcache_clickhouse_replica_up{{replica=\"{}\"}}",
+        relay.url()
+    );
+    let mut readmitted = false;
+    for _ in 0..200 {
+        if proxy.metric(&up).await == 1.0 {
+            readmitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(readmitted, "not re-admitted; log:\n{}", proxy.log());
+    let reply = proxy.get("/v1/query/brief?n=999").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.cache(), "MISS");
+}
+
+#[tokio::test]
+async fn redis_stopped_and_restarted_empty_fails_nothing_and_costs_one_query_per_key_at_most() {
+    let mut redis = RedisServer::start().await;
+    let prefix = shared_prefix();
+    let options = |url: String| ProxyOptions {
+        redis_url: url,
+        key_prefix: Some(prefix.clone()),
+        set: vec![
+            // The in-process hot path lapses quickly: what follows is served
+            // by what the process kept, not by the hot path.
+            ("cache", "l1_ttl", "50ms".into()),
+            ("cache", "xfetch_beta", 0.0.into()),
+            ("cache", "early_refresh", 0.0.into()),
+        ],
+        ..Default::default()
+    };
+    let keys = revenue(6);
+    // `a` computes every answer (stored in Redis); `b` has seen none of them.
+    let a = Proxy::start_with(options(redis.url())).await;
+    let b = Proxy::start_with(options(redis.url())).await;
+    for url in &keys {
+        let reply = a.get(url).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    let (a0, b0) = (queries(&a).await, queries(&b).await);
+
+    redis.stop();
+    // Longer than l1_ttl: no answer is on a's hot path any more.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..3 {
+        let (ra, rb) = tokio::join!(burst(&a, &keys, 8), burst(&b, &keys, 8));
+        all_ok(&ra, &a);
+        all_ok(&rb, &b);
+    }
+    // `a` kept its answers (fresh for 5 minutes): no query. `b` computed each
+    // key once and kept it for the rest of the outage.
+    assert_eq!(queries(&a).await, a0, "a: {}", a.log());
+    assert!(queries(&b).await - b0 <= keys.len() as f64);
+    assert!(a.metric("dashcache_l1_fallbacks_total").await >= 1.0);
+
+    // Redis comes back empty: kept answers are still served, a third process
+    // (nothing kept) computes each key once, coalesced.
+    redis.restart().await;
+    let c = Proxy::start_with(options(redis.url())).await;
+    let c0 = queries(&c).await;
+    for _ in 0..3 {
+        let (ra, rb, rc) = tokio::join!(
+            burst(&a, &keys, 8),
+            burst(&b, &keys, 8),
+            burst(&c, &keys, 8)
+        );
+        all_ok(&ra, &a);
+        all_ok(&rb, &b);
+        all_ok(&rc, &c);
+    }
+    assert_eq!(queries(&a).await, a0);
+    assert!(queries(&b).await - b0 <= keys.len() as f64);
+    assert!(queries(&c).await - c0 <= keys.len() as f64);
+}
+
+#[tokio::test]
+async fn a_black_holed_redis_costs_one_timeout_per_retry_after_not_one_per_request() {
+    let hole = BlackHole::start().await;
+    let proxy = Proxy::start_with(ProxyOptions {
+        redis_url: hole.redis_url(),
+        set: vec![
+            ("redis", "timeout", "300ms".into()),
+            ("redis", "retry_after", "1h".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let keys = revenue(2);
+    for _ in 0..10 {
+        for url in &keys {
+            let reply = proxy.get(url).await;
+            assert_eq!(reply.status, 200, "{}", reply.text());
+        }
+    }
+    // Rate limits, cache reads, locks and writes of 20 requests all needed
+    // Redis: only the first operation waited for it.
+    assert_eq!(
+        proxy.metric("dashcache_redis_errors_total").await,
+        1.0,
+        "{}",
+        proxy.log()
+    );
+}
