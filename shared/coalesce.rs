@@ -39,6 +39,10 @@ pub enum FlightError {
     /// backoff ([`crate::backoff`]) has this long to run.
     #[error("the last computation failed; not tried again for {0:?}")]
     BackingOff(std::time::Duration),
+    /// The computation never started: this process has as many running at
+    /// ClickHouse as it may, and its line was full or the wait ran out.
+    #[error(transparent)]
+    Saturated(#[from] crate::admission::Refused),
 }
 
 /// The flights currently in the air, by cache key.

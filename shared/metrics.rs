@@ -12,8 +12,8 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::outcome::{
-    AttemptOutcome, CacheStatus, ExportOutcome, QueueOutcome, RateOutcome, StoreOutcome,
-    UPSTREAM_ERROR_KINDS,
+    AdmissionOutcome, AttemptOutcome, CacheStatus, ExportOutcome, QueueOutcome, RateOutcome,
+    StoreOutcome, UPSTREAM_ERROR_KINDS,
 };
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -75,6 +75,11 @@ pub struct Metrics {
     pub clickhouse_queries: Counter,
     /// Computations by whether they reached ClickHouse (see [`AttemptOutcome`]).
     pub clickhouse_attempts: Family<ResultLabels, Counter>,
+    /// Computations holding a slot at ClickHouse (see [`crate::admission`]).
+    pub clickhouse_in_flight: Gauge,
+    /// Computations waiting for a slot.
+    pub clickhouse_queued: Gauge,
+    pub clickhouse_admissions: Family<OutcomeLabels, Counter>,
     pub clickhouse_errors: Family<KindLabels, Counter>,
     pub clickhouse_duration: Histogram,
     pub redis_errors: Counter,
@@ -184,6 +189,24 @@ impl Metrics {
             "Query attempts by outcome: sent (a server answered), unreachable (no replica could be connected to), ejected (a refresh not started: every replica ejected), backing_off (not started: the key failed lately)",
             clickhouse_attempts.clone(),
         );
+        let clickhouse_in_flight = Gauge::default();
+        registry.register(
+            "clickhouse_in_flight",
+            "Computations running at ClickHouse (at most clickhouse.max_in_flight)",
+            clickhouse_in_flight.clone(),
+        );
+        let clickhouse_queued = Gauge::default();
+        registry.register(
+            "clickhouse_queued",
+            "Computations waiting for a ClickHouse slot (at most clickhouse.max_queued)",
+            clickhouse_queued.clone(),
+        );
+        let clickhouse_admissions = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "clickhouse_admissions",
+            "Computations by how they got a ClickHouse slot: at_once, after_wait, or refused (queue_full, wait_timeout)",
+            clickhouse_admissions.clone(),
+        );
         let clickhouse_errors = Family::<KindLabels, Counter>::default();
         registry.register(
             "clickhouse_errors",
@@ -287,6 +310,9 @@ impl Metrics {
             refresh_failures,
             clickhouse_queries,
             clickhouse_attempts,
+            clickhouse_in_flight,
+            clickhouse_queued,
+            clickhouse_admissions,
             clickhouse_errors,
             clickhouse_duration,
             redis_errors,
@@ -321,6 +347,11 @@ impl Metrics {
                 result: outcome.as_str(),
             });
         }
+        for outcome in AdmissionOutcome::ALL {
+            let _ = self.clickhouse_admissions.get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
+            });
+        }
         for outcome in AttemptOutcome::ALL {
             let _ = self.clickhouse_attempts.get_or_create(&ResultLabels {
                 result: outcome.as_str(),
@@ -349,6 +380,14 @@ impl Metrics {
         self.cache_requests
             .get_or_create(&ResultLabels {
                 result: status.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn admission(&self, outcome: AdmissionOutcome) {
+        self.clickhouse_admissions
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
             })
             .inc();
     }

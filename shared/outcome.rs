@@ -71,6 +71,38 @@ impl AttemptOutcome {
     }
 }
 
+/// How a computation got (or did not get) a slot at ClickHouse:
+/// `dashcache_clickhouse_admissions_total{outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AdmissionOutcome {
+    /// A slot was free.
+    AtOnce,
+    /// A slot freed up while it waited in line.
+    AfterWait,
+    /// The line was full: refused at once.
+    QueueFull,
+    /// No slot within `clickhouse.queue_wait`.
+    WaitTimeout,
+}
+
+impl AdmissionOutcome {
+    pub const ALL: [AdmissionOutcome; 4] = [
+        AdmissionOutcome::AtOnce,
+        AdmissionOutcome::AfterWait,
+        AdmissionOutcome::QueueFull,
+        AdmissionOutcome::WaitTimeout,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            AdmissionOutcome::AtOnce => "at_once",
+            AdmissionOutcome::AfterWait => "after_wait",
+            AdmissionOutcome::QueueFull => "queue_full",
+            AdmissionOutcome::WaitTimeout => "wait_timeout",
+        }
+    }
+}
+
 /// What became of a computed answer: `dashcache_cache_stores_total{result}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StoreOutcome {

@@ -360,6 +360,9 @@ fn upstream_error(err: &FlightError) -> Response<Body> {
         }
         FlightError::Aborted => ApiError::UpstreamError.reply("the query ended without an answer"),
         FlightError::OverCapacity(detail) => ApiError::TooManyUncached.reply(detail.clone()),
+        FlightError::Saturated(refused) => ApiError::UpstreamTimeout.reply(format!(
+            "ClickHouse is busy with this proxy's other queries ({refused}); retry shortly"
+        )),
         FlightError::BackingOff(wait) => ApiError::UpstreamUnavailable.reply(format!(
             "ClickHouse failed this query moments ago; it is tried again in {}s",
             wait.as_secs().max(1)

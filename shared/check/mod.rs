@@ -119,6 +119,12 @@ fn run(config: &Config) -> (Catalog, Vec<Warmup>, Vec<Diagnostic>) {
             ),
         ));
     }
+    if config.clickhouse.max_in_flight == 0 {
+        diagnostics.push(config.diagnostic(
+            &["clickhouse", "max_in_flight"],
+            "clickhouse.max_in_flight must be at least 1",
+        ));
+    }
     if !(1..=2).contains(&config.clickhouse.readonly) {
         diagnostics.push(config.diagnostic(
             &["clickhouse", "readonly"],

@@ -270,6 +270,14 @@ pub struct ClickHouseConfig {
     /// Failed checks in a row that eject a replica (a query that cannot
     /// connect ejects it at once); one good check re-admits it.
     pub eject_after: u32,
+    /// Computations (misses, refreshes, warm-ups) one process runs at
+    /// ClickHouse at once; exports are not counted.
+    pub max_in_flight: usize,
+    /// Computations that may wait for a slot; more are refused at once.
+    pub max_queued: usize,
+    /// The longest wait for a slot.
+    #[serde(with = "humantime_serde")]
+    pub queue_wait: Duration,
 }
 
 /// One ClickHouse server of `[clickhouse] replicas`.
@@ -316,6 +324,9 @@ impl Default for ClickHouseConfig {
             health_interval: Duration::from_secs(2),
             health_timeout: Duration::from_secs(1),
             eject_after: 2,
+            max_in_flight: 64,
+            max_queued: 1024,
+            queue_wait: Duration::from_secs(10),
         }
     }
 }

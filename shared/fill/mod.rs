@@ -32,6 +32,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
 use tokio::time::Instant;
 
+use crate::admission::Admission;
 use crate::backoff::Backoff;
 use crate::cache::{Cache, CacheKey, Entry, EntryHeader};
 use crate::catalog::{Asked, TimeRange};
@@ -186,6 +187,9 @@ pub struct Filler {
     pub coalesce: CoalesceConfig,
     /// Per-key waits after failed computations (`Backoff::of(&coalesce)`).
     pub backoff: Backoff,
+    /// Slots at ClickHouse (`Admission::of(&config.clickhouse, …)`), shared by
+    /// every filler of the process.
+    pub admission: Arc<Admission>,
 }
 
 /// Why a refresh is not started now.
@@ -366,6 +370,16 @@ impl Filler {
     /// Runs the query (retrying once if it fails before its first byte) and
     /// stores the answer.
     async fn compute(&self, job: &FillJob, producer: &mut Producer) {
+        // Held until the answer's last byte: ClickHouse never runs more than
+        // `max_in_flight` of this process's computations.
+        let _slot = match self.admission.enter().await {
+            Ok(slot) => slot,
+            Err(refused) => {
+                tracing::debug!(query = %job.query, %refused, "not computed: ClickHouse is saturated");
+                producer.fail(refused.into());
+                return;
+            }
+        };
         let started = Instant::now();
         let mut attempt = 1;
         let size = loop {

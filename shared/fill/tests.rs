@@ -123,6 +123,7 @@ fn world(steps: Vec<Step>) -> World {
         max_entry_bytes: 1 << 20,
         coalesce: CoalesceConfig::default(),
         backoff: Backoff::of(&CoalesceConfig::default()),
+        admission: Admission::new(4, 16, Duration::from_secs(10), metrics.clone()),
     });
     World {
         filler,

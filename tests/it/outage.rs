@@ -245,3 +245,144 @@ async fn a_black_holed_redis_costs_one_timeout_per_retry_after_not_one_per_reque
         proxy.log()
     );
 }
+
+#[tokio::test]
+async fn a_slow_clickhouse_gets_at_most_max_in_flight_and_the_line_behind_it_is_bounded() {
+    use futures_util::StreamExt;
+    use futures_util::stream::FuturesUnordered;
+
+    let relay = Relay::start().await;
+    let proxy = Proxy::start_with(ProxyOptions {
+        clickhouse_url: relay.url(),
+        extra_queries: vec![(
+            "brief".into(),
+            "SELECT {n} AS n".into(),
+            "ttl = \"5m\"\n[query.brief.params.n]\ntype = \"int\"\nmin = 0\nmax = 100000\n".into(),
+        )],
+        set: vec![
+            ("clickhouse", "max_in_flight", 2.into()),
+            ("clickhouse", "max_queued", 3.into()),
+            ("clickhouse", "queue_wait", "1h".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let cached = "/v1/query/brief?n=0";
+    assert_eq!(proxy.get(cached).await.cache(), "MISS");
+    let before = queries(&proxy).await;
+
+    // ClickHouse's answers now wait in the relay for as long as the test
+    // wants: as slow as it gets. Ten cold keys at once.
+    relay.hold();
+    let auth = format!("Bearer {}", proxy.key);
+    let mut pending: FuturesUnordered<_> = (1..=10)
+        .map(|n| {
+            let url = format!("{}/v1/query/brief?n={n}", proxy.base);
+            let auth = auth.clone();
+            async move {
+                crate::harness::request(&url, &[("authorization", auth.as_str())])
+                    .await
+                    .expect("an answer")
+            }
+        })
+        .collect();
+    // Two run, three wait in line, the other five are refused at once.
+    for _ in 0..5 {
+        let reply = tokio::time::timeout(Duration::from_secs(60), pending.next())
+            .await
+            .expect("refused at once")
+            .expect("a reply");
+        assert_eq!(reply.status, 503, "{}", reply.text());
+        assert_eq!(reply.json()["type"], "upstream_timeout");
+        assert!(reply.header("retry-after").is_some());
+    }
+    assert_eq!(
+        queries(&proxy).await - before,
+        2.0,
+        "only max_in_flight sent"
+    );
+    assert_eq!(proxy.metric("dashcache_clickhouse_in_flight").await, 2.0);
+    assert_eq!(proxy.metric("dashcache_clickhouse_queued").await, 3.0);
+    assert_eq!(
+        proxy
+            .metric("dashcache_clickhouse_admissions_total{outcome=\"queue_full\"}")
+            .await,
+        5.0
+    );
+    // A stored answer does not wait for ClickHouse.
+    let hit = proxy.get(cached).await;
+    assert_eq!((hit.status, hit.cache()), (200, "HIT"));
+
+    // ClickHouse speeds up: the running and the waiting ones are answered,
+    // never more than two at a time.
+    relay.release();
+    while let Some(reply) = tokio::time::timeout(Duration::from_secs(60), pending.next())
+        .await
+        .expect("answered after release")
+    {
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    assert_eq!(queries(&proxy).await - before, 5.0);
+    assert_eq!(
+        proxy
+            .metric("dashcache_clickhouse_admissions_total{outcome=\"after_wait\"}")
+            .await,
+        3.0
+    );
+}
+
+#[tokio::test]
+async fn computations_waiting_for_a_clickhouse_slot_give_up_after_queue_wait() {
+    let relay = Relay::start().await;
+    let proxy = Proxy::start_with(ProxyOptions {
+        clickhouse_url: relay.url(),
+        extra_queries: vec![(
+            "brief".into(),
+            "SELECT {n} AS n".into(),
+            "ttl = \"5m\"\n[query.brief.params.n]\ntype = \"int\"\nmin = 0\nmax = 100000\n".into(),
+        )],
+        set: vec![
+            ("clickhouse", "max_in_flight", 1.into()),
+            ("clickhouse", "max_queued", 10.into()),
+            ("clickhouse", "queue_wait", "200ms".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    relay.hold();
+    let auth = format!("Bearer {}", proxy.key);
+    let running = {
+        let url = format!("{}/v1/query/brief?n=1", proxy.base);
+        let auth = auth.clone();
+        tokio::spawn(async move {
+            crate::harness::request(&url, &[("authorization", auth.as_str())]).await
+        })
+    };
+    // Wait (bounded) until the first computation holds the only slot.
+    let mut holding = false;
+    for _ in 0..200 {
+        if proxy.metric("dashcache_clickhouse_in_flight").await == 1.0 {
+            holding = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(holding, "{}", proxy.log());
+    // These wait in line and give up: however long ClickHouse takes, they
+    // are answered (503) and never sent.
+    for n in 2..=4 {
+        let reply = proxy.get(&format!("/v1/query/brief?n={n}")).await;
+        assert_eq!(reply.status, 503, "{}", reply.text());
+        assert_eq!(reply.json()["type"], "upstream_timeout");
+    }
+    assert_eq!(
+        proxy
+            .metric("dashcache_clickhouse_admissions_total{outcome=\"wait_timeout\"}")
+            .await,
+        3.0
+    );
+    assert_eq!(queries(&proxy).await, 1.0);
+    relay.release();
+    let first = running.await.expect("joined").expect("a reply");
+    assert_eq!(first.status, 200, "{}", first.text());
+}
