@@ -95,6 +95,11 @@ impl Admission {
         self.max_in_flight
     }
 
+    /// Whether a slot is free now (nobody waits for it).
+    pub fn has_free_slot(&self) -> bool {
+        self.permits.available_permits() > 0
+    }
+
     /// A slot now, or after waiting in line (bounded in count and time).
     pub async fn enter(&self) -> Result<Slot, Refused> {
         if let Ok(permit) = self.permits.clone().try_acquire_owned() {

@@ -186,7 +186,7 @@ impl Metrics {
         let clickhouse_attempts = Family::<ResultLabels, Counter>::default();
         registry.register(
             "clickhouse_attempts",
-            "Query attempts by outcome: sent (a server answered), unreachable (no replica could be connected to), ejected (a refresh not started: every replica ejected), backing_off (not started: the key failed lately)",
+            "Query attempts by outcome: sent (a server answered), unreachable (no replica could be connected to), ejected (a refresh not started: every replica ejected), backing_off (not started: the key failed lately), busy (a refresh not started: every ClickHouse slot taken)",
             clickhouse_attempts.clone(),
         );
         let clickhouse_in_flight = Gauge::default();

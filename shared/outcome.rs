@@ -51,14 +51,18 @@ pub enum AttemptOutcome {
     Ejected,
     /// Not started: the key's last computation failed and its backoff runs.
     BackingOff,
+    /// A refresh not started: every ClickHouse slot of the process is taken
+    /// (the stored answer is served; a later read refreshes it).
+    Busy,
 }
 
 impl AttemptOutcome {
-    pub const ALL: [AttemptOutcome; 4] = [
+    pub const ALL: [AttemptOutcome; 5] = [
         AttemptOutcome::Sent,
         AttemptOutcome::Unreachable,
         AttemptOutcome::Ejected,
         AttemptOutcome::BackingOff,
+        AttemptOutcome::Busy,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -67,6 +71,7 @@ impl AttemptOutcome {
             AttemptOutcome::Unreachable => "unreachable",
             AttemptOutcome::Ejected => "ejected",
             AttemptOutcome::BackingOff => "backing_off",
+            AttemptOutcome::Busy => "busy",
         }
     }
 }

@@ -199,6 +199,8 @@ pub enum Skip {
     Ejected,
     /// The key's last computation failed; its backoff has this long to run.
     BackingOff(Duration),
+    /// Every ClickHouse slot of this process is taken: misses go first.
+    Busy,
 }
 
 /// How waiting on another process's lock ended.
@@ -210,19 +212,24 @@ enum Remote {
 
 impl Filler {
     /// Whether a background refresh of `key` may start now: not while every
-    /// replica is ejected, nor while the key backs off after a failure (a
-    /// skipped refresh is counted; the stored answer keeps being served).
+    /// replica is ejected, nor while the key backs off after a failure, nor
+    /// while every ClickHouse slot is taken (a refresh does not queue ahead of
+    /// misses). A skipped refresh is counted; the stored answer keeps being
+    /// served and a later read asks again.
     pub fn may_refresh(&self, key: &CacheKey) -> Result<(), Skip> {
         let skip = if !self.upstream.available() {
             Skip::Ejected
         } else if let Some(wait) = self.backoff.wait(key) {
             Skip::BackingOff(wait)
+        } else if !self.admission.has_free_slot() {
+            Skip::Busy
         } else {
             return Ok(());
         };
         self.metrics.attempt(match skip {
             Skip::Ejected => AttemptOutcome::Ejected,
             Skip::BackingOff(_) => AttemptOutcome::BackingOff,
+            Skip::Busy => AttemptOutcome::Busy,
         });
         Err(skip)
     }

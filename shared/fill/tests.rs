@@ -415,6 +415,20 @@ async fn a_failed_computation_backs_off_its_key_until_it_may_run_again_and_succe
 }
 
 #[tokio::test(start_paused = true)]
+async fn no_refresh_starts_while_every_clickhouse_slot_is_taken() {
+    let w = world(vec![]);
+    let held: Vec<_> = futures_util::future::join_all((0..4).map(|_| w.filler.admission.enter()))
+        .await
+        .into_iter()
+        .map(|slot| slot.expect("a slot"))
+        .collect();
+    assert_eq!(w.filler.may_refresh(&key()), Err(Skip::Busy));
+    assert_eq!(attempts(&w.metrics, "busy"), 1.0);
+    drop(held);
+    assert_eq!(w.filler.may_refresh(&key()), Ok(()));
+}
+
+#[tokio::test(start_paused = true)]
 async fn no_refresh_starts_while_every_replica_is_ejected() {
     let w = world(vec![Step::Answer(&["ok\n"])]);
     w.upstream.up.store(false, Ordering::SeqCst);

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 
-use crate::harness::{BlackHole, Proxy, ProxyOptions, RedisServer, Relay, Reply, shared_prefix};
+use crate::harness::{
+    BlackHole, Proxy, ProxyOptions, RedisServer, Relay, Reply, patient_redis, shared_prefix,
+};
 
 async fn burst(proxy: &Proxy, urls: &[String], per_url: usize) -> Vec<Reply> {
     let requests = urls
@@ -385,4 +387,57 @@ async fn computations_waiting_for_a_clickhouse_slot_give_up_after_queue_wait() {
     relay.release();
     let first = running.await.expect("joined").expect("a reply");
     assert_eq!(first.status, 200, "{}", first.text());
+}
+
+// Multi-threaded: the relay keeps relaying while the test waits on requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_of_two_proxies_killed_only_its_request_in_flight_fails_the_other_answers_everything() {
+    let prefix = shared_prefix();
+    let relay = Relay::start().await;
+    let options = |clickhouse_url: String| ProxyOptions {
+        key_prefix: Some(prefix.clone()),
+        clickhouse_url,
+        set: vec![patient_redis()],
+        ..Default::default()
+    };
+    let a = Proxy::start_with(options(crate::harness::clickhouse_url())).await;
+    let mut b = Proxy::start_with(options(relay.url())).await;
+    let keys = revenue(4);
+    for url in &keys {
+        let reply = a.get(url).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    // B is computing a key (ClickHouse's answer waits in the relay) when it is killed.
+    relay.hold();
+    let computing = "/v1/query/revenue?from=2023-06-01&to=2023-07-01&granularity=day";
+    let in_flight = tokio::spawn({
+        let url = format!("{}{computing}", b.base);
+        let auth = format!("Bearer {}", b.key);
+        async move { crate::harness::request(&url, &[("authorization", auth.as_str())]).await }
+    });
+    let mut sent = false;
+    for _ in 0..400 {
+        if queries(&b).await >= 1.0 {
+            sent = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(sent, "{}", b.log());
+    b.kill();
+    let cut = in_flight.await.expect("joined");
+    assert!(
+        cut.as_ref().map_or(true, |r| r.body.is_err()),
+        "the request in flight on the killed proxy cannot have completed"
+    );
+    // A answers everything: the warmed keys, and the key B was computing
+    // (once B's computation lock, no longer renewed, expires).
+    all_ok(&burst(&a, &keys, 8).await, &a);
+    let reply = a.get(computing).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(
+        a.metric("dashcache_http_requests_total{route=\"query\",status=\"503\"}")
+            .await,
+        0.0
+    );
 }
