@@ -10,6 +10,12 @@
 //! one [`Entry`]. A computation that fails before its first byte is retried once,
 //! so one failure is not fanned out to every reader. A failed answer is never stored.
 //!
+//! ClickHouse is spared when it struggles: a key whose computation failed is
+//! not computed again before its [`Backoff`] ends (its readers hear so at once),
+//! a computation runs only in one of the process's [`Admission`] slots, and
+//! [`Filler::may_refresh`] starts no background refresh while every replica is
+//! ejected, the key backs off, or every slot is taken.
+//!
 //! Proxy misses, background refreshes and scheduler warm-ups all go through
 //! [`Filler::spawn`].
 //!
