@@ -10,6 +10,8 @@ use std::time::Duration;
 use crate::auth::keys::{KeyRing, KeyStore};
 use crate::auth::ratelimit::RateLimiter;
 use crate::auth::tier::Tiers;
+use dashcache::admission::Admission;
+use dashcache::backoff::Backoff;
 use dashcache::cache::Cache;
 use dashcache::catalog::Catalog;
 use dashcache::check::Checked;
@@ -89,6 +91,8 @@ impl App {
             metrics: metrics.clone(),
             max_entry_bytes: config.cache.max_entry_bytes,
             coalesce: config.coalesce.clone(),
+            backoff: Backoff::of(&config.coalesce),
+            admission: Admission::of(&config.clickhouse, metrics.clone()),
         });
         // Its own connection: a flush is one big pipeline, allowed more time
         // than the cache's round trips.

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use crate::jobs::{Target, WarmupJob};
 use chrono::Utc;
+use dashcache::admission::Admission;
+use dashcache::backoff::Backoff;
 use dashcache::cache::Cache;
 use dashcache::catalog::Catalog;
 use dashcache::check::warmup::WarmupKind;
@@ -252,6 +254,8 @@ impl Runner {
             metrics: self.metrics.clone(),
             max_entry_bytes: self.config.cache.max_entry_bytes,
             coalesce: self.config.coalesce.clone(),
+            backoff: Backoff::of(&self.config.coalesce),
+            admission: Admission::of(&self.config.clickhouse, self.metrics.clone()),
         });
         let mut results = futures_util::stream::iter(targets.into_iter().map(|t| {
             let filler = filler.clone();

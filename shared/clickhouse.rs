@@ -29,6 +29,7 @@ use clickhouse::query::BytesCursor;
 use crate::config::{ClickHouseConfig, ReplicaConfig};
 use crate::format::Format;
 use crate::metrics::{KindLabels, Metrics};
+use crate::outcome::AttemptOutcome;
 use crate::upstream::{InFlight, Pool};
 
 /// Bytes at the end of every answer held back until the answer is complete.
@@ -283,6 +284,12 @@ impl ClickHouse {
         self.upstream.pool.len()
     }
 
+    /// Whether some replica is up (not ejected): false from the moment the
+    /// last one is ejected until a health check re-admits one.
+    pub fn available(&self) -> bool {
+        self.upstream.pool.any_up()
+    }
+
     /// This client with extra ClickHouse settings on every query (e.g. a
     /// warm-up job's `max_threads`), on top of the ones every query carries.
     pub fn with_settings<'a>(
@@ -433,6 +440,9 @@ impl Source {
         for _ in 0..=self.upstream.pool.len() {
             let err = match cursor.next().await {
                 Ok(chunk) => {
+                    if self.pending.is_some() {
+                        self.metrics.attempt(AttemptOutcome::Sent);
+                    }
                     self.pending = None;
                     if chunk.is_none() {
                         self.done();
@@ -442,12 +452,16 @@ impl Source {
                 Err(err) => err,
             };
             if self.pending.is_none() || !matches!(err, clickhouse::error::Error::Network(_)) {
+                if self.pending.is_some() {
+                    self.metrics.attempt(AttemptOutcome::Sent);
+                }
                 self.done();
                 return Err(err);
             }
             let failed = self.in_flight.replica();
             self.upstream.pool.unreachable(failed, &err);
             let Some(next) = self.upstream.pool.pick(&self.tried) else {
+                self.metrics.attempt(AttemptOutcome::Unreachable);
                 self.done();
                 return Err(err);
             };
@@ -467,9 +481,13 @@ impl Source {
                     *cursor = again;
                     self.in_flight = in_flight;
                 }
-                Err(_) => return Err(err),
+                Err(_) => {
+                    self.metrics.attempt(AttemptOutcome::Unreachable);
+                    return Err(err);
+                }
             }
         }
+        self.metrics.attempt(AttemptOutcome::Unreachable);
         Err(clickhouse::error::Error::Network(
             "every ClickHouse replica was tried".into(),
         ))

@@ -35,6 +35,14 @@ pub enum FlightError {
     /// allowance (the proxy's miss queue was full or its wait ran out).
     #[error("{0}")]
     OverCapacity(String),
+    /// The computation never started: the key's last one failed and its
+    /// backoff ([`crate::backoff`]) has this long to run.
+    #[error("the last computation failed; not tried again for {0:?}")]
+    BackingOff(std::time::Duration),
+    /// The computation never started: this process has as many running at
+    /// ClickHouse as it may, and its line was full or the wait ran out.
+    #[error(transparent)]
+    Saturated(#[from] crate::admission::Refused),
 }
 
 /// The flights currently in the air, by cache key.

@@ -7,6 +7,8 @@
 //! layers on top, so that a warmed entry is byte-for-byte what the proxy would
 //! have stored.
 
+pub mod admission;
+pub mod backoff;
 pub mod cache;
 pub mod catalog;
 pub mod check;

@@ -12,7 +12,8 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::outcome::{
-    CacheStatus, ExportOutcome, QueueOutcome, RateOutcome, StoreOutcome, UPSTREAM_ERROR_KINDS,
+    AdmissionOutcome, AttemptOutcome, CacheStatus, ExportOutcome, QueueOutcome, RateOutcome,
+    StoreOutcome, UPSTREAM_ERROR_KINDS,
 };
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -67,10 +68,19 @@ pub struct Metrics {
     /// Outcome of storing a computed answer: stored, too_large, failed.
     pub cache_stores: Family<ResultLabels, Counter>,
     pub l1_hits: Counter,
+    /// Answers served from L1 because Redis was unreachable or had lost them.
+    pub l1_fallbacks: Counter,
     pub early_refreshes: Counter,
     pub ahead_refreshes: Counter,
     pub refresh_failures: Counter,
     pub clickhouse_queries: Counter,
+    /// Computations by whether they reached ClickHouse (see [`AttemptOutcome`]).
+    pub clickhouse_attempts: Family<ResultLabels, Counter>,
+    /// Computations holding a slot at ClickHouse (see [`crate::admission`]).
+    pub clickhouse_in_flight: Gauge,
+    /// Computations waiting for a slot.
+    pub clickhouse_queued: Gauge,
+    pub clickhouse_admissions: Family<OutcomeLabels, Counter>,
     pub clickhouse_errors: Family<KindLabels, Counter>,
     pub clickhouse_duration: Histogram,
     pub redis_errors: Counter,
@@ -150,6 +160,12 @@ impl Metrics {
             "Answers served from the in-process cache",
             l1_hits.clone(),
         );
+        let l1_fallbacks = Counter::default();
+        registry.register(
+            "l1_fallbacks",
+            "Answers served from process memory because Redis was unreachable or had lost them",
+            l1_fallbacks.clone(),
+        );
         let early_refreshes = Counter::default();
         registry.register(
             "early_refreshes",
@@ -173,6 +189,30 @@ impl Metrics {
             "clickhouse_queries",
             "Queries sent to ClickHouse",
             clickhouse_queries.clone(),
+        );
+        let clickhouse_attempts = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "clickhouse_attempts",
+            "Query attempts by outcome: sent (a server answered), unreachable (no replica could be connected to), ejected (a refresh not started: every replica ejected), backing_off (not started: the key failed lately), busy (a refresh not started: every ClickHouse slot taken)",
+            clickhouse_attempts.clone(),
+        );
+        let clickhouse_in_flight = Gauge::default();
+        registry.register(
+            "clickhouse_in_flight",
+            "Computations running at ClickHouse (at most clickhouse.max_in_flight)",
+            clickhouse_in_flight.clone(),
+        );
+        let clickhouse_queued = Gauge::default();
+        registry.register(
+            "clickhouse_queued",
+            "Computations waiting for a ClickHouse slot (at most clickhouse.max_queued)",
+            clickhouse_queued.clone(),
+        );
+        let clickhouse_admissions = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "clickhouse_admissions",
+            "Computations by how they got a ClickHouse slot: at_once, after_wait, or refused (queue_full, wait_timeout)",
+            clickhouse_admissions.clone(),
         );
         let clickhouse_errors = Family::<KindLabels, Counter>::default();
         registry.register(
@@ -272,10 +312,15 @@ impl Metrics {
             cache_requests,
             cache_stores,
             l1_hits,
+            l1_fallbacks,
             early_refreshes,
             ahead_refreshes,
             refresh_failures,
             clickhouse_queries,
+            clickhouse_attempts,
+            clickhouse_in_flight,
+            clickhouse_queued,
+            clickhouse_admissions,
             clickhouse_errors,
             clickhouse_duration,
             redis_errors,
@@ -310,6 +355,16 @@ impl Metrics {
                 result: outcome.as_str(),
             });
         }
+        for outcome in AdmissionOutcome::ALL {
+            let _ = self.clickhouse_admissions.get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
+            });
+        }
+        for outcome in AttemptOutcome::ALL {
+            let _ = self.clickhouse_attempts.get_or_create(&ResultLabels {
+                result: outcome.as_str(),
+            });
+        }
         for kind in UPSTREAM_ERROR_KINDS {
             let _ = self.clickhouse_errors.get_or_create(&KindLabels { kind });
         }
@@ -333,6 +388,22 @@ impl Metrics {
         self.cache_requests
             .get_or_create(&ResultLabels {
                 result: status.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn admission(&self, outcome: AdmissionOutcome) {
+        self.clickhouse_admissions
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn attempt(&self, outcome: AttemptOutcome) {
+        self.clickhouse_attempts
+            .get_or_create(&ResultLabels {
+                result: outcome.as_str(),
             })
             .inc();
     }

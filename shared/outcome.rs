@@ -38,6 +38,76 @@ impl CacheStatus {
     }
 }
 
+/// What became of one computation's attempt at ClickHouse:
+/// `dashcache_clickhouse_attempts_total{result}`. Only `sent` reached a server;
+/// the others cost ClickHouse nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AttemptOutcome {
+    /// A server answered (with data or an error of its own).
+    Sent,
+    /// No replica could be connected to.
+    Unreachable,
+    /// A refresh not started: every replica is ejected (until a health check re-admits one).
+    Ejected,
+    /// Not started: the key's last computation failed and its backoff runs.
+    BackingOff,
+    /// A refresh not started: every ClickHouse slot of the process is taken
+    /// (the stored answer is served; a later read refreshes it).
+    Busy,
+}
+
+impl AttemptOutcome {
+    pub const ALL: [AttemptOutcome; 5] = [
+        AttemptOutcome::Sent,
+        AttemptOutcome::Unreachable,
+        AttemptOutcome::Ejected,
+        AttemptOutcome::BackingOff,
+        AttemptOutcome::Busy,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            AttemptOutcome::Sent => "sent",
+            AttemptOutcome::Unreachable => "unreachable",
+            AttemptOutcome::Ejected => "ejected",
+            AttemptOutcome::BackingOff => "backing_off",
+            AttemptOutcome::Busy => "busy",
+        }
+    }
+}
+
+/// How a computation got (or did not get) a slot at ClickHouse:
+/// `dashcache_clickhouse_admissions_total{outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AdmissionOutcome {
+    /// A slot was free.
+    AtOnce,
+    /// A slot freed up while it waited in line.
+    AfterWait,
+    /// The line was full: refused at once.
+    QueueFull,
+    /// No slot within `clickhouse.queue_wait`.
+    WaitTimeout,
+}
+
+impl AdmissionOutcome {
+    pub const ALL: [AdmissionOutcome; 4] = [
+        AdmissionOutcome::AtOnce,
+        AdmissionOutcome::AfterWait,
+        AdmissionOutcome::QueueFull,
+        AdmissionOutcome::WaitTimeout,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            AdmissionOutcome::AtOnce => "at_once",
+            AdmissionOutcome::AfterWait => "after_wait",
+            AdmissionOutcome::QueueFull => "queue_full",
+            AdmissionOutcome::WaitTimeout => "wait_timeout",
+        }
+    }
+}
+
 /// What became of a computed answer: `dashcache_cache_stores_total{result}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StoreOutcome {

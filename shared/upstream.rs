@@ -8,6 +8,8 @@
 //! unit of weight (ties go round-robin), so a slow replica gets less work and
 //! weights split an idle load. When every replica is ejected it still picks
 //! one (in turn): trying a server that may be back beats failing unasked.
+//! Background refreshes ask [`Pool::any_up`] first and are not started while
+//! every replica is ejected (a health check re-admits one).
 //!
 //! It does not talk to ClickHouse: the background check's probe and the
 //! queries themselves are [`crate::clickhouse`]'s. Per-replica metrics
@@ -99,6 +101,11 @@ impl Pool {
 
     pub fn len(&self) -> usize {
         self.replicas.len()
+    }
+
+    /// Whether any replica is up (not ejected).
+    pub fn any_up(&self) -> bool {
+        self.replicas.iter().any(Replica::is_up)
     }
 
     pub fn replica(&self, index: usize) -> &Replica {

@@ -180,8 +180,13 @@ fn refresh_ahead(
 
 /// Starts a background refresh of the answer created at `created_ms` unless
 /// one is already running in this process (other processes are kept out by
-/// the fill's Redis lock).
+/// the fill's Redis lock), or ClickHouse should not be asked now: every
+/// replica is ejected, or the key's last computation failed and its backoff
+/// runs (no retry storm: the stored answer is served meanwhile).
 fn refresh(app: &App, key: &CacheKey, created_ms: i64, mut job: FillJob) -> bool {
+    if app.filler.may_refresh(key).is_err() {
+        return false;
+    }
     match app.coalescer.join(key, usize::MAX) {
         Role::Leader(producer, _reader) => {
             job.replaces = Some(created_ms);
@@ -382,5 +387,12 @@ fn upstream_error(err: &FlightError) -> Response<Body> {
         }
         FlightError::Aborted => ApiError::UpstreamError.reply("the query ended without an answer"),
         FlightError::OverCapacity(detail) => ApiError::TooManyUncached.reply(detail.clone()),
+        FlightError::Saturated(refused) => ApiError::UpstreamTimeout.reply(format!(
+            "ClickHouse is busy with this proxy's other queries ({refused}); retry shortly"
+        )),
+        FlightError::BackingOff(wait) => ApiError::UpstreamUnavailable.reply(format!(
+            "ClickHouse failed this query moments ago; it is tried again in {}s",
+            wait.as_secs().max(1)
+        )),
     }
 }

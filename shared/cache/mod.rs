@@ -2,7 +2,10 @@
 //!
 //! [`CacheKey`] says *where* an answer lives, [`Entry`] *what* is stored there.
 //! [`Cache`] reads through a small in-process tier ([`L1`]) to Redis
-//! ([`RedisCache`]), which degrades to "always miss" while Redis is unreachable.
+//! ([`RedisCache`]), which degrades to "always miss" while Redis is unreachable;
+//! then (and when Redis answers but has lost an entry: restarted empty, a
+//! promoted replica) the answers this process kept in L1 are served for their
+//! own freshness and grace.
 //! Both binaries use these, so an entry warmed by the scheduler is exactly what
 //! the proxy would have stored. Whether an entry is fresh is [`crate::freshness`]'s call.
 
@@ -17,7 +20,7 @@ use std::time::Duration;
 pub use self::entry::{Entry, EntryError, EntryHeader};
 pub use self::key::CacheKey;
 pub use self::l1::L1;
-pub use self::redis::{LockOutcome, RedisCache};
+pub use self::redis::{Fetched, LockOutcome, RedisCache};
 
 use crate::clock::now_ms;
 #[cfg(doc)]
@@ -60,7 +63,9 @@ impl Cache {
         })
     }
 
-    /// The entry under `key`: a fresh one from L1, else whatever Redis holds.
+    /// The entry under `key`: a fresh one from L1, else whatever Redis holds;
+    /// when Redis is unreachable or has none, the one L1 kept (any age within
+    /// its grace: the caller judges it).
     pub async fn get(&self, key: &CacheKey, now_ms: i64) -> Option<Arc<Entry>> {
         if let Some(l1) = &self.l1
             && let Some(entry) = l1.get(key, now_ms)
@@ -68,13 +73,19 @@ impl Cache {
             self.metrics.l1_hits.inc();
             return Some(entry);
         }
-        let entry = Arc::new(self.redis.get(key).await?);
-        if let Some(l1) = &self.l1
-            && now_ms < entry.header.fresh_until_ms
-        {
-            l1.insert(key.clone(), entry.clone());
+        match self.redis.fetch(key).await {
+            Fetched::Found(entry) => {
+                if let Some(l1) = &self.l1 {
+                    l1.offer(key, &entry, now_ms);
+                }
+                Some(entry)
+            }
+            Fetched::Missing | Fetched::Unavailable => {
+                let kept = self.l1.as_ref()?.kept(key, now_ms)?;
+                self.metrics.l1_fallbacks.inc();
+                Some(kept)
+            }
         }
-        Some(entry)
     }
 
     /// The entry other processes see (Redis, not L1); a fresh one replaces
@@ -82,16 +93,16 @@ impl Cache {
     /// served here at once.
     pub async fn shared(&self, key: &CacheKey) -> Option<Entry> {
         let entry = self.redis.get(key).await?;
-        if let Some(l1) = &self.l1
-            && now_ms() < entry.header.fresh_until_ms
-        {
-            l1.insert(key.clone(), Arc::new(entry.clone()));
+        if let Some(l1) = &self.l1 {
+            l1.offer(key, &Arc::new(entry.clone()), now_ms());
         }
         Some(entry)
     }
 
     /// Stores `entry` in both tiers; Redis keeps it until its stale window
-    /// ends, or as long as the longest tier `min_ttl` if that is later.
+    /// ends, or as long as the longest tier `min_ttl` if that is later, L1
+    /// until its stale window ends (or the byte bound pushes it out): a Redis
+    /// that did not take it costs no second computation while L1 keeps it.
     /// False when Redis did not take it.
     pub async fn put(&self, key: &CacheKey, entry: Arc<Entry>, now_ms: i64) -> bool {
         let until = entry.header.stale_until_ms.max(

@@ -3,10 +3,13 @@
 //! One connection ([`RedisConn`]: a multiplexed connection that reconnects by
 //! itself, to a single server, a Redis Cluster or a Sentinel-found master)
 //! serves every task. Each operation is bounded by the configured
-//! timeout; a failure marks Redis down for `retry_after`, during which reads are
-//! misses and writes are skipped without waiting, so a dead Redis costs requests
-//! nothing but the cache. The first operation after that window probes again,
-//! and success brings caching back without a restart.
+//! timeout; a refused connection or a timeout (a black-holed Redis) marks Redis
+//! down for `retry_after` at once (other errors after three in a row), during
+//! which reads are misses and writes are skipped without waiting, so a dead
+//! Redis costs requests nothing but the cache. After that window exactly one
+//! operation probes again (the others still skip Redis until it has its
+//! answer), so a Redis that never answers costs one timeout per `retry_after`,
+//! not one per request; success brings caching back without a restart.
 //!
 //! It also takes the per-key computation locks that make several proxy
 //! processes run a missing key once ([`crate::lock`]: a guard that renews
@@ -36,6 +39,15 @@ pub enum LockOutcome {
     /// Another process holds it: it is computing the key.
     Held,
     /// Redis cannot tell: compute without a lock.
+    Unavailable,
+}
+
+/// What reading one key gave.
+pub enum Fetched {
+    Found(Arc<Entry>),
+    /// Redis answered: no (usable) entry.
+    Missing,
+    /// Redis did not answer (down window, error or timeout).
     Unavailable,
 }
 
@@ -80,15 +92,30 @@ impl RedisCache {
     /// The entry under `key`; `None` for a miss, an undecodable entry (an older
     /// version) or while Redis is unreachable.
     pub async fn get(&self, key: &CacheKey) -> Option<Entry> {
-        let mut conn = self.available()?;
+        match self.fetch(key).await {
+            Fetched::Found(entry) => Some(Arc::unwrap_or_clone(entry)),
+            Fetched::Missing | Fetched::Unavailable => None,
+        }
+    }
+
+    /// Like [`RedisCache::get`], telling a miss from an unreachable Redis.
+    pub async fn fetch(&self, key: &CacheKey) -> Fetched {
+        let Some(mut conn) = self.available() else {
+            return Fetched::Unavailable;
+        };
         let reply =
             tokio::time::timeout(self.timeout, conn.get::<_, Option<Vec<u8>>>(key.as_str())).await;
-        let bytes = self.settle(reply)??;
+        let Some(found) = self.settle(reply) else {
+            return Fetched::Unavailable;
+        };
+        let Some(bytes) = found else {
+            return Fetched::Missing;
+        };
         match Entry::decode(Bytes::from(bytes)) {
-            Ok(entry) => Some(entry),
+            Ok(entry) => Fetched::Found(Arc::new(entry)),
             Err(err) => {
                 tracing::debug!(key = %key, error = %err, "ignoring undecodable cache entry");
-                None
+                Fetched::Missing
             }
         }
     }
@@ -165,13 +192,27 @@ impl RedisCache {
         }
     }
 
-    /// A connection handle, unless Redis is in its down window.
+    /// A connection handle, unless Redis is in its down window. When the
+    /// window ends, one caller gets the handle (the probe) and moves the window
+    /// on by `retry_after`; [`RedisCache::settle`] ends it if the probe succeeds.
     fn available(&self) -> Option<RedisConn> {
         let until = self.down_until_ms.load(Ordering::Relaxed);
-        if until != 0 && now_ms() < until {
+        if until == 0 {
+            return Some(self.conn.clone());
+        }
+        let now = now_ms();
+        if now < until {
             return None;
         }
-        Some(self.conn.clone())
+        let next = now.saturating_add(self.retry_ms());
+        self.down_until_ms
+            .compare_exchange(until, next, Ordering::Relaxed, Ordering::Relaxed)
+            .ok()
+            .map(|_| self.conn.clone())
+    }
+
+    fn retry_ms(&self) -> i64 {
+        i64::try_from(self.retry_after.as_millis()).unwrap_or(i64::MAX)
     }
 
     /// Records the outcome of one operation and returns its value on success.
@@ -188,19 +229,23 @@ impl RedisCache {
                 self.failures.store(0, Ordering::Relaxed);
                 return Some(value);
             }
-            Ok(Err(err)) => (err.to_string(), err.is_connection_refusal()),
-            Err(_) => (format!("no answer within {:?}", self.timeout), false),
+            Ok(Err(err)) => (
+                err.to_string(),
+                err.is_connection_refusal() || err.is_timeout() || err.is_io_error(),
+            ),
+            // No answer in time: a black-holed or overloaded Redis. Waiting
+            // on it again per request would cost every request the timeout.
+            Err(_) => (format!("no answer within {:?}", self.timeout), true),
         };
-        let (error, refused) = error;
+        let (error, at_once) = error;
         self.metrics.redis_errors.inc();
         let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if !refused && failures < 3 {
+        if !at_once && failures < 3 {
             tracing::debug!(%error, failures, "redis operation failed");
             return None;
         }
-        let retry_ms = i64::try_from(self.retry_after.as_millis()).unwrap_or(i64::MAX);
         self.down_until_ms
-            .store(now_ms().saturating_add(retry_ms), Ordering::Relaxed);
+            .store(now_ms().saturating_add(self.retry_ms()), Ordering::Relaxed);
         if !self.down.swap(true, Ordering::Relaxed) {
             tracing::warn!(%error, "redis unreachable; answering from ClickHouse without cache");
         }

@@ -110,6 +110,21 @@ fn run(config: &Config) -> (Catalog, Vec<Warmup>, Vec<Diagnostic>) {
             format!("cache.early_refresh = {early} must be between 0.0 and 1.0"),
         ));
     }
+    if config.coalesce.backoff_max < config.coalesce.backoff {
+        diagnostics.push(config.diagnostic(
+            &["coalesce", "backoff_max"],
+            format!(
+                "coalesce.backoff_max ({:?}) must not be shorter than coalesce.backoff ({:?})",
+                config.coalesce.backoff_max, config.coalesce.backoff
+            ),
+        ));
+    }
+    if config.clickhouse.max_in_flight == 0 {
+        diagnostics.push(config.diagnostic(
+            &["clickhouse", "max_in_flight"],
+            "clickhouse.max_in_flight must be at least 1",
+        ));
+    }
     if !(1..=2).contains(&config.clickhouse.readonly) {
         diagnostics.push(config.diagnostic(
             &["clickhouse", "readonly"],
@@ -278,6 +293,7 @@ mod tests {
                     "# sentinel_master = \"dashcache\"",
                     "sentinel_master = \"dashcache\"",
                 ),
+                ("backoff_max = \"30s\"", "backoff_max = \"500ms\""),
             ],
         );
         let has = |needle: &str, reason: &str| {
@@ -313,7 +329,11 @@ mod tests {
             "query = \"nope\"",
             "warmup `nope`: unknown query `nope`; known: ",
         );
-        assert_eq!(got.len(), 7, "{got:#?}");
+        has(
+            "backoff_max = \"500ms\"",
+            "coalesce.backoff_max (500ms) must not be shorter than coalesce.backoff (1s)",
+        );
+        assert_eq!(got.len(), 8, "{got:#?}");
         let lines: Vec<usize> = got.iter().filter_map(|(l, _)| *l).collect();
         assert!(lines.windows(2).all(|w| w[0] <= w[1]), "{got:#?}");
     }

@@ -270,6 +270,14 @@ pub struct ClickHouseConfig {
     /// Failed checks in a row that eject a replica (a query that cannot
     /// connect ejects it at once); one good check re-admits it.
     pub eject_after: u32,
+    /// Computations (misses, refreshes, warm-ups) one process runs at
+    /// ClickHouse at once; exports are not counted.
+    pub max_in_flight: usize,
+    /// Computations that may wait for a slot; more are refused at once.
+    pub max_queued: usize,
+    /// The longest wait for a slot.
+    #[serde(with = "humantime_serde")]
+    pub queue_wait: Duration,
 }
 
 /// One ClickHouse server of `[clickhouse] replicas`.
@@ -316,6 +324,9 @@ impl Default for ClickHouseConfig {
             health_interval: Duration::from_secs(2),
             health_timeout: Duration::from_secs(1),
             eject_after: 2,
+            max_in_flight: 64,
+            max_queued: 1024,
+            queue_wait: Duration::from_secs(10),
         }
     }
 }
@@ -517,6 +528,13 @@ pub struct CoalesceConfig {
     /// How often processes waiting on another's lock look for the answer.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
+    /// After a key's computation failed, it is not tried again for this long
+    /// (doubling with each failure in a row, jittered; 0 disables).
+    #[serde(with = "humantime_serde")]
+    pub backoff: Duration,
+    /// The longest such wait.
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
 }
 
 impl Default for CoalesceConfig {
@@ -526,6 +544,8 @@ impl Default for CoalesceConfig {
             wait_timeout: Duration::from_secs(35),
             lock_ttl: Duration::from_secs(10),
             poll_interval: Duration::from_millis(20),
+            backoff: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(30),
         }
     }
 }

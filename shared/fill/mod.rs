@@ -10,6 +10,12 @@
 //! one [`Entry`]. A computation that fails before its first byte is retried once,
 //! so one failure is not fanned out to every reader. A failed answer is never stored.
 //!
+//! ClickHouse is spared when it struggles: a key whose computation failed is
+//! not computed again before its [`Backoff`] ends (its readers hear so at once),
+//! a computation runs only in one of the process's [`Admission`] slots, and
+//! [`Filler::may_refresh`] starts no background refresh while every replica is
+//! ejected, the key backs off, or every slot is taken.
+//!
 //! Proxy misses, background refreshes and scheduler warm-ups all go through
 //! [`Filler::spawn`].
 //!
@@ -32,6 +38,8 @@ use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
 use tokio::time::Instant;
 
+use crate::admission::Admission;
+use crate::backoff::Backoff;
 use crate::cache::{Cache, CacheKey, Entry, EntryHeader};
 use crate::catalog::{Asked, TimeRange};
 use crate::clickhouse::{Answer, ClickHouse, UpstreamError};
@@ -41,7 +49,7 @@ use crate::config::CoalesceConfig;
 use crate::encoding::{self, Encoding, STORE_THRESHOLD};
 use crate::format::Format;
 use crate::metrics::Metrics;
-use crate::outcome::StoreOutcome;
+use crate::outcome::{AttemptOutcome, StoreOutcome};
 
 /// One answer to compute.
 #[derive(Debug, Clone)]
@@ -104,6 +112,10 @@ pub trait Upstream: Send + Sync {
     ) -> Result<Box<dyn AnswerStream>, UpstreamError>;
     /// How many replicas a query can fail over to.
     fn replicas(&self) -> usize;
+    /// Whether some replica is up; while none is, refreshes are not started.
+    fn available(&self) -> bool {
+        true
+    }
 }
 
 /// An answer being read, chunk by chunk; `None` at its verified end.
@@ -160,6 +172,10 @@ impl Upstream for ClickHouse {
     fn replicas(&self) -> usize {
         ClickHouse::replicas(self)
     }
+
+    fn available(&self) -> bool {
+        ClickHouse::available(self)
+    }
 }
 
 impl AnswerStream for Answer {
@@ -175,6 +191,22 @@ pub struct Filler {
     pub metrics: Arc<Metrics>,
     pub max_entry_bytes: usize,
     pub coalesce: CoalesceConfig,
+    /// Per-key waits after failed computations (`Backoff::of(&coalesce)`).
+    pub backoff: Backoff,
+    /// Slots at ClickHouse (`Admission::of(&config.clickhouse, …)`), shared by
+    /// every filler of the process.
+    pub admission: Arc<Admission>,
+}
+
+/// Why a refresh is not started now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// Every ClickHouse replica is ejected: wait for a health check.
+    Ejected,
+    /// The key's last computation failed; its backoff has this long to run.
+    BackingOff(Duration),
+    /// Every ClickHouse slot of this process is taken: misses go first.
+    Busy,
 }
 
 /// How waiting on another process's lock ended.
@@ -185,6 +217,29 @@ enum Remote {
 }
 
 impl Filler {
+    /// Whether a background refresh of `key` may start now: not while every
+    /// replica is ejected, nor while the key backs off after a failure, nor
+    /// while every ClickHouse slot is taken (a refresh does not queue ahead of
+    /// misses). A skipped refresh is counted; the stored answer keeps being
+    /// served and a later read asks again.
+    pub fn may_refresh(&self, key: &CacheKey) -> Result<(), Skip> {
+        let skip = if !self.upstream.available() {
+            Skip::Ejected
+        } else if let Some(wait) = self.backoff.wait(key) {
+            Skip::BackingOff(wait)
+        } else if !self.admission.has_free_slot() {
+            Skip::Busy
+        } else {
+            return Ok(());
+        };
+        self.metrics.attempt(match skip {
+            Skip::Ejected => AttemptOutcome::Ejected,
+            Skip::BackingOff(_) => AttemptOutcome::BackingOff,
+            Skip::Busy => AttemptOutcome::Busy,
+        });
+        Err(skip)
+    }
+
     /// Starts computing `job` in the background; its answer goes to `producer`'s flight.
     pub fn spawn(self: &Arc<Self>, job: FillJob, producer: Producer) {
         let filler = self.clone();
@@ -216,6 +271,13 @@ impl Filler {
     }
 
     async fn run(&self, mut job: FillJob, mut producer: Producer) {
+        if let Some(wait) = self.backoff.wait(&job.key) {
+            // Failed moments ago: its readers hear so at once, ClickHouse
+            // is not asked again before the backoff ends.
+            self.metrics.attempt(AttemptOutcome::BackingOff);
+            producer.fail(FlightError::BackingOff(wait));
+            return;
+        }
         if job.replaces.is_some()
             && let Some(asked) = &job.asked
         {
@@ -321,6 +383,16 @@ impl Filler {
     /// Runs the query (retrying once if it fails before its first byte) and
     /// stores the answer.
     async fn compute(&self, job: &FillJob, producer: &mut Producer) {
+        // Held until the answer's last byte: ClickHouse never runs more than
+        // `max_in_flight` of this process's computations.
+        let _slot = match self.admission.enter().await {
+            Ok(slot) => slot,
+            Err(refused) => {
+                tracing::debug!(query = %job.query, %refused, "not computed: ClickHouse is saturated");
+                producer.fail(refused.into());
+                return;
+            }
+        };
         let started = Instant::now();
         let mut attempt = 1;
         let size = loop {
@@ -339,7 +411,8 @@ impl Filler {
                     attempt += 1;
                 }
                 Err(err) => {
-                    tracing::warn!(query = %job.query, error = %err, "ClickHouse query failed");
+                    let wait = self.backoff.failed(&job.key);
+                    tracing::warn!(query = %job.query, error = %err, backoff = ?wait, "ClickHouse query failed");
                     if job.replaces.is_some() {
                         self.metrics.refresh_failures.inc();
                     }
@@ -348,6 +421,7 @@ impl Filler {
                 }
             }
         };
+        self.backoff.succeeded(&job.key);
         let compute = started.elapsed();
         self.metrics
             .clickhouse_duration

@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 
 use super::memory::MemoryStore;
 use super::*;
@@ -29,6 +29,8 @@ enum Step {
 struct Scripted {
     steps: Mutex<VecDeque<Step>>,
     calls: AtomicUsize,
+    /// False: every replica is ejected.
+    up: AtomicBool,
 }
 
 impl Scripted {
@@ -36,6 +38,7 @@ impl Scripted {
         Arc::new(Scripted {
             steps: Mutex::new(steps.into()),
             calls: AtomicUsize::new(0),
+            up: AtomicBool::new(true),
         })
     }
 
@@ -95,6 +98,10 @@ impl Upstream for Scripted {
     fn replicas(&self) -> usize {
         1
     }
+
+    fn available(&self) -> bool {
+        self.up.load(Ordering::SeqCst)
+    }
 }
 
 struct World {
@@ -115,6 +122,8 @@ fn world(steps: Vec<Step>) -> World {
         metrics: metrics.clone(),
         max_entry_bytes: 1 << 20,
         coalesce: CoalesceConfig::default(),
+        backoff: Backoff::of(&CoalesceConfig::default()),
+        admission: Admission::new(4, 16, Duration::from_secs(10), metrics.clone()),
     });
     World {
         filler,
@@ -363,4 +372,107 @@ async fn xfetch_asks_a_hot_entry_for_an_early_refresh_that_replaces_it() {
     let second = w.store.get(&key()).expect("stored");
     assert_eq!(&second.body[..], b"v2\n");
     assert!(second.header.created_ms >= first.header.created_ms);
+}
+
+fn attempts(metrics: &Metrics, outcome: &str) -> f64 {
+    let text = metrics.render();
+    let series = format!("dashcache_clickhouse_attempts_total{{result=\"{outcome}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(-1.0)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_computation_backs_off_its_key_until_it_may_run_again_and_success_resets_it() {
+    let w = world(vec![
+        Step::Unreachable,
+        Step::Unreachable,
+        Step::Answer(&["back\n"]),
+    ]);
+    assert!(read(w.start(job(None))).await.is_err());
+    assert_eq!(w.upstream.calls(), 2);
+    // Asked again at once: its readers hear so without ClickHouse being asked.
+    assert!(matches!(
+        read(w.start(job(None))).await,
+        Err(FlightError::BackingOff(_))
+    ));
+    assert!(matches!(
+        w.filler.may_refresh(&key()),
+        Err(Skip::BackingOff(_))
+    ));
+    assert_eq!(w.upstream.calls(), 2, "nothing sent while backing off");
+    assert_eq!(attempts(&w.metrics, "backing_off"), 2.0);
+    assert_eq!(attempts(&w.metrics, "ejected"), 0.0, "exported at 0");
+    // Another key is not held back.
+    let other = CacheKey::new("t", "q", None, Format::Csv, "other");
+    assert_eq!(w.filler.may_refresh(&other), Ok(()));
+    // The backoff ends (at most `backoff` after a first failure): computed again.
+    tokio::time::advance(CoalesceConfig::default().backoff).await;
+    assert_eq!(w.filler.may_refresh(&key()), Ok(()));
+    assert_eq!(read(w.start(job(None))).await.expect("answer"), "back\n");
+    assert_eq!(w.filler.backoff.failures(&key()), 0, "a success resets it");
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_refresh_starts_while_every_clickhouse_slot_is_taken() {
+    let w = world(vec![]);
+    let held: Vec<_> = futures_util::future::join_all((0..4).map(|_| w.filler.admission.enter()))
+        .await
+        .into_iter()
+        .map(|slot| slot.expect("a slot"))
+        .collect();
+    assert_eq!(w.filler.may_refresh(&key()), Err(Skip::Busy));
+    assert_eq!(attempts(&w.metrics, "busy"), 1.0);
+    drop(held);
+    assert_eq!(w.filler.may_refresh(&key()), Ok(()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_refresh_starts_while_every_replica_is_ejected() {
+    let w = world(vec![Step::Answer(&["ok\n"])]);
+    w.upstream.up.store(false, Ordering::SeqCst);
+    assert_eq!(w.filler.may_refresh(&key()), Err(Skip::Ejected));
+    assert_eq!(attempts(&w.metrics, "ejected"), 1.0);
+    // A health check re-admits a replica: refreshes start again.
+    w.upstream.up.store(true, Ordering::SeqCst);
+    assert_eq!(w.filler.may_refresh(&key()), Ok(()));
+    assert_eq!(w.upstream.calls(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stale_answer_read_a_thousand_times_at_a_dead_upstream_costs_a_bounded_number_of_queries()
+{
+    let w = world(vec![Step::Answer(&["v1\n"])]);
+    read(w.start(job(None))).await.expect("v1");
+    let stored = w.store.get(&key()).expect("stored");
+    // From now on every call fails (the script is exhausted).
+    // 1000 reads over 10 s, each serving the stale answer and asking for a
+    // refresh, as the proxy's handler does.
+    // (Freshness is judged on the wall clock: as if read just past the TTL.)
+    let now = stored.header.fresh_until_ms + 1;
+    for _ in 0..1000 {
+        assert!(
+            w.store
+                .get(&key())
+                .is_some_and(|e| freshness::judge(&e.header, now, 1.0, 0.5) == Freshness::Stale),
+            "the stale answer stays served"
+        );
+        if w.filler.may_refresh(&key()).is_ok()
+            && let Role::Leader(producer, reader) = w.coalescer.join(&key(), usize::MAX)
+        {
+            w.filler
+                .spawn(job(Some(stored.header.created_ms)), producer);
+            let _ = read(reader).await;
+        }
+        tokio::time::advance(Duration::from_millis(10)).await;
+    }
+    // Backoff 1 s doubling, each wait at least half its bound: attempts at
+    // 0 s and after >= 0.5, 1, 2 and 4 s more (7.5 s in all), so at most 5
+    // attempts of 2 calls (the retry) in 10 s, instead of one per read.
+    let calls = w.upstream.calls() - 1; // the first answer
+    assert!((2..=10).contains(&calls), "{calls} calls");
+    assert_eq!(w.metrics.refresh_failures.get() as usize * 2, calls);
+    let kept = w.store.get(&key()).expect("still stored");
+    assert_eq!(kept.header.created_ms, stored.header.created_ms);
 }

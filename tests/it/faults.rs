@@ -62,10 +62,17 @@ async fn clickhouse_unreachable_without_a_stored_answer_is_a_503_with_retry_afte
         assert_eq!(reply.header("retry-after"), Some("5"));
         assert_ne!(reply.cache(), "HIT");
     }
-    // Each request's computation was tried twice before anyone got an error.
+    // The first request's computation was tried twice before it got an error;
+    // the second found the key backing off and was not sent at all.
     assert_eq!(
         proxy.metric("dashcache_clickhouse_queries_total").await,
-        4.0
+        2.0
+    );
+    assert_eq!(
+        proxy
+            .metric("dashcache_clickhouse_attempts_total{result=\"backing_off\"}")
+            .await,
+        1.0
     );
 }
 

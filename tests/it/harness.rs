@@ -844,3 +844,40 @@ async fn until_output(port: u16, args: &[&str], needle: &str) -> bool {
     }
     false
 }
+
+/// A TCP server that accepts connections and never answers (a black-holed
+/// Redis: packets go in, nothing comes back, nothing is refused).
+pub struct BlackHole {
+    pub port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BlackHole {
+    pub async fn start() -> BlackHole {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .expect("black hole port");
+        let port = listener.local_addr().expect("black hole address").port();
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                connections.spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    while let Ok(1..) = inbound.read(&mut buf).await {}
+                });
+            }
+        });
+        BlackHole { port, task }
+    }
+
+    pub fn redis_url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for BlackHole {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

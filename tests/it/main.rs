@@ -16,6 +16,7 @@ mod freshness;
 mod http;
 mod locks;
 mod modern;
+mod outage;
 mod query;
 mod scale;
 mod scheduler;

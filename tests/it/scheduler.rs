@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use dashcache::store::Store;
 
-use crate::harness::{Proxy, ProxyOptions, TempDir, config_text, redis_url, shared_prefix};
+use crate::harness::{Proxy, ProxyOptions, Relay, TempDir, config_text, redis_url, shared_prefix};
 
 /// A test config: the shipped one with a fresh key prefix and its own store;
 /// `warmup` replaces the shipped `[[warmup]]` jobs when given.
@@ -17,6 +17,8 @@ struct Setup {
     dir: TempDir,
     prefix: String,
     store_url: String,
+    /// ClickHouse for the jobs (default: the test server).
+    clickhouse_url: Option<String>,
 }
 
 impl Setup {
@@ -27,6 +29,7 @@ impl Setup {
             dir,
             prefix: shared_prefix(),
             store_url,
+            clickhouse_url: None,
         }
     }
 
@@ -36,10 +39,13 @@ impl Setup {
 
     /// Writes the config; `warmup`, when given, is TOML replacing the shipped jobs.
     fn write(&self, warmup: Option<&str>) {
-        let options = ProxyOptions {
+        let mut options = ProxyOptions {
             key_prefix: Some(self.prefix.clone()),
             ..ProxyOptions::default()
         };
+        if let Some(url) = &self.clickhouse_url {
+            options.clickhouse_url = url.clone();
+        }
         let mut config: toml::Table = config_text(&options, &self.dir.0).parse().expect("toml");
         let store = config
             .entry("store")
@@ -490,4 +496,153 @@ async fn history_works_on_postgresql() {
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(table.lines().count(), 2, "{table}");
     assert!(table.contains(&job) && table.contains(" ok "), "{table}");
+}
+
+/// The error column of every run of `job`, in order.
+async fn errors(store: &Store, job: &str) -> Vec<(String, Option<String>)> {
+    sqlx::query_as("SELECT outcome, error FROM warmup_runs WHERE job = $1 ORDER BY started_ms")
+        .bind(job)
+        .fetch_all(store.pool())
+        .await
+        .expect("history")
+}
+
+async fn redis() -> redis::aio::ConnectionManager {
+    let client = redis::Client::open(redis_url()).expect("redis");
+    redis::aio::ConnectionManager::new(client)
+        .await
+        .expect("redis connection")
+}
+
+async fn lease_exists(redis: &mut redis::aio::ConnectionManager, prefix: &str, job: &str) -> bool {
+    let n: i64 = redis::cmd("EXISTS")
+        .arg(format!("{prefix}:warmup:{{{job}}}:lease"))
+        .query_async(redis)
+        .await
+        .expect("EXISTS");
+    n == 1
+}
+
+#[tokio::test]
+async fn a_run_still_going_at_the_shutdown_deadline_is_cut_and_later_fires_are_overlaps() {
+    // ClickHouse's answers wait in the relay: the first run never ends by itself.
+    let relay = Relay::start().await;
+    relay.hold();
+    let mut setup = Setup::new("sched-cut");
+    setup.clickhouse_url = Some(relay.url());
+    setup.write(Some(&every_second("slow")));
+    let store = setup.store().await;
+    let mut scheduler = setup.serve("scheduler.log");
+    let log = || scheduler_log(&setup);
+    // One run holds the job's lease; the next scheduled times find it taken.
+    wait_for_runs(
+        &store,
+        "a running run and an overlapping one",
+        |r| {
+            r.iter().any(|r| r.0 == "slow" && r.2 == "running")
+                && r.iter().any(|r| r.0 == "slow" && r.2 == "overlap")
+        },
+        log,
+    )
+    .await;
+    // SIGTERM: no new runs; the running one gets `shutdown_grace` (5 s), then is cut.
+    let status = scheduler.terminate();
+    assert!(status.success(), "{status:?}; log:\n{}", scheduler.log());
+    let rows = errors(&store, "slow").await;
+    let cut: Vec<_> = rows.iter().filter(|r| r.0 == "interrupted").collect();
+    assert_eq!(cut.len(), 1, "{rows:?}");
+    assert_eq!(
+        cut[0].1.as_deref(),
+        Some("cut at shutdown after 0 of 1 keys"),
+        "{rows:?}"
+    );
+    assert!(
+        rows.iter()
+            .all(|r| r.0 == "interrupted" || r.0 == "overlap"),
+        "no run is left `running`: {rows:?}"
+    );
+    let overlap = rows.iter().find(|r| r.0 == "overlap").expect("an overlap");
+    assert!(
+        overlap
+            .1
+            .as_deref()
+            .is_some_and(|e| e.starts_with("still running on ")),
+        "{overlap:?}"
+    );
+    // The cut run gave its lease back.
+    assert!(!lease_exists(&mut redis().await, &setup.prefix, "slow").await);
+    assert!(
+        scheduler
+            .log()
+            .contains("shutdown grace over: cutting running jobs"),
+        "{}",
+        scheduler.log()
+    );
+}
+
+// Multi-threaded: the relay keeps relaying while a `run` below blocks this thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_whose_holder_died_blocks_the_job_until_it_expires_then_the_job_runs() {
+    let relay = Relay::start().await;
+    relay.hold();
+    let mut setup = Setup::new("sched-lease");
+    setup.clickhouse_url = Some(relay.url());
+    // Never fires by itself: runs are started by hand below.
+    setup.write(Some(
+        "[[warmup]]\nname = \"stuck\"\ncron = \"0 6 1 1 *\"\nquery = \"active_users\"\n\
+         tenants = [\"acme\"]\nmatrix = { window = [\"hour\"] }\n",
+    ));
+    let store = setup.store().await;
+    let mut holder = scheduler_command(&setup.path())
+        .args(["run", "stuck"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn dashcache-scheduler run");
+    wait_for_runs(
+        &store,
+        "the holder's run",
+        |r| r.iter().any(|r| r.0 == "stuck" && r.2 == "running"),
+        String::new,
+    )
+    .await;
+    // The holder dies without giving its lease back (no renewal either).
+    holder.kill().expect("kill");
+    holder.wait().expect("wait");
+    let mut redis = redis().await;
+    assert!(lease_exists(&mut redis, &setup.prefix, "stuck").await);
+
+    // While the dead holder's lease lasts, the job does not run twice.
+    let out = setup.command(&["run", "stuck"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("stuck: overlap"),
+        "{}",
+        text(&out)
+    );
+    let rows = errors(&store, "stuck").await;
+    assert_eq!(
+        rows.last().map(|r| r.0.as_str()),
+        Some("overlap"),
+        "{rows:?}"
+    );
+
+    // The lease expires after its TTL (5 s) without renewals; then it runs.
+    relay.release();
+    let mut expired = false;
+    for _ in 0..300 {
+        if !lease_exists(&mut redis, &setup.prefix, "stuck").await {
+            expired = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(expired, "the dead holder's lease never expired");
+    let out = setup.command(&["run", "stuck"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("stuck: ok (warmed 1"),
+        "{}",
+        text(&out)
+    );
 }
