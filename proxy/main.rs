@@ -3,6 +3,7 @@
 //! Everything else lives in the server modules below and in the library.
 
 mod auth;
+mod cors;
 mod error;
 mod handlers;
 mod keycmd;

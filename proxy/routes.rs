@@ -8,16 +8,21 @@
 //! | `GET /readyz` | readiness: ClickHouse and Redis reachable |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /openapi.json` | [`crate::openapi`] (no API key needed) |
+//! | `OPTIONS *` with `Origin` and `Access-Control-Request-Method` | CORS preflight, [`crate::cors`] (no API key, no I/O) |
+//!
+//! Every other answer, errors included, gets its CORS headers from
+//! [`crate::cors::Cors::decorate`] here.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
 
 use dashcache::metrics::{HttpLabels, RouteLabels};
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 
 use crate::auth;
+use crate::cors::Cors;
 use crate::error::ApiError;
 use crate::handlers::{export, health, query};
 use crate::reply::Body;
@@ -34,18 +39,21 @@ pub enum Route {
     Healthz,
     Readyz,
     Metrics,
+    /// A CORS preflight.
+    Preflight,
     /// Anything else (404, 405).
     Other,
 }
 
 impl Route {
-    pub const ALL: [Route; 7] = [
+    pub const ALL: [Route; 8] = [
         Route::Query,
         Route::Export,
         Route::OpenApi,
         Route::Healthz,
         Route::Readyz,
         Route::Metrics,
+        Route::Preflight,
         Route::Other,
     ];
 
@@ -57,6 +65,7 @@ impl Route {
             Route::Healthz => "healthz",
             Route::Readyz => "readyz",
             Route::Metrics => "metrics",
+            Route::Preflight => "preflight",
             Route::Other => "other",
         }
     }
@@ -69,6 +78,7 @@ impl Route {
             Route::Export => &[200, 401, 403, 404, 413, 422, 429, 503],
             Route::OpenApi | Route::Healthz | Route::Metrics => &[200, 401],
             Route::Readyz => &[200, 401, 503],
+            Route::Preflight => &[204, 403],
             Route::Other => &[404, 405],
         }
     }
@@ -89,8 +99,12 @@ impl Route {
 pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     app.metrics.http_in_flight.inc();
-    let (route, response) = route(&app, &req).await;
+    let (route, mut response) = route(&app, &req).await;
     app.metrics.http_in_flight.dec();
+    if route != Route::Preflight {
+        app.cors
+            .decorate(req.headers().get(header::ORIGIN), response.headers_mut());
+    }
 
     let status = response.status();
     app.metrics
@@ -131,6 +145,11 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
 }
 
 async fn route(app: &Arc<App>, req: &Request<Incoming>) -> (Route, Response<Body>) {
+    if Cors::is_preflight(req)
+        && let Some(origin) = req.headers().get(header::ORIGIN)
+    {
+        return (Route::Preflight, app.cors.preflight(origin));
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let response =
             ApiError::MethodNotAllowed.reply(format!("{} is not supported; use GET", req.method()));

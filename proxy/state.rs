@@ -24,6 +24,7 @@ use dashcache::store::{Store, StoreError};
 
 use crate::auth::Auth;
 use crate::auth::missqueue::MissQueue;
+use crate::cors::Cors;
 use crate::prepared::PreparedMemo;
 
 pub struct App {
@@ -43,6 +44,8 @@ pub struct App {
     pub popularity: Arc<Recorder>,
     /// `GET /openapi.json`, generated from the catalog at start.
     pub openapi: bytes::Bytes,
+    /// `[cors]`: preflights and the CORS headers of every answer.
+    pub cors: Cors,
 }
 
 /// Why the proxy could not start with a config that passed the check.
@@ -96,6 +99,7 @@ impl App {
         )?;
         popularity.spawn_flusher();
         Ok(Arc::new(App {
+            cors: Cors::new(&config.cors, &metrics),
             openapi: crate::openapi::build(&catalog, &config.auth),
             popularity,
             auth: Auth {

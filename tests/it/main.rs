@@ -8,6 +8,7 @@ mod harness;
 
 mod check;
 mod coalescing;
+mod cors;
 mod dashboards;
 mod export;
 mod faults;
