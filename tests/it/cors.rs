@@ -151,7 +151,10 @@ async fn every_answer_to_an_allowed_origin_is_readable_errors_included() {
     let hit = proxy.get_with(QUERY, &keyed(SUBDOMAIN)).await;
     assert_eq!(hit.cache(), "HIT");
     readable(&hit, SUBDOMAIN);
-    let etag = hit.header("etag").expect("a stored answer's ETag").to_owned();
+    let etag = hit
+        .header("etag")
+        .expect("a stored answer's ETag")
+        .to_owned();
     let not_modified = proxy
         .get_with(
             QUERY,

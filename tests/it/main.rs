@@ -6,6 +6,7 @@
 
 mod harness;
 
+mod browser;
 mod check;
 mod coalescing;
 mod cors;
