@@ -13,6 +13,7 @@ mod reply;
 mod routes;
 mod server;
 mod state;
+mod web;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

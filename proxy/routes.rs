@@ -8,6 +8,7 @@
 //! | `GET /readyz` | readiness: ClickHouse and Redis reachable |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /openapi.json` | [`crate::openapi`] (no API key needed) |
+//! | `GET /docs`, `/docs/*` | Swagger UI over `/openapi.json`, [`crate::web`] (no API key needed) |
 //! | `OPTIONS *` with `Origin` and `Access-Control-Request-Method` | CORS preflight, [`crate::cors`] (no API key, no I/O) |
 //!
 //! Every other answer, errors included, gets its CORS headers from
@@ -39,6 +40,8 @@ pub enum Route {
     Healthz,
     Readyz,
     Metrics,
+    /// `/docs` and its files.
+    Docs,
     /// A CORS preflight.
     Preflight,
     /// Anything else (404, 405).
@@ -46,13 +49,14 @@ pub enum Route {
 }
 
 impl Route {
-    pub const ALL: [Route; 8] = [
+    pub const ALL: [Route; 9] = [
         Route::Query,
         Route::Export,
         Route::OpenApi,
         Route::Healthz,
         Route::Readyz,
         Route::Metrics,
+        Route::Docs,
         Route::Preflight,
         Route::Other,
     ];
@@ -65,6 +69,7 @@ impl Route {
             Route::Healthz => "healthz",
             Route::Readyz => "readyz",
             Route::Metrics => "metrics",
+            Route::Docs => "docs",
             Route::Preflight => "preflight",
             Route::Other => "other",
         }
@@ -77,6 +82,7 @@ impl Route {
             Route::Query => &[200, 304, 401, 403, 404, 422, 429, 500, 503],
             Route::Export => &[200, 401, 403, 404, 413, 422, 429, 503],
             Route::OpenApi | Route::Healthz | Route::Metrics => &[200, 401],
+            Route::Docs => &[200],
             Route::Readyz => &[200, 401, 503],
             Route::Preflight => &[204, 403],
             Route::Other => &[404, 405],
@@ -182,6 +188,9 @@ async fn route(app: &Arc<App>, req: &Request<Incoming>) -> (Route, Response<Body
     }
     if path == "/openapi.json" {
         return (Route::OpenApi, crate::openapi::response(&app.openapi));
+    }
+    if let Some(asset) = crate::web::find(&crate::web::DOCS, path) {
+        return (Route::Docs, asset.respond(req.headers()).await);
     }
     let (route, protected) = match path {
         "/healthz" => (Route::Healthz, app.config.auth.protect_health),

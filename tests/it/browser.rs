@@ -189,3 +189,71 @@ async fn a_page_on_another_origin_reads_answers_and_errors_and_others_are_blocke
     assert_eq!(seen["pageErrors"], serde_json::json!([]), "{report}");
     assert_eq!(seen["offMachine"], serde_json::json!([]), "{report}");
 }
+
+/// Where the browser tests save their screenshots (`target/browser-screenshots/`).
+fn screenshots() -> std::path::PathBuf {
+    let dir = root().join("target/browser-screenshots");
+    std::fs::create_dir_all(&dir).expect("screenshot dir");
+    dir
+}
+
+/// What every page test requires: no console errors, no script errors, no
+/// request for another host, every request to the proxy.
+fn clean(seen: &serde_json::Value, base: &str, report: &str) {
+    assert_eq!(seen["consoleErrors"], serde_json::json!([]), "{report}");
+    assert_eq!(seen["pageErrors"], serde_json::json!([]), "{report}");
+    assert_eq!(seen["offMachine"], serde_json::json!([]), "{report}");
+    for url in seen["requests"].as_array().expect("requests") {
+        let url = url.as_str().unwrap_or("");
+        assert!(url.starts_with(base), "{url} is not the proxy's: {report}");
+    }
+}
+
+#[tokio::test]
+async fn docs_render_swagger_ui_from_the_binary_and_try_it_out_works_with_a_key() {
+    // The compiled-in files are the pinned npm package's, unchanged.
+    for file in ["swagger-ui-bundle.js", "swagger-ui.css"] {
+        let vendored = std::fs::read(root().join("proxy/web/swagger-ui").join(file)).unwrap();
+        let pinned = root()
+            .join("tests/browser/node_modules/swagger-ui-dist")
+            .join(file);
+        let pinned = std::fs::read(&pinned)
+            .unwrap_or_else(|e| panic!("{}: {e} (run scripts/browser-setup)", pinned.display()));
+        assert!(
+            vendored == pinned,
+            "proxy/web/swagger-ui/{file} differs from the pinned swagger-ui-dist: run scripts/vendor"
+        );
+    }
+    let proxy = Proxy::start().await;
+    let shots = screenshots();
+    let seen = scenario(
+        "docs.mjs",
+        &[
+            ("DASHCACHE_PROXY", proxy.base.clone()),
+            ("DASHCACHE_KEY", proxy.key.clone()),
+            ("DASHCACHE_SCREENSHOTS", shots.display().to_string()),
+        ],
+    )
+    .await;
+    let report = serde_json::to_string_pretty(&seen).unwrap_or_default();
+    assert!(
+        seen["title"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("dashcache"),
+        "{report}"
+    );
+    // Every query and export, and the service routes.
+    assert!(n(&seen["operations"]) >= 4, "{report}");
+    assert!(shots.join("docs.png").is_file());
+    assert!(n(&seen["screenshotColours"]) > 16, "a blank page: {report}");
+    assert_eq!(seen["tryItOutStatus"], "200", "{report}");
+    let details = seen["tryItOutDetails"].as_str().unwrap_or("");
+    assert!(details.contains("\"data\""), "{report}");
+    assert!(details.contains("x-cache:"), "{report}");
+    clean(&seen, &proxy.base, &report);
+    let answered = proxy
+        .metric("dashcache_http_requests_total{route=\"query\",status=\"200\"}")
+        .await;
+    assert_eq!(answered, 1.0, "the try-it-out request reached the proxy");
+}
