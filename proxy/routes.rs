@@ -9,6 +9,8 @@
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /openapi.json` | [`crate::openapi`] (no API key needed) |
 //! | `GET /docs`, `/docs/*` | Swagger UI over `/openapi.json`, [`crate::web`] (no API key needed) |
+//! | `GET /status`, `/status/*` | the operator page, [`crate::web`] (no data in it: no key needed) |
+//! | `GET /status.json` | [`crate::handlers::status`] (a key when `auth.protect_metrics`) |
 //! | `OPTIONS *` with `Origin` and `Access-Control-Request-Method` | CORS preflight, [`crate::cors`] (no API key, no I/O) |
 //!
 //! Every other answer, errors included, gets its CORS headers from
@@ -25,7 +27,7 @@ use hyper::body::Incoming;
 use crate::auth;
 use crate::cors::Cors;
 use crate::error::ApiError;
-use crate::handlers::{export, health, query};
+use crate::handlers::{export, health, query, status};
 use crate::reply::Body;
 use crate::state::App;
 use dashcache::config::{ProxyConfig, RequestLog};
@@ -42,6 +44,8 @@ pub enum Route {
     Metrics,
     /// `/docs` and its files.
     Docs,
+    /// `/status`, its files and `/status.json`.
+    Status,
     /// A CORS preflight.
     Preflight,
     /// Anything else (404, 405).
@@ -49,7 +53,7 @@ pub enum Route {
 }
 
 impl Route {
-    pub const ALL: [Route; 9] = [
+    pub const ALL: [Route; 10] = [
         Route::Query,
         Route::Export,
         Route::OpenApi,
@@ -57,6 +61,7 @@ impl Route {
         Route::Readyz,
         Route::Metrics,
         Route::Docs,
+        Route::Status,
         Route::Preflight,
         Route::Other,
     ];
@@ -70,6 +75,7 @@ impl Route {
             Route::Readyz => "readyz",
             Route::Metrics => "metrics",
             Route::Docs => "docs",
+            Route::Status => "status",
             Route::Preflight => "preflight",
             Route::Other => "other",
         }
@@ -81,7 +87,7 @@ impl Route {
         match self {
             Route::Query => &[200, 304, 401, 403, 404, 422, 429, 500, 503],
             Route::Export => &[200, 401, 403, 404, 413, 422, 429, 503],
-            Route::OpenApi | Route::Healthz | Route::Metrics => &[200, 401],
+            Route::OpenApi | Route::Healthz | Route::Metrics | Route::Status => &[200, 401],
             Route::Docs => &[200],
             Route::Readyz => &[200, 401, 503],
             Route::Preflight => &[204, 403],
@@ -192,10 +198,14 @@ async fn route(app: &Arc<App>, req: &Request<Incoming>) -> (Route, Response<Body
     if let Some(asset) = crate::web::find(&crate::web::DOCS, path) {
         return (Route::Docs, asset.respond(req.headers()).await);
     }
+    if let Some(asset) = crate::web::find(&crate::web::STATUS, path) {
+        return (Route::Status, asset.respond(req.headers()).await);
+    }
     let (route, protected) = match path {
         "/healthz" => (Route::Healthz, app.config.auth.protect_health),
         "/readyz" => (Route::Readyz, app.config.auth.protect_health),
         "/metrics" => (Route::Metrics, app.config.auth.protect_metrics),
+        "/status.json" => (Route::Status, app.config.auth.protect_metrics),
         _ => {
             let response = ApiError::NotFound.reply(format!("no route for {path}"));
             return (Route::Other, response);
@@ -207,6 +217,7 @@ async fn route(app: &Arc<App>, req: &Request<Incoming>) -> (Route, Response<Body
     let response = match route {
         Route::Healthz => health::liveness(),
         Route::Readyz => health::readiness(app).await,
+        Route::Status => status::json(app).await,
         _ => health::metrics(app),
     };
     (route, response)

@@ -124,6 +124,23 @@ pub static DOCS: [Asset; 4] = [
     ),
 ];
 
+/// `/status` and its files (the data comes from `/status.json`).
+pub static STATUS: [Asset; 3] = [
+    Asset::new("/status", HTML, include_bytes!("web/status.html"), FRESH),
+    Asset::new(
+        "/status/status.js",
+        JS,
+        include_bytes!("web/status.js"),
+        FRESH,
+    ),
+    Asset::new(
+        "/status/status.css",
+        CSS,
+        include_bytes!("web/status.css"),
+        FRESH,
+    ),
+];
+
 /// The compiled-in file at `path` among `assets` (`/docs/` is `/docs`).
 pub fn find(assets: &'static [Asset], path: &str) -> Option<&'static Asset> {
     let path = if path.len() > 1 {

@@ -257,3 +257,130 @@ async fn docs_render_swagger_ui_from_the_binary_and_try_it_out_works_with_a_key(
         .await;
     assert_eq!(answered, 1.0, "the try-it-out request reached the proxy");
 }
+
+#[tokio::test]
+async fn status_shows_what_the_proxy_knows_refreshes_itself_and_needs_a_key_when_metrics_do() {
+    let proxy = Proxy::start_with(ProxyOptions {
+        set: vec![
+            ("auth", "protect_metrics", true.into()),
+            ("popularity", "flush_interval", "200ms".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    // Traffic: one computation, then hits.
+    let url = "/v1/query/revenue?from=today-7d&to=today&granularity=day";
+    for _ in 0..5 {
+        assert_eq!(proxy.get(url).await.status, 200);
+    }
+    // A warm-up run in the same control store.
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_dashcache-scheduler"))
+        .arg("--config")
+        .arg(proxy.dir.0.join("config.toml"))
+        .args(["run", "active-users"])
+        .env_remove("DASHCACHE_REDIS_URL")
+        .env_remove("DASHCACHE_CLICKHOUSE_URL")
+        .env_remove("DASHCACHE_STORE_URL")
+        .output()
+        .expect("run dashcache-scheduler");
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+
+    // /status.json is protected like /metrics; the page itself holds no data.
+    assert_eq!(proxy.get_with("/status.json", &[]).await.status, 401);
+    assert_eq!(proxy.get_with("/status", &[]).await.status, 200);
+    // The demand counted reaches Redis (flushed every 200 ms).
+    let mut counted = false;
+    for _ in 0..100 {
+        let status = proxy.get("/status.json").await.json();
+        if status["popular"]["answers"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|d| d["query"] == "revenue"))
+        {
+            counted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        counted,
+        "the requests never showed among the most requested"
+    );
+    let status = proxy.get("/status.json").await.json();
+    assert_eq!(status["cache"]["by_cache"]["MISS"], 1, "{status}");
+    assert_eq!(status["cache"]["by_cache"]["HIT"], 4, "{status}");
+    assert_eq!(status["cache"]["hit_ratio"], 0.8, "{status}");
+    assert_eq!(status["redis"]["ok"], true, "{status}");
+    assert_eq!(status["api_keys_per_tier"]["enterprise"], 1, "{status}");
+    assert_eq!(
+        status["warmup"]["runs"][0]["job"], "active-users",
+        "{status}"
+    );
+
+    let shots = screenshots();
+    let seen = scenario(
+        "status.mjs",
+        &[
+            ("DASHCACHE_PROXY", proxy.base.clone()),
+            ("DASHCACHE_KEY", proxy.key.clone()),
+            ("DASHCACHE_SCREENSHOTS", shots.display().to_string()),
+        ],
+    )
+    .await;
+    let report = serde_json::to_string_pretty(&seen).unwrap_or_default();
+    assert_eq!(seen["askedForKey"], true, "{report}");
+    assert!(n(&seen["updates"]) >= 2, "{report}");
+    assert_eq!(seen["redis"], "up", "{report}");
+    // The 5 requests fall in the last minute's intervals.
+    let rps: f64 = seen["rps"].as_str().unwrap_or("").parse().unwrap_or(0.0);
+    assert!(rps > 0.0, "{report}");
+    assert!(
+        seen["hit-ratio"].as_str().unwrap_or("").ends_with('%'),
+        "{report}"
+    );
+    let rows = |id: &str| seen[id].as_array().cloned().unwrap_or_default();
+    let has_row = |id: &str, cells: &[&str]| {
+        rows(id).iter().any(|row| {
+            cells
+                .iter()
+                .enumerate()
+                .all(|(i, c)| row[i].as_str() == Some(c))
+        })
+    };
+    assert!(has_row("by-cache", &["HIT", "4"]), "{report}");
+    assert!(has_row("by-cache", &["MISS", "1"]), "{report}");
+    assert!(
+        has_row("replicas", &[&crate::harness::clickhouse_url(), "up"]),
+        "{report}"
+    );
+    assert!(has_row("tiers", &["enterprise", "1"]), "{report}");
+    assert!(has_row("popular", &["revenue", "acme", "json"]), "{report}");
+    assert!(has_row("warmup", &["active-users"]), "{report}");
+    assert!(n(&seen["chartPaths"]) >= 1, "{report}");
+    assert!(shots.join("status.png").is_file());
+    assert!(n(&seen["screenshotColours"]) > 16, "a blank page: {report}");
+    clean_but_the_keys_401(&seen, &proxy.base, &report);
+}
+
+/// [`clean`], except for the one 401 the page gets before it has a key
+/// (Chromium logs a failed fetch as a console error).
+fn clean_but_the_keys_401(seen: &serde_json::Value, base: &str, report: &str) {
+    let errors = seen["consoleErrors"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        errors.iter().all(|e| e
+            .as_str()
+            .unwrap_or("")
+            .contains("status of 401 (Unauthorized)")),
+        "{report}"
+    );
+    assert!(errors.len() <= 1, "{report}");
+    let mut seen = seen.clone();
+    seen["consoleErrors"] = serde_json::json!([]);
+    clean(&seen, base, report);
+}
