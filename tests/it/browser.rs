@@ -384,3 +384,160 @@ fn clean_but_the_keys_401(seen: &serde_json::Value, base: &str, report: &str) {
     seen["consoleErrors"] = serde_json::json!([]);
     clean(&seen, base, report);
 }
+
+/// Rows of a direct ClickHouse query (TSV), each as its fields.
+async fn direct(sql: &str) -> Vec<Vec<String>> {
+    crate::harness::clickhouse(&format!("{sql} FORMAT TSV"))
+        .await
+        .lines()
+        .map(|l| l.split('\t').map(str::to_owned).collect())
+        .collect()
+}
+
+/// `2026-11-19T00:00:00Z/2026-12-03T00:00:00Z` as ClickHouse DateTime literals.
+fn range_sql(range: &str) -> (String, String) {
+    let (from, to) = range
+        .split_once('/')
+        .unwrap_or_else(|| panic!("X-Time-Range: {range}"));
+    let literal = |t: &str| {
+        format!(
+            "toDateTime('{}')",
+            t.trim_end_matches('Z').replace('T', " ")
+        )
+    };
+    (literal(from), literal(to))
+}
+
+/// The panel's bars equal revenue (to the cent) and events per bucket of a
+/// direct aggregate of the raw events.
+async fn same_as_clickhouse(panel: &serde_json::Value, bucket: &str, filter: &str, report: &str) {
+    let (from, to) = range_sql(panel["range"].as_str().unwrap_or(""));
+    let expected = direct(&format!(
+        "SELECT toString({bucket}(ts)) AS b, round(sum(revenue), 2), count() FROM demo.events \
+         WHERE tenant_id = 'acme' AND ts >= {from} AND ts < {to} {filter} GROUP BY b ORDER BY b"
+    ))
+    .await;
+    let bars = panel["bars"].as_array().expect("bars");
+    assert!(!bars.is_empty(), "{report}");
+    assert_eq!(bars.len(), expected.len(), "{expected:?}\n{report}");
+    for (bar, row) in bars.iter().zip(&expected) {
+        assert_eq!(bar["t"], row[0].as_str(), "{report}");
+        let revenue: f64 = row[1].parse().expect("revenue");
+        let drawn = bar["revenue"].as_f64().unwrap_or(f64::NAN);
+        assert!(
+            (drawn - revenue).abs() < 0.011,
+            "{}: {drawn} vs {revenue}",
+            row[0]
+        );
+        assert_eq!(
+            n(&bar["events"]),
+            row[2].parse::<i64>().expect("count"),
+            "{report}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_example_dashboard_draws_clickhouses_numbers_streams_its_export_and_cancels_it() {
+    let page_port = free_port();
+    let proxy = Proxy::start_with(browser_options(&format!("http://127.0.0.1:{page_port}"))).await;
+    let shots = screenshots();
+    let seen = scenario(
+        "dashboard.mjs",
+        &[
+            ("DASHCACHE_PROXY", proxy.base.clone()),
+            ("DASHCACHE_KEY", proxy.key.clone()),
+            ("DASHCACHE_CLICKHOUSE", crate::harness::clickhouse_url()),
+            ("DASHCACHE_PAGE_PORT", page_port.to_string()),
+            ("DASHCACHE_SCREENSHOTS", shots.display().to_string()),
+        ],
+    )
+    .await;
+    let report = serde_json::to_string_pretty(&seen).unwrap_or_default();
+    assert_eq!(seen["fragmentCleared"], true, "{report}");
+    assert!(n(&seen["screenshotColours"]) > 16, "a blank page: {report}");
+    assert!(shots.join("dashboard.png").is_file());
+    for panel in ["revenue", "byCountry", "byHour", "again"] {
+        let x_cache = seen[panel]["xCache"].as_str().unwrap_or("");
+        assert!(
+            ["HIT", "MISS", "COALESCED", "STALE"].contains(&x_cache),
+            "{panel}: {report}"
+        );
+    }
+    assert_eq!(seen["revenue"]["xCache"], "MISS", "{report}");
+
+    // The chart, filtered, by hour, and again: ClickHouse's numbers.
+    same_as_clickhouse(&seen["revenue"], "toStartOfDay", "", &report).await;
+    let country = seen["country"].as_str().expect("a country");
+    let by_country = format!("AND country = '{country}'");
+    same_as_clickhouse(&seen["byCountry"], "toStartOfDay", &by_country, &report).await;
+    same_as_clickhouse(&seen["byHour"], "toStartOfHour", &by_country, &report).await;
+    assert_eq!(seen["again"]["bars"], seen["revenue"]["bars"], "{report}");
+
+    // The table: the top countries of the same range.
+    let (from, to) = range_sql(seen["revenue"]["range"].as_str().unwrap_or(""));
+    let expected = direct(&format!(
+        "SELECT country, round(sum(revenue), 2), count() FROM demo.events \
+         WHERE tenant_id = 'acme' AND ts >= {from} AND ts < {to} \
+         GROUP BY country ORDER BY sum(revenue) DESC, country LIMIT 10"
+    ))
+    .await;
+    let rows = seen["top"]["rows"].as_array().expect("table rows");
+    assert_eq!(rows.len(), expected.len(), "{report}");
+    for (row, want) in rows.iter().zip(&expected) {
+        assert_eq!(row["country"], want[0].as_str(), "{report}");
+        let revenue: f64 = want[1].parse().expect("revenue");
+        assert!((row["revenue"].as_f64().unwrap_or(f64::NAN) - revenue).abs() < 0.011);
+        assert_eq!(n(&row["events"]), want[2].parse::<i64>().expect("count"));
+    }
+
+    // The export: every row of the 30 days, the first drawn when a small
+    // part of the body had arrived.
+    let export = &seen["export"];
+    assert_eq!(export["state"], "done", "{report}");
+    let today = chrono::Utc::now().date_naive();
+    let from = today - chrono::Duration::days(30);
+    let count = direct(&format!(
+        "SELECT count() FROM demo.events WHERE tenant_id = 'acme' \
+         AND ts >= toDateTime('{from} 00:00:00') AND ts < toDateTime('{today} 00:00:00')"
+    ))
+    .await;
+    assert_eq!(
+        n(&export["rows"]),
+        count[0][0].parse::<i64>().expect("count"),
+        "{report}"
+    );
+    assert!(
+        n(&export["bytesAtFirstRows"]) * 10 < n(&export["bytes"]),
+        "rows drawn only near the end: {report}"
+    );
+    assert_eq!(n(&seen["exportShown"]), 50, "{report}");
+    eprintln!(
+        "dashboard export: {} rows, {} bytes, first rows after {:.0} ms, all after {:.0} ms",
+        export["rows"],
+        export["bytes"],
+        export["msToFirstRows"].as_f64().unwrap_or(0.0),
+        export["msTotal"].as_f64().unwrap_or(0.0)
+    );
+
+    // Cancel: the ClickHouse query was running, and is gone.
+    assert!(n(&seen["runningBeforeCancel"]) >= 1, "{report}");
+    assert_eq!(seen["cancelled"]["state"], "cancelled", "{report}");
+    assert_eq!(seen["status"], "cancelled", "{report}");
+    assert_eq!(n(&seen["runningAfterCancel"]), 0, "{report}");
+    let mut counted = 0.0;
+    for _ in 0..100 {
+        counted = proxy
+            .metric("dashcache_exports_ended_total{result=\"cancelled\"}")
+            .await;
+        if counted >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(counted, 1.0, "{report}");
+    assert_eq!(seen["error"], serde_json::Value::Null, "{report}");
+    assert_eq!(seen["consoleErrors"], serde_json::json!([]), "{report}");
+    assert_eq!(seen["pageErrors"], serde_json::json!([]), "{report}");
+    assert_eq!(seen["offMachine"], serde_json::json!([]), "{report}");
+}
