@@ -161,7 +161,9 @@ async function startExport() {
       rest = lines.pop();
       for (const line of lines) {
         if (!line) continue;
-        const row = JSON.parse(line);
+        // user_id is a UInt64: as a JSON number it would lose digits past
+        // 2^53 in JavaScript, so it is read as text.
+        const row = JSON.parse(line.replace(/"user_id":(\d+)/, '"user_id":"$1"'));
         if (row.error) throw new Error(`export failed: ${row.error}`);
         stats.rows += 1;
         if (body.rows.length < SHOWN_ROWS) {
