@@ -363,9 +363,19 @@ mod tests {
     #[test]
     fn cors_origins_and_headers_are_checked_with_their_lines() {
         let (got, text) = reasons(
-            "\n[cors]\nallowed_origins = [\n  \"https://ok.example.com\",\n  \"dash.example.com\",\n  \"https://a.*.example.com\",\n  \"https://x.example.com/app\",\n  \"*\",\n]\n\
-             allowed_headers = [\"X-Dashboard\", \"Bad Header\"]\nallow_credentials = true\nmax_age = \"2d\"\n",
-            &[],
+            "",
+            &[
+                (
+                    "allowed_origins = [\"http://127.0.0.1:8081\", \"http://localhost:8081\"]",
+                    "allowed_origins = [\n  \"https://ok.example.com\",\n  \"dash.example.com\",\n  \"https://a.*.example.com\",\n  \"https://x.example.com/app\",\n  \"*\",\n]",
+                ),
+                (
+                    "allowed_headers = []",
+                    "allowed_headers = [\"X-Dashboard\", \"Bad Header\"]",
+                ),
+                ("allow_credentials = false", "allow_credentials = true"),
+                ("max_age = \"2h\"", "max_age = \"2d\""),
+            ],
         );
         let has = |needle: &str, reason: &str| {
             let line = line_of(&text, needle);
