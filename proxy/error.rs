@@ -56,6 +56,8 @@ pub enum ApiError {
     /// A stored answer does not decompress (its `type` is `internal`, but it
     /// is worth retrying: the next computation replaces it).
     DamagedEntry,
+    /// A CORS preflight from an origin `[cors]` does not allow.
+    OriginNotAllowed,
 }
 
 /// How an error's `Retry-After` is set.
@@ -96,7 +98,7 @@ const KEYED: &[Surface] = &[Surface::Query, Surface::Export, Surface::Service];
 const COMPUTED: &[Surface] = &[Surface::Query, Surface::Export];
 
 impl ApiError {
-    pub const ALL: [ApiError; 15] = [
+    pub const ALL: [ApiError; 16] = [
         ApiError::Unauthorized,
         ApiError::Forbidden,
         ApiError::UnknownQuery,
@@ -112,12 +114,13 @@ impl ApiError {
         ApiError::UpstreamError,
         ApiError::TooManyWaiters,
         ApiError::DamagedEntry,
+        ApiError::OriginNotAllowed,
     ];
 
     pub const fn status(self) -> StatusCode {
         match self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::Forbidden | ApiError::OriginNotAllowed => StatusCode::FORBIDDEN,
             ApiError::UnknownQuery | ApiError::UnknownExport | ApiError::NotFound => {
                 StatusCode::NOT_FOUND
             }
@@ -150,6 +153,7 @@ impl ApiError {
             ApiError::UpstreamUnavailable => "upstream_unavailable",
             ApiError::UpstreamError => "upstream_error",
             ApiError::TooManyWaiters => "too_many_waiters",
+            ApiError::OriginNotAllowed => "origin_not_allowed",
         }
     }
 
@@ -194,7 +198,7 @@ impl ApiError {
             | ApiError::TooManyWaiters
             | ApiError::DamagedEntry => &[Surface::Query],
             ApiError::UnknownExport | ApiError::ExportTooLarge => &[Surface::Export],
-            ApiError::NotFound | ApiError::MethodNotAllowed => &[],
+            ApiError::NotFound | ApiError::MethodNotAllowed | ApiError::OriginNotAllowed => &[],
             ApiError::Internal
             | ApiError::UpstreamTimeout
             | ApiError::UpstreamUnavailable
@@ -226,6 +230,9 @@ impl ApiError {
             ApiError::UpstreamError => "ClickHouse is failing and no stored answer is left",
             ApiError::TooManyWaiters => "Too many requests wait for one answer",
             ApiError::DamagedEntry => "A stored answer is damaged; it is recomputed",
+            ApiError::OriginNotAllowed => {
+                "A CORS preflight from an origin not in cors.allowed_origins"
+            }
         }
     }
 

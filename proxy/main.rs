@@ -4,6 +4,7 @@
 
 mod ahead;
 mod auth;
+mod cors;
 mod error;
 mod handlers;
 mod keycmd;
@@ -13,6 +14,7 @@ mod reply;
 mod routes;
 mod server;
 mod state;
+mod web;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

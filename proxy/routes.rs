@@ -8,18 +8,26 @@
 //! | `GET /readyz` | readiness: ClickHouse and Redis reachable |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /openapi.json` | [`crate::openapi`] (no API key needed) |
+//! | `GET /docs`, `/docs/*` | Swagger UI over `/openapi.json`, [`crate::web`] (no API key needed) |
+//! | `GET /status`, `/status/*` | the operator page, [`crate::web`] (no data in it: no key needed) |
+//! | `GET /status.json` | [`crate::handlers::status`] (a key when `auth.protect_metrics`) |
+//! | `OPTIONS *` with `Origin` and `Access-Control-Request-Method` | CORS preflight, [`crate::cors`] (no API key, no I/O) |
+//!
+//! Every other answer, errors included, gets its CORS headers from
+//! [`crate::cors::Cors::decorate`] here.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
 
 use dashcache::metrics::{HttpLabels, RouteLabels};
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 
 use crate::auth;
+use crate::cors::Cors;
 use crate::error::ApiError;
-use crate::handlers::{export, health, query};
+use crate::handlers::{export, health, query, status};
 use crate::reply::Body;
 use crate::state::App;
 use dashcache::config::{ProxyConfig, RequestLog};
@@ -34,18 +42,27 @@ pub enum Route {
     Healthz,
     Readyz,
     Metrics,
+    /// `/docs` and its files.
+    Docs,
+    /// `/status`, its files and `/status.json`.
+    Status,
+    /// A CORS preflight.
+    Preflight,
     /// Anything else (404, 405).
     Other,
 }
 
 impl Route {
-    pub const ALL: [Route; 7] = [
+    pub const ALL: [Route; 10] = [
         Route::Query,
         Route::Export,
         Route::OpenApi,
         Route::Healthz,
         Route::Readyz,
         Route::Metrics,
+        Route::Docs,
+        Route::Status,
+        Route::Preflight,
         Route::Other,
     ];
 
@@ -57,6 +74,9 @@ impl Route {
             Route::Healthz => "healthz",
             Route::Readyz => "readyz",
             Route::Metrics => "metrics",
+            Route::Docs => "docs",
+            Route::Status => "status",
+            Route::Preflight => "preflight",
             Route::Other => "other",
         }
     }
@@ -67,8 +87,10 @@ impl Route {
         match self {
             Route::Query => &[200, 304, 401, 403, 404, 422, 429, 500, 503],
             Route::Export => &[200, 401, 403, 404, 413, 422, 429, 503],
-            Route::OpenApi | Route::Healthz | Route::Metrics => &[200, 401],
+            Route::OpenApi | Route::Healthz | Route::Metrics | Route::Status => &[200, 401],
+            Route::Docs => &[200],
             Route::Readyz => &[200, 401, 503],
+            Route::Preflight => &[204, 403],
             Route::Other => &[404, 405],
         }
     }
@@ -89,8 +111,12 @@ impl Route {
 pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     app.metrics.http_in_flight.inc();
-    let (route, response) = route(&app, &req).await;
+    let (route, mut response) = route(&app, &req).await;
     app.metrics.http_in_flight.dec();
+    if route != Route::Preflight {
+        app.cors
+            .decorate(req.headers().get(header::ORIGIN), response.headers_mut());
+    }
 
     let status = response.status();
     app.metrics
@@ -131,6 +157,11 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
 }
 
 async fn route(app: &Arc<App>, req: &Request<Incoming>) -> (Route, Response<Body>) {
+    if Cors::is_preflight(req)
+        && let Some(origin) = req.headers().get(header::ORIGIN)
+    {
+        return (Route::Preflight, app.cors.preflight(origin));
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let response =
             ApiError::MethodNotAllowed.reply(format!("{} is not supported; use GET", req.method()));
@@ -164,10 +195,17 @@ async fn route(app: &Arc<App>, req: &Request<Incoming>) -> (Route, Response<Body
     if path == "/openapi.json" {
         return (Route::OpenApi, crate::openapi::response(&app.openapi));
     }
+    if let Some(asset) = crate::web::find(&crate::web::DOCS, path) {
+        return (Route::Docs, asset.respond(req.headers()).await);
+    }
+    if let Some(asset) = crate::web::find(&crate::web::STATUS, path) {
+        return (Route::Status, asset.respond(req.headers()).await);
+    }
     let (route, protected) = match path {
         "/healthz" => (Route::Healthz, app.config.auth.protect_health),
         "/readyz" => (Route::Readyz, app.config.auth.protect_health),
         "/metrics" => (Route::Metrics, app.config.auth.protect_metrics),
+        "/status.json" => (Route::Status, app.config.auth.protect_metrics),
         _ => {
             let response = ApiError::NotFound.reply(format!("no route for {path}"));
             return (Route::Other, response);
@@ -179,6 +217,7 @@ async fn route(app: &Arc<App>, req: &Request<Incoming>) -> (Route, Response<Body
     let response = match route {
         Route::Healthz => health::liveness(),
         Route::Readyz => health::readiness(app).await,
+        Route::Status => status::json(app).await,
         _ => health::metrics(app),
     };
     (route, response)

@@ -27,6 +27,8 @@ use dashcache::store::{Store, StoreError};
 use crate::ahead::RefreshAhead;
 use crate::auth::Auth;
 use crate::auth::missqueue::MissQueue;
+use crate::cors::Cors;
+use crate::handlers::status::History;
 use crate::prepared::PreparedMemo;
 
 pub struct App {
@@ -48,6 +50,12 @@ pub struct App {
     pub openapi: bytes::Bytes,
     /// Timers that refresh answers being read just before they expire.
     pub ahead: Arc<RefreshAhead>,
+    /// `[cors]`: preflights and the CORS headers of every answer.
+    pub cors: Cors,
+    /// The control store (API keys; `/status` reads the warm-up history).
+    pub store: Store,
+    /// What `/status` charts: the counters sampled over the last minutes.
+    pub history: Arc<History>,
 }
 
 /// Why the proxy could not start with a config that passed the check.
@@ -79,7 +87,7 @@ impl App {
             true,
         )?);
         let store = Store::from_config(&config).await?;
-        let key_store = KeyStore::new(store);
+        let key_store = KeyStore::new(store.clone());
         let keys = Arc::new(KeyRing::default());
         let count = keys.reload(&key_store).await.map_err(StartError::Keys)?;
         tracing::info!(keys = count, "API keys loaded");
@@ -103,6 +111,9 @@ impl App {
         )?;
         popularity.spawn_flusher();
         Ok(Arc::new(App {
+            cors: Cors::new(&config.cors, &metrics),
+            store,
+            history: History::spawn(metrics.clone()),
             openapi: crate::openapi::build(&catalog, &config.auth),
             popularity,
             auth: Auth {

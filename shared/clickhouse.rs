@@ -99,6 +99,15 @@ pub struct ClickHouse {
 }
 
 /// The replicas of one upstream: their health and one client each.
+/// One query replica as the health checks see it (for `/status`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReplicaState {
+    pub url: String,
+    /// Takes queries (false: ejected).
+    pub up: bool,
+    pub in_flight: usize,
+}
+
 #[derive(Clone)]
 struct Upstream {
     /// The health check's bound (`clickhouse.health_timeout`).
@@ -280,6 +289,21 @@ impl ClickHouse {
     }
 
     /// How many replicas queries choose from.
+    /// Each query replica's URL, whether it takes queries, and its queries in flight.
+    pub fn replica_states(&self) -> Vec<ReplicaState> {
+        let pool = &self.upstream.pool;
+        (0..pool.len())
+            .map(|index| {
+                let replica = pool.replica(index);
+                ReplicaState {
+                    url: replica.name.clone(),
+                    up: replica.is_up(),
+                    in_flight: replica.in_flight(),
+                }
+            })
+            .collect()
+    }
+
     pub fn replicas(&self) -> usize {
         self.upstream.pool.len()
     }

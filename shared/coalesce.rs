@@ -96,6 +96,14 @@ impl Coalescer {
         lock(&self.flights).len()
     }
 
+    /// Requests reading along with a flight they did not start (for `/status`).
+    pub fn waiting(&self) -> usize {
+        lock(&self.flights)
+            .values()
+            .map(|f| f.readers.load(Ordering::Relaxed).saturating_sub(1))
+            .sum()
+    }
+
     fn land(&self, key: &CacheKey, flight: &Arc<Flight>) {
         let mut flights = lock(&self.flights);
         if flights.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {

@@ -16,6 +16,7 @@ pub mod clickhouse;
 pub mod clock;
 pub mod coalesce;
 pub mod config;
+pub mod cors;
 pub mod encoding;
 pub mod engine;
 pub mod fill;

@@ -12,8 +12,8 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::outcome::{
-    AdmissionOutcome, AttemptOutcome, CacheStatus, ExportOutcome, QueueOutcome, RateOutcome,
-    StoreOutcome, UPSTREAM_ERROR_KINDS,
+    AdmissionOutcome, AttemptOutcome, CacheStatus, CorsKind, CorsOutcome, ExportOutcome,
+    QueueOutcome, RateOutcome, StoreOutcome, UPSTREAM_ERROR_KINDS,
 };
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -42,6 +42,12 @@ pub struct OutcomeLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CorsLabels {
+    pub kind: &'static str,
+    pub result: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -103,6 +109,9 @@ pub struct Metrics {
     pub miss_queue_waiting: Gauge,
     /// Rate-limit decisions (allowed, limited).
     pub rate_limit: Family<OutcomeLabels, Counter>,
+    /// Requests carrying `Origin`, by kind (preflight, actual) and whether
+    /// `[cors]` allows the origin (allowed, refused).
+    pub cors_requests: Family<CorsLabels, Counter>,
     /// The scheduler's warm-up runs.
     pub warmup: WarmupMetrics,
 }
@@ -298,8 +307,15 @@ impl Metrics {
             "Rate-limit decisions (allowed, limited)",
             rate_limit.clone(),
         );
+        let cors_requests = Family::<CorsLabels, Counter>::default();
+        registry.register(
+            "cors_requests",
+            "Requests from pages on other origins by kind (preflight, actual) and result (allowed, refused)",
+            cors_requests.clone(),
+        );
         let warmup = WarmupMetrics::register(&mut registry);
         let metrics = Metrics {
+            cors_requests,
             miss_queue,
             miss_queue_waiting,
             rate_limit,
@@ -378,6 +394,14 @@ impl Metrics {
                 outcome: outcome.as_str(),
             });
         }
+        for kind in CorsKind::ALL {
+            for result in CorsOutcome::ALL {
+                let _ = self.cors_requests.get_or_create(&CorsLabels {
+                    kind: kind.as_str(),
+                    result: result.as_str(),
+                });
+            }
+        }
         for result in ["ok", "rejected"] {
             let _ = self.warmup.reloads.get_or_create(&ResultLabels { result });
         }
@@ -436,6 +460,15 @@ impl Metrics {
         self.rate_limit
             .get_or_create(&OutcomeLabels {
                 outcome: outcome.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn cors_outcome(&self, kind: CorsKind, result: CorsOutcome) {
+        self.cors_requests
+            .get_or_create(&CorsLabels {
+                kind: kind.as_str(),
+                result: result.as_str(),
             })
             .inc();
     }

@@ -216,3 +216,43 @@ impl RateOutcome {
 /// Kinds of failed ClickHouse queries: `dashcache_clickhouse_errors_total{kind}`
 /// (the values of `UpstreamError::kind`).
 pub const UPSTREAM_ERROR_KINDS: [&str; 4] = ["connect", "status", "body", "timeout"];
+
+/// Which kind of cross-origin request: `dashcache_cors_requests_total{kind}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CorsKind {
+    /// `OPTIONS` with `Access-Control-Request-Method`: the browser asks first.
+    Preflight,
+    /// Any other request that carries `Origin`.
+    Actual,
+}
+
+impl CorsKind {
+    pub const ALL: [CorsKind; 2] = [CorsKind::Preflight, CorsKind::Actual];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            CorsKind::Preflight => "preflight",
+            CorsKind::Actual => "actual",
+        }
+    }
+}
+
+/// Whether a request's `Origin` is allowed by `[cors]`:
+/// `dashcache_cors_requests_total{result}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CorsOutcome {
+    Allowed,
+    /// Answered without CORS headers: the browser keeps the answer from the page.
+    Refused,
+}
+
+impl CorsOutcome {
+    pub const ALL: [CorsOutcome; 2] = [CorsOutcome::Allowed, CorsOutcome::Refused];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            CorsOutcome::Allowed => "allowed",
+            CorsOutcome::Refused => "refused",
+        }
+    }
+}

@@ -103,6 +103,11 @@ impl Recorder {
         }))
     }
 
+    /// The `k` most requested answers of the last `hours` hours (for `/status`).
+    pub async fn top(&self, hours: u32, k: usize) -> Result<Vec<(Demand, u64)>, PopularityError> {
+        top(&mut self.conn.clone(), &self.prefix, hours, k, Utc::now()).await
+    }
+
     /// Counts one request for a bound query. Never blocks on I/O; a key
     /// already counted since the last flush costs no allocation.
     pub fn record(

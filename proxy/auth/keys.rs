@@ -9,7 +9,7 @@
 //! up by its hash: nothing compares secret bytes, so lookups leak no timing
 //! about stored keys. What a tier allows is [`crate::auth::tier`]'s business.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
@@ -236,6 +236,22 @@ impl KeyRing {
             return Err(KeyError::Expired);
         }
         Ok(key.clone())
+    }
+
+    /// Keys valid at `now_ms` (not revoked, not expired), per tier (for `/status`).
+    pub fn per_tier(&self, now_ms: i64) -> BTreeMap<String, usize> {
+        let keys = self
+            .keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let mut tiers = BTreeMap::new();
+        for key in keys.values() {
+            if key.revoked_ms.is_none() && key.expires_ms.is_none_or(|at| now_ms < at) {
+                *tiers.entry(key.tier.clone()).or_insert(0) += 1;
+            }
+        }
+        tiers
     }
 
     /// Re-reads every key from the store.

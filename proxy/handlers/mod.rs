@@ -4,3 +4,4 @@
 pub mod export;
 pub mod health;
 pub mod query;
+pub mod status;

@@ -22,6 +22,7 @@ use std::path::Path;
 
 use crate::catalog::Catalog;
 use crate::config::{Config, ConfigError, Diagnostic};
+use crate::cors::{OriginPattern, is_header_name};
 use crate::redis_conn::Topology;
 
 pub use warmup::Warmup;
@@ -144,11 +145,52 @@ fn run(config: &Config) -> (Catalog, Vec<Warmup>, Vec<Diagnostic>) {
             .map(|err| config.diagnostic(&err.path(), err.to_string())),
     );
     diagnostics.extend(tiers(config));
+    diagnostics.extend(cors(config));
     let (warmups, problems) = warmup::check(config, &catalog);
     diagnostics.extend(problems);
     // File order; problems of the file as a whole first.
     diagnostics.sort_by_key(|d| d.line.unwrap_or(0));
     (catalog, warmups, diagnostics)
+}
+
+/// `[cors]`: origins that are origins (or `https://*.example.com`), header
+/// names that are tokens, no `*` with credentials.
+fn cors(config: &Config) -> Vec<Diagnostic> {
+    let cors = &config.cors;
+    let mut diagnostics = Vec::new();
+    for (index, origin) in cors.allowed_origins.iter().enumerate() {
+        let at = ["cors", "allowed_origins", &index.to_string()];
+        match OriginPattern::parse(origin) {
+            Err(err) => diagnostics.push(config.diagnostic(&at, format!("cors.allowed_origins: {err}"))),
+            Ok(OriginPattern::Any) if cors.allow_credentials => diagnostics.push(config.diagnostic(
+                &at,
+                "cors.allowed_origins: `*` cannot be combined with allow_credentials = true (any site could act with a visitor's cookies); list the origins",
+            )),
+            Ok(_) => {}
+        }
+    }
+    for key in ["allowed_headers", "exposed_headers"] {
+        let names = if key == "allowed_headers" {
+            &cors.allowed_headers
+        } else {
+            &cors.exposed_headers
+        };
+        for (index, name) in names.iter().enumerate() {
+            if !is_header_name(name) {
+                diagnostics.push(config.diagnostic(
+                    &["cors", key, &index.to_string()],
+                    format!("cors.{key}: `{name}` is not a header name"),
+                ));
+            }
+        }
+    }
+    if cors.max_age > std::time::Duration::from_secs(86_400) {
+        diagnostics.push(config.diagnostic(
+            &["cors", "max_age"],
+            "cors.max_age must be at most 24h (browsers cap it lower: Chromium at 2h)",
+        ));
+    }
+    diagnostics
 }
 
 /// `[tier.*]`: what a tier may do must make sense and name what exists.
@@ -336,6 +378,46 @@ mod tests {
         assert_eq!(got.len(), 8, "{got:#?}");
         let lines: Vec<usize> = got.iter().filter_map(|(l, _)| *l).collect();
         assert!(lines.windows(2).all(|w| w[0] <= w[1]), "{got:#?}");
+    }
+
+    #[test]
+    fn cors_origins_and_headers_are_checked_with_their_lines() {
+        let (got, text) = reasons(
+            "",
+            &[
+                (
+                    "allowed_origins = [\"http://127.0.0.1:8081\", \"http://localhost:8081\"]",
+                    "allowed_origins = [\n  \"https://ok.example.com\",\n  \"dash.example.com\",\n  \"https://a.*.example.com\",\n  \"https://x.example.com/app\",\n  \"*\",\n]",
+                ),
+                (
+                    "allowed_headers = []",
+                    "allowed_headers = [\"X-Dashboard\", \"Bad Header\"]",
+                ),
+                ("allow_credentials = false", "allow_credentials = true"),
+                ("max_age = \"2h\"", "max_age = \"2d\""),
+            ],
+        );
+        let has = |needle: &str, reason: &str| {
+            let line = line_of(&text, needle);
+            assert!(
+                got.iter()
+                    .any(|(l, r)| *l == Some(line) && r.contains(reason)),
+                "no `{reason}` at line {line} in {got:#?}"
+            );
+        };
+        has("\"dash.example.com\"", "`dash.example.com` has no scheme");
+        has(
+            "\"https://a.*.example.com\"",
+            "a wildcard may only stand for subdomains",
+        );
+        has("\"https://x.example.com/app\"", "without a path");
+        has("  \"*\",", "`*` cannot be combined with allow_credentials");
+        has(
+            "Bad Header",
+            "cors.allowed_headers: `Bad Header` is not a header name",
+        );
+        has("max_age = \"2d\"", "cors.max_age must be at most 24h");
+        assert_eq!(got.len(), 6, "{got:#?}");
     }
 
     #[test]

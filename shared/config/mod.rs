@@ -17,7 +17,9 @@ use serde::Deserialize;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
+mod cors;
 mod scheduler;
+pub use cors::CorsConfig;
 pub use scheduler::{PopularConfig, PopularityConfig, SchedulerConfig, WarmupConfig};
 
 /// Why a config could not be loaded. Messages name the file.
@@ -167,6 +169,9 @@ pub struct Config {
     pub store: StoreConfig,
     #[serde(default)]
     pub auth: AuthConfig,
+    /// Browser pages on other origins (see [`crate::cors`]).
+    #[serde(default)]
+    pub cors: CorsConfig,
     /// Usage tiers, `[tier.<name>]`: what an API key of that tier may do.
     #[serde(default, rename = "tier")]
     pub tiers: BTreeMap<String, TierConfig>,

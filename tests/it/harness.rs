@@ -358,7 +358,16 @@ pub async fn get(url: &str) -> Result<Reply, String> {
 }
 
 pub async fn request(url: &str, headers: &[(&str, &str)]) -> Result<Reply, String> {
-    let mut builder = http::Request::get(url);
+    request_method(http::Method::GET, url, headers).await
+}
+
+/// A request with any method (no body).
+pub async fn request_method(
+    method: http::Method,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Result<Reply, String> {
+    let mut builder = http::Request::builder().method(method).uri(url);
     for (name, value) in headers {
         builder = builder.header(*name, *value);
     }

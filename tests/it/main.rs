@@ -6,9 +6,11 @@
 
 mod harness;
 
+mod browser;
 mod check;
 mod coalescing;
 mod compat;
+mod cors;
 mod dashboards;
 mod export;
 mod faults;
