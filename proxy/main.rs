@@ -3,6 +3,7 @@
 //! Everything else lives in the server modules below and in the library.
 
 mod auth;
+mod chhttp;
 mod error;
 mod handlers;
 mod keycmd;

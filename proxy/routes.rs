@@ -34,18 +34,21 @@ pub enum Route {
     Healthz,
     Readyz,
     Metrics,
+    /// The ClickHouse-compatible endpoint (its own listener, `crate::chhttp`).
+    ClickHouse,
     /// Anything else (404, 405).
     Other,
 }
 
 impl Route {
-    pub const ALL: [Route; 7] = [
+    pub const ALL: [Route; 8] = [
         Route::Query,
         Route::Export,
         Route::OpenApi,
         Route::Healthz,
         Route::Readyz,
         Route::Metrics,
+        Route::ClickHouse,
         Route::Other,
     ];
 
@@ -57,6 +60,7 @@ impl Route {
             Route::Healthz => "healthz",
             Route::Readyz => "readyz",
             Route::Metrics => "metrics",
+            Route::ClickHouse => "clickhouse",
             Route::Other => "other",
         }
     }
@@ -69,6 +73,7 @@ impl Route {
             Route::Export => &[200, 401, 403, 404, 413, 422, 429, 503],
             Route::OpenApi | Route::Healthz | Route::Metrics => &[200, 401],
             Route::Readyz => &[200, 401, 503],
+            Route::ClickHouse => &[200, 400, 403, 404, 408, 429, 500, 503],
             Route::Other => &[404, 405],
         }
     }
@@ -185,7 +190,7 @@ async fn route(app: &Arc<App>, req: &Request<Incoming>) -> (Route, Response<Body
 }
 
 /// Whether the request log takes a request that got `status`.
-fn logged(config: &ProxyConfig, status: StatusCode) -> bool {
+pub(crate) fn logged(config: &ProxyConfig, status: StatusCode) -> bool {
     let error = status.as_u16() >= 400;
     match config.request_log {
         RequestLog::Off => false,
@@ -197,4 +202,4 @@ fn logged(config: &ProxyConfig, status: StatusCode) -> bool {
 
 /// The API key id a response was made for (never the key), for the log line.
 #[derive(Clone)]
-struct KeyId(String);
+pub(crate) struct KeyId(pub String);

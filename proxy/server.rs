@@ -4,9 +4,16 @@
 //! stops accepting, lets in-flight requests and streams finish for up to
 //! `proxy.shutdown_grace`, then returns. The socket has `SO_REUSEPORT`, so
 //! a new process can take over the port before the old one stops.
+//! With `[clickhouse_http] enabled`, a second listener serves the
+//! ClickHouse-compatible endpoint (`crate::chhttp`) the same way, stopped
+//! by the same signal.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -15,6 +22,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 
+use crate::reply::Body;
 use crate::routes;
 use crate::state::App;
 
@@ -33,11 +41,36 @@ pub async fn run(app: Arc<App>, listen: Option<SocketAddr>) -> Result<(), Listen
         .and_then(|listener| Ok((listener.local_addr()?, listener)))
         .map_err(|source| ListenError { addr, source });
     let (local, listener) = listener?;
+    let clickhouse = if app.config.clickhouse_http.enabled {
+        let addr = app.config.clickhouse_http.listen;
+        let listener = bind(addr)
+            .and_then(|listener| Ok((listener.local_addr()?, listener)))
+            .map_err(|source| ListenError { addr, source })?;
+        tracing::info!(addr = %listener.0, "ClickHouse-compatible endpoint listening");
+        Some(listener.1)
+    } else {
+        None
+    };
     tracing::info!(addr = %local, queries = app.catalog.iter().count(), "dashcache-proxy listening");
     // systemd (Type=notify): config, keys and listener are ready; no-op outside systemd.
     dashcache::service::ready(&format!("listening on {local}"));
     ignore_sighup();
-    serve(listener, app, shutdown_signal()).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let clickhouse = clickhouse.map(|listener| {
+        let (app, stop) = (app.clone(), stop.clone());
+        tokio::spawn(async move {
+            serve_with(listener, app, stop.cancelled_owned(), crate::chhttp::handle).await;
+        })
+    });
+    let signal = stop.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        signal.cancel();
+    });
+    serve(listener, app, stop.cancelled_owned()).await;
+    if let Some(clickhouse) = clickhouse {
+        let _ = clickhouse.await;
+    }
     Ok(())
 }
 
@@ -47,6 +80,23 @@ pub async fn run(app: Arc<App>, listen: Option<SocketAddr>) -> Result<(), Listen
 /// signal, so a test can serve on its own listener and stop it at will.
 pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
     routes::Route::zero_series(&app.metrics);
+    serve_with(listener, app.clone(), shutdown, routes::handle).await;
+    if let Err(err) = app.popularity.flush().await {
+        tracing::warn!(error = %err, "could not flush request counts at shutdown");
+    }
+}
+
+/// The accept loop and graceful drain of [`serve`], with `handler` answering
+/// every request (the API's routes, or the ClickHouse-compatible endpoint's).
+pub async fn serve_with<H, F>(
+    listener: TcpListener,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()>,
+    handler: H,
+) where
+    H: Fn(Arc<App>, Request<Incoming>) -> F + Copy + Send + Sync + 'static,
+    F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -64,7 +114,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
                 };
                 let _ = stream.set_nodelay(true);
                 let service_app = app.clone();
-                let service = service_fn(move |req| routes::handle(service_app.clone(), req));
+                let service = service_fn(move |req| handler(service_app.clone(), req));
                 let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                 let conn = graceful.watch(conn);
                 let open = app.metrics.open_connections.clone();
@@ -84,9 +134,6 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections closed"),
         () = tokio::time::sleep(grace) => tracing::warn!("shutdown grace elapsed; closing remaining connections"),
-    }
-    if let Err(err) = app.popularity.flush().await {
-        tracing::warn!(error = %err, "could not flush request counts at shutdown");
     }
 }
 

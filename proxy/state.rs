@@ -43,6 +43,8 @@ pub struct App {
     pub popularity: Arc<Recorder>,
     /// `GET /openapi.json`, generated from the catalog at start.
     pub openapi: bytes::Bytes,
+    /// The ClickHouse-compatible endpoint's servers, TTL rules and passwords.
+    pub clickhouse_http: crate::chhttp::Endpoint,
 }
 
 /// Why the proxy could not start with a config that passed the check.
@@ -96,6 +98,7 @@ impl App {
         )?;
         popularity.spawn_flusher();
         Ok(Arc::new(App {
+            clickhouse_http: crate::chhttp::Endpoint::new(&config, metrics.clone()),
             openapi: crate::openapi::build(&catalog, &config.auth),
             popularity,
             auth: Auth {

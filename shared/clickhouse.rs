@@ -42,8 +42,14 @@ const TIMEOUT_CODE: u32 = 159;
 pub enum UpstreamError {
     #[error("ClickHouse is unreachable: {0}")]
     Connect(String),
+    /// An error status before the first byte; `message` is ClickHouse's body.
     #[error("ClickHouse refused the query (code {code:?}): {message}")]
-    Query { code: Option<u32>, message: String },
+    Query {
+        code: Option<u32>,
+        message: String,
+        /// The HTTP status, when the client saw it (the `clickhouse` crate hides it).
+        status: Option<u16>,
+    },
     #[error("ClickHouse failed in the middle of the answer (code {code:?}): {message}")]
     Body { code: Option<u32>, message: String },
     #[error("ClickHouse did not answer within {0:?}")]
@@ -79,6 +85,7 @@ impl UpstreamError {
             clickhouse::error::Error::BadResponse(message) => UpstreamError::Query {
                 code: error_code(message.as_bytes()),
                 message,
+                status: None,
             },
             clickhouse::error::Error::TimedOut => UpstreamError::Timeout(Duration::ZERO),
             other => UpstreamError::Connect(other.to_string()),
@@ -735,7 +742,7 @@ fn tagged_exception(tail: &[u8]) -> Option<usize> {
 }
 
 /// The number after `Code: ` in an exception text.
-fn error_code(text: &[u8]) -> Option<u32> {
+pub fn error_code(text: &[u8]) -> Option<u32> {
     let at = memchr::memmem::find(text, b"Code: ")?;
     let digits: Vec<u8> = text[at + 6..]
         .iter()

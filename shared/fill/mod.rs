@@ -109,6 +109,11 @@ pub trait Upstream: Send + Sync {
 /// An answer being read, chunk by chunk; `None` at its verified end.
 pub trait AnswerStream: Send {
     fn next(&mut self) -> BoxFuture<'_, Result<Option<Bytes>, UpstreamError>>;
+    /// Response headers to keep with the answer and replay on hits (known
+    /// once the first `next` returned); none by default.
+    fn headers(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
 }
 
 impl AnswerStore for Cache {
@@ -279,6 +284,7 @@ impl Filler {
         };
         match body {
             Ok(body) => {
+                producer.set_headers(entry.header.headers.clone());
                 producer.push(body);
                 // Another process stored it: it is in the shared store.
                 producer.complete_stored(StoreOutcome::Stored);
@@ -367,7 +373,9 @@ impl Filler {
             let etag = Entry::etag_of(&body);
             let (body, encoding) = stored_form(body).await;
             let now = now_ms();
-            let entry = Arc::new(new_entry(body, encoding, etag, job, compute, now));
+            let mut entry = new_entry(body, encoding, etag, job, compute, now);
+            entry.header.headers = producer.headers().as_ref().clone();
+            let entry = Arc::new(entry);
             if self.store.put(&job.key, entry, now).await {
                 StoreOutcome::Stored
             } else {
@@ -385,9 +393,17 @@ impl Filler {
         let mut answer = self.upstream.query(&job.sql, job.format, &unique_id())?;
         producer.mark_computed();
         let mut size = 0usize;
+        let mut first = true;
         while let Some(chunk) = answer.next().await? {
+            if first {
+                first = false;
+                producer.set_headers(answer.headers());
+            }
             size += chunk.len();
             producer.push(chunk);
+        }
+        if first {
+            producer.set_headers(answer.headers());
         }
         Ok(size)
     }
@@ -435,6 +451,7 @@ fn new_entry(
             content_type: job.format.content_type().to_owned(),
             encoding: encoding.token().into(),
             range: job.range,
+            headers: Vec::new(),
         },
         body,
         identity: Default::default(),

@@ -116,6 +116,8 @@ pub struct Proxy {
     pub dir: TempDir,
     /// The API key `get` sends.
     pub key: String,
+    /// The ClickHouse-compatible endpoint (`[clickhouse_http]`), on a port of its own.
+    pub ch_base: String,
 }
 
 impl Proxy {
@@ -123,7 +125,17 @@ impl Proxy {
         Self::start_with(ProxyOptions::default()).await
     }
 
-    pub async fn start_with(options: ProxyOptions) -> Proxy {
+    pub async fn start_with(mut options: ProxyOptions) -> Proxy {
+        let ch_port = free_port();
+        // First, so that a test's own `set` wins.
+        options.set.insert(
+            0,
+            (
+                "clickhouse_http",
+                "listen",
+                format!("127.0.0.1:{ch_port}").into(),
+            ),
+        );
         let dir = TempDir::new("proxy");
         let config_path = dir.0.join("config.toml");
         std::fs::write(&config_path, test_config(&options, &dir.0)).expect("write config");
@@ -148,6 +160,7 @@ impl Proxy {
             base: format!("http://127.0.0.1:{port}"),
             dir,
             key,
+            ch_base: format!("http://127.0.0.1:{ch_port}"),
         };
         for _ in 0..200 {
             if let Ok(r) = get(&format!("{}/healthz", proxy.base)).await
@@ -557,14 +570,14 @@ pub fn replica_http_port() -> u16 {
     std::env::var("DASHCACHE_CH2_HTTP_PORT")
         .ok()
         .and_then(|p| p.parse().ok())
-        .unwrap_or(8124)
+        .unwrap_or(8125)
 }
 
 pub fn replica_tcp_port() -> u16 {
     std::env::var("DASHCACHE_CH2_TCP_PORT")
         .ok()
         .and_then(|p| p.parse().ok())
-        .unwrap_or(9001)
+        .unwrap_or(9002)
 }
 
 pub fn replica_clickhouse_url() -> String {
