@@ -22,8 +22,11 @@ pub enum Kind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
     Empty,
-    /// Its first word is not a read-only statement's.
+    /// A statement that writes or changes state (`INSERT`, `ALTER`, `SET`, …).
     NotReadOnly(String),
+    /// Its first word starts no statement ClickHouse knows (as ClickHouse,
+    /// a syntax error).
+    Unknown(String),
     /// A second statement follows the first.
     MultiStatement,
     /// A string, quoted identifier or comment that never closes.
@@ -38,6 +41,9 @@ impl Refusal {
             Refusal::NotReadOnly(word) => format!(
                 "Cannot execute query in readonly mode: dashcache passes only SELECT, WITH, SHOW, DESCRIBE, EXISTS and EXPLAIN (got `{word}`)"
             ),
+            Refusal::Unknown(word) => {
+                format!("Syntax error: failed at position 1: `{word}` starts no statement")
+            }
             Refusal::MultiStatement => "Multi-statements are not allowed".into(),
             Refusal::Unterminated => {
                 "Syntax error: a string, quoted identifier or comment is not closed".into()
@@ -54,6 +60,13 @@ pub struct Statement<'a> {
     /// whitespace and a final `;` (what the cache key uses).
     pub text: &'a str,
 }
+
+/// First words of statements that write or change state.
+const WRITES: &[&str] = &[
+    "INSERT", "CREATE", "ALTER", "DROP", "DELETE", "UPDATE", "TRUNCATE", "RENAME", "EXCHANGE",
+    "ATTACH", "DETACH", "OPTIMIZE", "SET", "SYSTEM", "KILL", "USE", "GRANT", "REVOKE", "CHECK",
+    "UNDROP", "BACKUP", "RESTORE", "MOVE", "WATCH", "BEGIN", "COMMIT", "ROLLBACK", "REPLACE",
+];
 
 /// Classifies `sql`.
 pub fn classify(sql: &str) -> Result<Statement<'_>, Refusal> {
@@ -72,13 +85,14 @@ pub fn classify(sql: &str) -> Result<Statement<'_>, Refusal> {
         match word.to_ascii_uppercase().as_str() {
             "SELECT" | "WITH" => Kind::Select,
             "SHOW" | "DESCRIBE" | "DESC" | "EXISTS" | "EXPLAIN" => Kind::Metadata,
+            upper if WRITES.contains(&upper) => return Err(Refusal::NotReadOnly(word)),
             _ => {
                 let shown: String = if word.is_empty() {
                     rest.chars().take(16).collect()
                 } else {
                     word
                 };
-                return Err(Refusal::NotReadOnly(shown));
+                return Err(Refusal::Unknown(shown));
             }
         }
     };
@@ -235,7 +249,8 @@ mod tests {
                 Refusal::NotReadOnly("alter".into()),
             ),
             ("SET readonly = 0", Refusal::NotReadOnly("SET".into())),
-            ("SELECTX 1", Refusal::NotReadOnly("SELECTX".into())),
+            ("SELECTX 1", Refusal::Unknown("SELECTX".into())),
+            ("SELEC 1", Refusal::Unknown("SELEC".into())),
             ("SELECT 1; DROP TABLE t", Refusal::MultiStatement),
             ("SELECT 1;SELECT 2", Refusal::MultiStatement),
             (

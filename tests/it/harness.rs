@@ -92,6 +92,8 @@ pub struct ProxyOptions {
     /// Tier and tenant of the key `Proxy::get` sends.
     pub tier: &'static str,
     pub tenant: &'static str,
+    /// Environment variables of the proxy process (e.g. ClickHouse passwords).
+    pub env: Vec<(&'static str, String)>,
 }
 
 impl Default for ProxyOptions {
@@ -105,6 +107,7 @@ impl Default for ProxyOptions {
             store_url: None,
             tier: "enterprise",
             tenant: "acme",
+            env: Vec::new(),
         }
     }
 }
@@ -148,6 +151,7 @@ impl Proxy {
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .env("RUST_LOG", "info")
+            .envs(options.env.iter().map(|(k, v)| (*k, v.as_str())))
             .env_remove("DASHCACHE_REDIS_URL")
             .env_remove("DASHCACHE_CLICKHOUSE_URL")
             .env_remove("DASHCACHE_STORE_URL")

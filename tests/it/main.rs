@@ -7,6 +7,7 @@
 mod harness;
 
 mod check;
+mod chhttp;
 mod coalescing;
 mod dashboards;
 mod export;
