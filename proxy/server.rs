@@ -59,7 +59,14 @@ pub async fn run(app: Arc<App>, listen: Option<SocketAddr>) -> Result<(), Listen
     let clickhouse = clickhouse.map(|listener| {
         let (app, stop) = (app.clone(), stop.clone());
         tokio::spawn(async move {
-            serve_with(listener, app, stop.cancelled_owned(), crate::chhttp::handle).await;
+            let graceful = accept_until(
+                listener,
+                &app,
+                stop.cancelled_owned(),
+                crate::chhttp::handle,
+            )
+            .await;
+            drain(&app, graceful).await;
         })
     });
     let signal = stop.clone();
@@ -80,20 +87,24 @@ pub async fn run(app: Arc<App>, listen: Option<SocketAddr>) -> Result<(), Listen
 /// signal, so a test can serve on its own listener and stop it at will.
 pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
     routes::Route::zero_series(&app.metrics);
-    serve_with(listener, app.clone(), shutdown, routes::handle).await;
+    let graceful = accept_until(listener, &app, shutdown, routes::handle).await;
+    dashcache::service::stopping();
+    drain(&app, graceful).await;
     if let Err(err) = app.popularity.flush().await {
         tracing::warn!(error = %err, "could not flush request counts at shutdown");
     }
 }
 
-/// The accept loop and graceful drain of [`serve`], with `handler` answering
-/// every request (the API's routes, or the ClickHouse-compatible endpoint's).
-pub async fn serve_with<H, F>(
+/// The accept loop of [`serve`] until `shutdown`, with `handler` answering
+/// every request (the API's routes, or the ClickHouse-compatible
+/// endpoint's); the connections it opened, to [`drain`].
+pub async fn accept_until<H, F>(
     listener: TcpListener,
-    app: Arc<App>,
+    app: &Arc<App>,
     shutdown: impl Future<Output = ()>,
     handler: H,
-) where
+) -> GracefulShutdown
+where
     H: Fn(Arc<App>, Request<Incoming>) -> F + Copy + Send + Sync + 'static,
     F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
@@ -128,7 +139,11 @@ pub async fn serve_with<H, F>(
         }
     }
     drop(listener);
-    dashcache::service::stopping();
+    graceful
+}
+
+/// Lets `graceful`'s connections finish for up to `proxy.shutdown_grace`.
+pub async fn drain(app: &App, graceful: GracefulShutdown) {
     let grace = app.config.proxy.shutdown_grace;
     tracing::info!(?grace, "shutting down: finishing in-flight requests");
     tokio::select! {

@@ -1,7 +1,7 @@
 //! The ClickHouse-compatible HTTP endpoint: BI tools connect to dashcache as to ClickHouse.
 //!
 //! Its own listener (`[clickhouse_http] listen`), served by the same
-//! `server::serve_with` machinery as the API, with this router:
+//! `server::accept_until` and `drain` as the API, with this router:
 //!
 //! | request | answer |
 //! |---|---|

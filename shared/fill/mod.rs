@@ -334,13 +334,9 @@ impl Filler {
                 Ok(size) => break size,
                 // With several replicas, a query that could not connect has
                 // already been tried on each of them: retrying would only
-                // multiply the attempts.
-                Err(err)
-                    if attempt == 1
-                        && !producer.started()
-                        && !(matches!(err, UpstreamError::Connect(_))
-                            && self.upstream.replicas() > 1) =>
-                {
+                // multiply the attempts. A 4xx from ClickHouse (a syntax
+                // error, an unknown table) would only be said again.
+                Err(err) if attempt == 1 && !producer.started() && self.worth_retrying(&err) => {
                     tracing::warn!(query = %job.query, error = %err, "ClickHouse query failed; retrying once");
                     attempt += 1;
                 }
@@ -386,6 +382,18 @@ impl Filler {
         producer.complete_stored(outcome);
         // The caller drops the producer, which lands the flight: later
         // requests read the cache.
+    }
+
+    /// Whether a failure before the first byte may go away on a second try.
+    fn worth_retrying(&self, err: &UpstreamError) -> bool {
+        match err {
+            UpstreamError::Connect(_) => self.upstream.replicas() <= 1,
+            UpstreamError::Query {
+                status: Some(400..=499),
+                ..
+            } => false,
+            _ => true,
+        }
     }
 
     /// One run of the query; the answer's size on success.

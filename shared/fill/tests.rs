@@ -22,6 +22,13 @@ enum Step {
     FailAfter(&'static [&'static str]),
     /// The computation panics.
     Panic,
+    /// ClickHouse answers an error status (a syntax error, an unknown table).
+    Refused(u16),
+    /// Answers these chunks with these response headers.
+    WithHeaders(
+        &'static [&'static str],
+        &'static [(&'static str, &'static str)],
+    ),
 }
 
 /// An upstream that follows a script and counts its calls.
@@ -47,6 +54,7 @@ impl Scripted {
 struct Chunks {
     chunks: VecDeque<Bytes>,
     fail_at_end: bool,
+    headers: Vec<(String, String)>,
 }
 
 impl AnswerStream for Chunks {
@@ -60,6 +68,10 @@ impl AnswerStream for Chunks {
             None => Ok(None),
         };
         Box::pin(async move { next })
+    }
+
+    fn headers(&self) -> Vec<(String, String)> {
+        self.headers.clone()
     }
 }
 
@@ -77,11 +89,26 @@ impl Upstream for Scripted {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .pop_front()
             .unwrap_or(Step::Unreachable);
+        let mut headers = Vec::new();
         let (chunks, fail_at_end) = match step {
             Step::Unreachable => return Err(UpstreamError::Connect("connection refused".into())),
             Step::Answer(chunks) => (chunks, false),
             Step::FailAfter(chunks) => (chunks, true),
             Step::Panic => panic!("the computation panicked"),
+            Step::Refused(status) => {
+                return Err(UpstreamError::Query {
+                    code: Some(60),
+                    message: "Code: 60. DB::Exception: Table x doesn't exist".into(),
+                    status: Some(status),
+                });
+            }
+            Step::WithHeaders(chunks, kept) => {
+                headers = kept
+                    .iter()
+                    .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+                    .collect();
+                (chunks, false)
+            }
         };
         Ok(Box::new(Chunks {
             chunks: chunks
@@ -89,6 +116,7 @@ impl Upstream for Scripted {
                 .map(|c| Bytes::from_static(c.as_bytes()))
                 .collect(),
             fail_at_end,
+            headers,
         }))
     }
 
@@ -194,6 +222,46 @@ async fn a_failure_before_the_first_byte_is_retried_once_and_reaches_no_reader()
     let leader = w.start(job(None));
     assert_eq!(read(leader).await.expect("the retry answers"), "ok\n");
     assert_eq!(w.upstream.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_error_from_clickhouse_is_not_retried_but_a_server_error_is() {
+    let w = world(vec![Step::Refused(404), Step::Answer(&["never\n"])]);
+    let leader = w.start(job(None));
+    assert!(matches!(
+        read(leader).await,
+        Err(FlightError::Upstream(UpstreamError::Query {
+            status: Some(404),
+            ..
+        }))
+    ));
+    assert_eq!(w.upstream.calls(), 1, "saying it again would not change it");
+    assert!(w.store.get(&key()).is_none());
+
+    let w = world(vec![Step::Refused(500), Step::Answer(&["ok\n"])]);
+    assert_eq!(
+        read(w.start(job(None))).await.expect("the retry answers"),
+        "ok\n"
+    );
+    assert_eq!(w.upstream.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_answer_s_headers_reach_readers_and_the_stored_entry() {
+    let kept: &[(&str, &str)] = &[("content-type", "text/csv"), ("x-clickhouse-format", "CSV")];
+    let w = world(vec![Step::WithHeaders(&["a\n", "b\n"], kept)]);
+    let mut leader = w.start(job(None));
+    let first = leader.next().await.expect("a chunk").expect("no error");
+    assert_eq!(first, "a\n");
+    let headers = leader.headers();
+    assert_eq!(headers.len(), 2);
+    assert_eq!(
+        headers[1],
+        ("x-clickhouse-format".to_owned(), "CSV".to_owned())
+    );
+    assert_eq!(read(leader).await.expect("the rest"), "b\n");
+    let stored = w.store.get(&key()).expect("stored");
+    assert_eq!(stored.header.headers, *headers);
 }
 
 #[tokio::test(start_paused = true)]

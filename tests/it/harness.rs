@@ -131,13 +131,16 @@ impl Proxy {
     pub async fn start_with(mut options: ProxyOptions) -> Proxy {
         let ch_port = free_port();
         // First, so that a test's own `set` wins.
-        options.set.insert(
-            0,
-            (
-                "clickhouse_http",
-                "listen",
-                format!("127.0.0.1:{ch_port}").into(),
-            ),
+        options.set.splice(
+            0..0,
+            [
+                ("clickhouse_http", "enabled", true.into()),
+                (
+                    "clickhouse_http",
+                    "listen",
+                    format!("127.0.0.1:{ch_port}").into(),
+                ),
+            ],
         );
         let dir = TempDir::new("proxy");
         let config_path = dir.0.join("config.toml");
@@ -574,14 +577,14 @@ pub fn replica_http_port() -> u16 {
     std::env::var("DASHCACHE_CH2_HTTP_PORT")
         .ok()
         .and_then(|p| p.parse().ok())
-        .unwrap_or(8125)
+        .unwrap_or(8124)
 }
 
 pub fn replica_tcp_port() -> u16 {
     std::env::var("DASHCACHE_CH2_TCP_PORT")
         .ok()
         .and_then(|p| p.parse().ok())
-        .unwrap_or(9002)
+        .unwrap_or(9001)
 }
 
 pub fn replica_clickhouse_url() -> String {
