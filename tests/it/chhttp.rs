@@ -587,3 +587,62 @@ async fn real_client_libraries_get_the_same_through_dashcache_as_from_clickhouse
             > 0.0
     );
 }
+
+/// `sql` through the endpoint until `X-Cache` is `want` (bounded; no guess at timing).
+async fn until_cache(proxy: &Proxy, sql: &str, want: &str) -> Reply {
+    for _ in 0..400 {
+        let reply = through(proxy, "", sql, &[]).await;
+        if reply.cache() == want {
+            return reply;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("never {want}; log:\n{}", proxy.log());
+}
+
+#[tokio::test]
+async fn with_clickhouse_unreachable_stale_answers_are_served_and_fresh_ones_resume_after() {
+    let mut relay = crate::harness::Relay::start().await;
+    let rule = toml::Value::Table(
+        [
+            ("pattern".into(), "brief_marker".into()),
+            ("ttl".into(), "1s".into()),
+            ("grace".into(), "1h".into()),
+        ]
+        .into_iter()
+        .collect(),
+    );
+    let proxy = Proxy::start_with(ProxyOptions {
+        clickhouse_url: relay.url(),
+        set: vec![
+            ("clickhouse_http", "cache", toml::Value::Array(vec![rule])),
+            ("cache", "xfetch_beta", 0.0.into()),
+            ("cache", "early_refresh", 0.0.into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let sql = "SELECT 'brief_marker' AS m, count() AS n FROM demo.events_daily FORMAT JSONEachRow";
+    let first = through(&proxy, "", sql, &[]).await;
+    assert_eq!(
+        (first.status, first.cache()),
+        (200, "MISS"),
+        "{}",
+        first.text()
+    );
+
+    relay.cut();
+    let stale = until_cache(&proxy, sql, "STALE").await;
+    assert_eq!(stale.status, 200);
+    assert_eq!(stale.body.clone().unwrap(), first.body.clone().unwrap());
+    assert_eq!(stale.header("content-type"), first.header("content-type"));
+    // Nothing stored for another statement: ClickHouse's network error shape, retry later.
+    let uncached = through(&proxy, "", "SELECT 2 AS brief_other", &[]).await;
+    assert_eq!(uncached.status, 503, "{}", uncached.text());
+    assert_eq!(uncached.header("x-clickhouse-exception-code"), Some("210"));
+    assert!(uncached.header("retry-after").is_some());
+
+    relay.restore().await;
+    let fresh = until_cache(&proxy, sql, "HIT").await;
+    assert_eq!(fresh.body.unwrap(), first.body.unwrap());
+}
