@@ -123,6 +123,7 @@ mod tests {
             content_type: String::new(),
             encoding: "identity".into(),
             range: None,
+            headers: Vec::new(),
         }
     }
 

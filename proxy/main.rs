@@ -4,6 +4,7 @@
 
 mod ahead;
 mod auth;
+mod chhttp;
 mod cors;
 mod error;
 mod handlers;

@@ -48,12 +48,14 @@ pub enum Route {
     Status,
     /// A CORS preflight.
     Preflight,
+    /// The ClickHouse-compatible endpoint (its own listener, `crate::chhttp`).
+    ClickHouse,
     /// Anything else (404, 405).
     Other,
 }
 
 impl Route {
-    pub const ALL: [Route; 10] = [
+    pub const ALL: [Route; 11] = [
         Route::Query,
         Route::Export,
         Route::OpenApi,
@@ -63,6 +65,7 @@ impl Route {
         Route::Docs,
         Route::Status,
         Route::Preflight,
+        Route::ClickHouse,
         Route::Other,
     ];
 
@@ -77,6 +80,7 @@ impl Route {
             Route::Docs => "docs",
             Route::Status => "status",
             Route::Preflight => "preflight",
+            Route::ClickHouse => "clickhouse",
             Route::Other => "other",
         }
     }
@@ -91,6 +95,7 @@ impl Route {
             Route::Docs => &[200],
             Route::Readyz => &[200, 401, 503],
             Route::Preflight => &[204, 403],
+            Route::ClickHouse => &[200, 400, 403, 404, 408, 429, 500, 503],
             Route::Other => &[404, 405],
         }
     }
@@ -224,7 +229,7 @@ async fn route(app: &Arc<App>, req: &Request<Incoming>) -> (Route, Response<Body
 }
 
 /// Whether the request log takes a request that got `status`.
-fn logged(config: &ProxyConfig, status: StatusCode) -> bool {
+pub(crate) fn logged(config: &ProxyConfig, status: StatusCode) -> bool {
     let error = status.as_u16() >= 400;
     match config.request_log {
         RequestLog::Off => false,
@@ -236,4 +241,4 @@ fn logged(config: &ProxyConfig, status: StatusCode) -> bool {
 
 /// The API key id a response was made for (never the key), for the log line.
 #[derive(Clone)]
-struct KeyId(String);
+pub(crate) struct KeyId(pub String);

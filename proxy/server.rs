@@ -4,9 +4,16 @@
 //! stops accepting, lets in-flight requests and streams finish for up to
 //! `proxy.shutdown_grace`, then returns. The socket has `SO_REUSEPORT`, so
 //! a new process can take over the port before the old one stops.
+//! With `[clickhouse_http] enabled`, a second listener serves the
+//! ClickHouse-compatible endpoint (`crate::chhttp`) the same way, stopped
+//! by the same signal.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -15,6 +22,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 
+use crate::reply::Body;
 use crate::routes;
 use crate::state::App;
 
@@ -33,6 +41,16 @@ pub async fn run(app: Arc<App>, listen: Option<SocketAddr>) -> Result<(), Listen
         .and_then(|listener| Ok((listener.local_addr()?, listener)))
         .map_err(|source| ListenError { addr, source });
     let (local, listener) = listener?;
+    let clickhouse = if app.config.clickhouse_http.enabled {
+        let addr = app.config.clickhouse_http.listen;
+        let listener = bind(addr)
+            .and_then(|listener| Ok((listener.local_addr()?, listener)))
+            .map_err(|source| ListenError { addr, source })?;
+        tracing::info!(addr = %listener.0, "ClickHouse-compatible endpoint listening");
+        Some(listener.1)
+    } else {
+        None
+    };
     tracing::info!(addr = %local, queries = app.catalog.iter().count(), "dashcache-proxy listening");
     // Signal handlers first: a SIGTERM or SIGHUP sent right after READY=1 must
     // find them installed (SIGHUP's default action would end the process).
@@ -40,7 +58,29 @@ pub async fn run(app: Arc<App>, listen: Option<SocketAddr>) -> Result<(), Listen
     let shutdown = shutdown_signal();
     // systemd (Type=notify): config, keys and listener are ready; no-op outside systemd.
     dashcache::service::ready(&format!("listening on {local}"));
-    serve(listener, app, shutdown).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let clickhouse = clickhouse.map(|listener| {
+        let (app, stop) = (app.clone(), stop.clone());
+        tokio::spawn(async move {
+            let graceful = accept_until(
+                listener,
+                &app,
+                stop.cancelled_owned(),
+                crate::chhttp::handle,
+            )
+            .await;
+            drain(&app, graceful).await;
+        })
+    });
+    let signal = stop.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        signal.cancel();
+    });
+    serve(listener, app, stop.cancelled_owned()).await;
+    if let Some(clickhouse) = clickhouse {
+        let _ = clickhouse.await;
+    }
     Ok(())
 }
 
@@ -50,6 +90,27 @@ pub async fn run(app: Arc<App>, listen: Option<SocketAddr>) -> Result<(), Listen
 /// signal, so a test can serve on its own listener and stop it at will.
 pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
     routes::Route::zero_series(&app.metrics);
+    let graceful = accept_until(listener, &app, shutdown, routes::handle).await;
+    dashcache::service::stopping();
+    drain(&app, graceful).await;
+    if let Err(err) = app.popularity.flush().await {
+        tracing::warn!(error = %err, "could not flush request counts at shutdown");
+    }
+}
+
+/// The accept loop of [`serve`] until `shutdown`, with `handler` answering
+/// every request (the API's routes, or the ClickHouse-compatible
+/// endpoint's); the connections it opened, to [`drain`].
+pub async fn accept_until<H, F>(
+    listener: TcpListener,
+    app: &Arc<App>,
+    shutdown: impl Future<Output = ()>,
+    handler: H,
+) -> GracefulShutdown
+where
+    H: Fn(Arc<App>, Request<Incoming>) -> F + Copy + Send + Sync + 'static,
+    F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -67,7 +128,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
                 };
                 let _ = stream.set_nodelay(true);
                 let service_app = app.clone();
-                let service = service_fn(move |req| routes::handle(service_app.clone(), req));
+                let service = service_fn(move |req| handler(service_app.clone(), req));
                 let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                 let conn = graceful.watch(conn);
                 let open = app.metrics.open_connections.clone();
@@ -81,15 +142,16 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
         }
     }
     drop(listener);
-    dashcache::service::stopping();
+    graceful
+}
+
+/// Lets `graceful`'s connections finish for up to `proxy.shutdown_grace`.
+pub async fn drain(app: &App, graceful: GracefulShutdown) {
     let grace = app.config.proxy.shutdown_grace;
     tracing::info!(?grace, "shutting down: finishing in-flight requests");
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections closed"),
         () = tokio::time::sleep(grace) => tracing::warn!("shutdown grace elapsed; closing remaining connections"),
-    }
-    if let Err(err) = app.popularity.flush().await {
-        tracing::warn!(error = %err, "could not flush request counts at shutdown");
     }
 }
 

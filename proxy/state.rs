@@ -56,6 +56,8 @@ pub struct App {
     pub store: Store,
     /// What `/status` charts: the counters sampled over the last minutes.
     pub history: Arc<History>,
+    /// The ClickHouse-compatible endpoint's servers, TTL rules and passwords.
+    pub clickhouse_http: crate::chhttp::Endpoint,
 }
 
 /// Why the proxy could not start with a config that passed the check.
@@ -99,7 +101,7 @@ impl App {
             metrics: metrics.clone(),
             max_entry_bytes: config.cache.max_entry_bytes,
             coalesce: config.coalesce.clone(),
-            backoff: Backoff::of(&config.coalesce),
+            backoff: Arc::new(Backoff::of(&config.coalesce)),
             admission: Admission::of(&config.clickhouse, metrics.clone()),
         });
         // Its own connection: a flush is one big pipeline, allowed more time
@@ -114,6 +116,7 @@ impl App {
             cors: Cors::new(&config.cors, &metrics),
             store,
             history: History::spawn(metrics.clone()),
+            clickhouse_http: crate::chhttp::Endpoint::new(&config, metrics.clone()),
             openapi: crate::openapi::build(&catalog, &config.auth),
             popularity,
             auth: Auth {

@@ -254,7 +254,7 @@ impl Runner {
             metrics: self.metrics.clone(),
             max_entry_bytes: self.config.cache.max_entry_bytes,
             coalesce: self.config.coalesce.clone(),
-            backoff: Backoff::of(&self.config.coalesce),
+            backoff: Arc::new(Backoff::of(&self.config.coalesce)),
             admission: Admission::of(&self.config.clickhouse, self.metrics.clone()),
         });
         let mut results = futures_util::stream::iter(targets.into_iter().map(|t| {

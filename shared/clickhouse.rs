@@ -43,8 +43,14 @@ const TIMEOUT_CODE: u32 = 159;
 pub enum UpstreamError {
     #[error("ClickHouse is unreachable: {0}")]
     Connect(String),
+    /// An error status before the first byte; `message` is ClickHouse's body.
     #[error("ClickHouse refused the query (code {code:?}): {message}")]
-    Query { code: Option<u32>, message: String },
+    Query {
+        code: Option<u32>,
+        message: String,
+        /// The HTTP status, when the client saw it (the `clickhouse` crate hides it).
+        status: Option<u16>,
+    },
     #[error("ClickHouse failed in the middle of the answer (code {code:?}): {message}")]
     Body { code: Option<u32>, message: String },
     #[error("ClickHouse did not answer within {0:?}")]
@@ -64,6 +70,22 @@ impl UpstreamError {
         matches!(self, UpstreamError::Timeout(_)) || self.code() == Some(TIMEOUT_CODE)
     }
 
+    /// Whether the failure says ClickHouse itself is unreachable, slow or
+    /// overloaded (what a key's backoff is for), rather than that this query
+    /// is wrong: no connection, no answer in time, a transfer cut without an
+    /// exception, or one of ClickHouse's overload codes (202 too many
+    /// simultaneous queries, 241 memory limit exceeded).
+    pub fn says_server_unwell(&self) -> bool {
+        const OVERLOAD_CODES: [u32; 2] = [202, 241];
+        match self {
+            UpstreamError::Connect(_) | UpstreamError::Timeout(_) => true,
+            _ if self.is_timeout() => true,
+            _ => self
+                .code()
+                .is_none_or(|code| OVERLOAD_CODES.contains(&code)),
+        }
+    }
+
     /// A short label for metrics and logs.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -80,6 +102,7 @@ impl UpstreamError {
             clickhouse::error::Error::BadResponse(message) => UpstreamError::Query {
                 code: error_code(message.as_bytes()),
                 message,
+                status: None,
             },
             clickhouse::error::Error::TimedOut => UpstreamError::Timeout(Duration::ZERO),
             other => UpstreamError::Connect(other.to_string()),
@@ -805,7 +828,7 @@ fn tagged_exception(tail: &[u8]) -> Option<usize> {
 }
 
 /// The number after `Code: ` in an exception text.
-pub(crate) fn error_code(text: &[u8]) -> Option<u32> {
+pub fn error_code(text: &[u8]) -> Option<u32> {
     let at = memchr::memmem::find(text, b"Code: ")?;
     let digits: Vec<u8> = text[at + 6..]
         .iter()

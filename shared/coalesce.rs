@@ -128,6 +128,9 @@ struct State {
     outcome: Option<Result<(), FlightError>>,
     /// What became of the complete answer, told by the producer.
     stored: Option<StoreOutcome>,
+    /// Response headers of the answer (set before its first chunk), for
+    /// readers that replay the upstream's headers.
+    headers: Arc<Vec<(String, String)>>,
 }
 
 impl Flight {
@@ -178,6 +181,17 @@ impl Producer {
     /// Whether any chunk was pushed yet.
     pub fn started(&self) -> bool {
         !lock(&self.flight.state).chunks.is_empty()
+    }
+
+    /// Sets the answer's response headers; call before the first [`Producer::push`].
+    pub fn set_headers(&self, headers: Vec<(String, String)>) {
+        self.flight
+            .update(|state| state.headers = Arc::new(headers));
+    }
+
+    /// The headers set with [`Producer::set_headers`].
+    pub fn headers(&self) -> Arc<Vec<(String, String)>> {
+        lock(&self.flight.state).headers.clone()
     }
 
     pub fn push(&self, chunk: Bytes) {
@@ -246,6 +260,12 @@ impl Subscriber {
     /// before, or when the producer did not say).
     pub fn stored(&self) -> Option<StoreOutcome> {
         lock(&self.flight.state).stored
+    }
+
+    /// The answer's response headers (see [`Producer::set_headers`]); empty
+    /// until set, so read them after the first chunk or the end.
+    pub fn headers(&self) -> Arc<Vec<(String, String)>> {
+        lock(&self.flight.state).headers.clone()
     }
 
     /// The next chunk; `None` once the answer is complete.

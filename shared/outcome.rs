@@ -18,14 +18,17 @@ pub enum CacheStatus {
     Miss,
     /// Read along with a computation another request started.
     Coalesced,
+    /// Not cacheable (or the client opted out): sent to ClickHouse as it is.
+    Bypass,
 }
 
 impl CacheStatus {
-    pub const ALL: [CacheStatus; 4] = [
+    pub const ALL: [CacheStatus; 5] = [
         CacheStatus::Hit,
         CacheStatus::Stale,
         CacheStatus::Miss,
         CacheStatus::Coalesced,
+        CacheStatus::Bypass,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -34,6 +37,7 @@ impl CacheStatus {
             CacheStatus::Stale => "STALE",
             CacheStatus::Miss => "MISS",
             CacheStatus::Coalesced => "COALESCED",
+            CacheStatus::Bypass => "BYPASS",
         }
     }
 }

@@ -3,7 +3,9 @@
 //! Compiled from `[tier.*]`: the request rate and burst (enforced by
 //! [`crate::auth::ratelimit`]), how many requests per key may wait on ClickHouse at
 //! once, which queries and exports the tier may call, export size limits, and
-//! a minimum TTL (a cheaper tier accepts older answers, so it costs less).
+//! a minimum TTL (a cheaper tier accepts older answers, so it costs less),
+//! and whether (and as which ClickHouse user) its keys may use the
+//! ClickHouse-compatible endpoint.
 //!
 //! The rules a `[tier.*]` table must follow (rates of at least 1, allowed
 //! queries and exports that exist) are checked with the rest of the config
@@ -55,6 +57,10 @@ pub struct Tier {
     pub export_max_bytes: u64,
     pub export_max_duration: Duration,
     pub min_ttl: Duration,
+    /// Whether its keys may use the ClickHouse-compatible endpoint.
+    pub clickhouse_http: bool,
+    /// The ClickHouse user its statements there run as.
+    pub clickhouse_user: String,
 }
 
 #[cfg(test)]
@@ -74,6 +80,8 @@ impl Tier {
             export_max_bytes: 0,
             export_max_duration: Duration::ZERO,
             min_ttl: Duration::ZERO,
+            clickhouse_http: false,
+            clickhouse_user: "default".into(),
         }
     }
 }
@@ -104,6 +112,11 @@ impl Tiers {
                     export_max_bytes: tier.export_max_bytes,
                     export_max_duration: tier.export_max_duration,
                     min_ttl: tier.min_ttl.unwrap_or(Duration::ZERO),
+                    clickhouse_http: tier.clickhouse_http,
+                    clickhouse_user: tier
+                        .clickhouse_user
+                        .clone()
+                        .unwrap_or_else(|| config.clickhouse.user.clone()),
                 }),
             );
         }

@@ -42,7 +42,7 @@ struct Sample {
     /// `/v1/query` and `/v1/export` answers, any status.
     requests: u64,
     /// Per [`CacheStatus::ALL`].
-    by_cache: [u64; 4],
+    by_cache: [u64; CacheStatus::ALL.len()],
 }
 
 impl Sample {
@@ -77,7 +77,7 @@ impl Sample {
     /// without cache results) from `self` to `later`.
     fn rates(&self, later: &Sample) -> Value {
         let secs = (later.at_ms - self.at_ms).max(1) as f64 / 1000.0;
-        let delta: Vec<u64> = (0..4)
+        let delta: Vec<u64> = (0..CacheStatus::ALL.len())
             .map(|i| later.by_cache[i].saturating_sub(self.by_cache[i]))
             .collect();
         let answered: u64 = delta.iter().sum();
@@ -281,12 +281,12 @@ mod tests {
         let a = Sample {
             at_ms: 0,
             requests: 10,
-            by_cache: [5, 0, 5, 0],
+            by_cache: [5, 0, 5, 0, 0],
         };
         let b = Sample {
             at_ms: 5000,
             requests: 60,
-            by_cache: [35, 5, 10, 0],
+            by_cache: [35, 5, 10, 0, 0],
         };
         let rates = a.rates(&b);
         assert_eq!(rates["requests_per_s"], 10.0);
@@ -302,13 +302,13 @@ mod tests {
             history.push(Sample {
                 at_ms: i * 5000,
                 requests: 0,
-                by_cache: [0; 4],
+                by_cache: [0; CacheStatus::ALL.len()],
             });
         }
         let now = Sample {
             at_ms: i64::MAX / 2,
             requests: 0,
-            by_cache: [0; 4],
+            by_cache: [0; CacheStatus::ALL.len()],
         };
         assert!(history.series(&now).len() <= KEEP);
     }

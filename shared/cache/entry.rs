@@ -45,6 +45,10 @@ pub struct EntryHeader {
     /// (a relative request resolves to a new one at every refresh).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub range: Option<crate::timeexpr::TimeRange>,
+    /// Response headers of the answer to replay with it (the ClickHouse-compatible
+    /// endpoint keeps ClickHouse's `Content-Type` and `X-ClickHouse-*` here).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<(String, String)>,
 }
 
 /// One stored answer.
@@ -123,6 +127,7 @@ mod tests {
                 content_type: "application/json".into(),
                 encoding: "identity".into(),
                 range: Some(crate::timeexpr::TimeRange { from: 5, to: 6 }),
+                headers: vec![("x-clickhouse-format".into(), "JSON".into())],
             },
             body,
             identity: Default::default(),

@@ -132,6 +132,7 @@ mod tests {
                 content_type: "text/csv".into(),
                 encoding: "identity".into(),
                 range: None,
+                headers: Vec::new(),
             },
             body: Bytes::from_static(b"a\n"),
             identity: Default::default(),

@@ -5,7 +5,8 @@
 //! `[clickhouse]`, the `[redis]` topology, the catalog (compiled by
 //! [`crate::catalog`]), the tier rules that need only config data (rates of
 //! at least 1, allowed queries and exports that exist) and the rules of
-//! `[scheduler]` and `[[warmup]]` ([`warmup`]). Every problem is a
+//! `[scheduler]` and `[[warmup]]` ([`warmup`]), and `[clickhouse_http]`
+//! (`chhttp.rs`). Every problem is a
 //! [`Diagnostic`] — file, line of the offending key, reason — and all of them
 //! are reported at once, sorted by line. `dashcache-proxy check`,
 //! `dashcache-scheduler check`, both start-ups and the scheduler's reload go
@@ -15,6 +16,7 @@
 //! its jobs, from a [`Checked`] config (which carries the compiled catalog
 //! and the parsed warm-up entries, so nothing is parsed twice).
 
+mod chhttp;
 pub mod warmup;
 
 use std::fmt;
@@ -146,6 +148,7 @@ fn run(config: &Config) -> (Catalog, Vec<Warmup>, Vec<Diagnostic>) {
     );
     diagnostics.extend(tiers(config));
     diagnostics.extend(cors(config));
+    diagnostics.extend(chhttp::check(config));
     let (warmups, problems) = warmup::check(config, &catalog);
     diagnostics.extend(problems);
     // File order; problems of the file as a whole first.

@@ -17,8 +17,10 @@ use serde::Deserialize;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
+mod chhttp;
 mod cors;
 mod scheduler;
+pub use chhttp::{ClickHouseHttpCacheRule, ClickHouseHttpConfig};
 pub use cors::CorsConfig;
 pub use scheduler::{PopularConfig, PopularityConfig, SchedulerConfig, WarmupConfig};
 
@@ -191,6 +193,9 @@ pub struct Config {
     /// Demand counting for popularity-driven warm-up (see [`crate::popularity`]).
     #[serde(default)]
     pub popularity: PopularityConfig,
+    /// The ClickHouse-compatible HTTP endpoint for BI tools.
+    #[serde(default)]
+    pub clickhouse_http: ClickHouseHttpConfig,
     /// The file this config was read from (set by [`Config::load`]).
     #[serde(skip)]
     pub path: PathBuf,
@@ -499,6 +504,15 @@ pub struct TierConfig {
     /// TTL: cheaper tiers see slightly older numbers and cost less.
     #[serde(default, with = "humantime_serde")]
     pub min_ttl: Option<Duration>,
+    /// Whether keys of this tier may use the ClickHouse-compatible endpoint
+    /// (`[clickhouse_http]`).
+    #[serde(default)]
+    pub clickhouse_http: bool,
+    /// The ClickHouse user its statements there run as (default:
+    /// `clickhouse.user`); its password comes from the environment
+    /// (`DASHCACHE_CLICKHOUSE_PASSWORD_<USER>`), never from the client.
+    #[serde(default)]
+    pub clickhouse_user: Option<String>,
 }
 
 fn default_concurrent_misses() -> usize {
@@ -836,6 +850,16 @@ impl Config {
         self.path.parent().unwrap_or(Path::new("."))
     }
 
+    /// The password of ClickHouse user `user`: `clickhouse.password` for
+    /// `clickhouse.user`, else `DASHCACHE_CLICKHOUSE_PASSWORD_<USER>` (upper
+    /// case, other characters than letters and digits as `_`), if set.
+    pub fn clickhouse_password(&self, user: &str) -> Option<String> {
+        if user == self.clickhouse.user {
+            return self.clickhouse.password.clone();
+        }
+        std::env::var(clickhouse_password_var(user)).ok()
+    }
+
     /// A problem with the key at `path` (or its nearest written table).
     pub fn diagnostic(&self, path: &[&str], reason: impl Into<String>) -> Diagnostic {
         Diagnostic {
@@ -844,6 +868,21 @@ impl Config {
             reason: reason.into(),
         }
     }
+}
+
+/// The environment variable holding ClickHouse user `user`'s password.
+pub fn clickhouse_password_var(user: &str) -> String {
+    let name: String = user
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("DASHCACHE_CLICKHOUSE_PASSWORD_{name}")
 }
 
 /// A `sqlite:` URL whose file path is relative, made absolute against `base`

@@ -121,6 +121,11 @@ pub trait Upstream: Send + Sync {
 /// An answer being read, chunk by chunk; `None` at its verified end.
 pub trait AnswerStream: Send {
     fn next(&mut self) -> BoxFuture<'_, Result<Option<Bytes>, UpstreamError>>;
+    /// Response headers to keep with the answer and replay on hits (known
+    /// once the first `next` returned); none by default.
+    fn headers(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
 }
 
 impl AnswerStore for Cache {
@@ -192,7 +197,7 @@ pub struct Filler {
     pub max_entry_bytes: usize,
     pub coalesce: CoalesceConfig,
     /// Per-key waits after failed computations (`Backoff::of(&coalesce)`).
-    pub backoff: Backoff,
+    pub backoff: Arc<Backoff>,
     /// Slots at ClickHouse (`Admission::of(&config.clickhouse, …)`), shared by
     /// every filler of the process.
     pub admission: Arc<Admission>,
@@ -341,6 +346,7 @@ impl Filler {
         };
         match body {
             Ok(body) => {
+                producer.set_headers(entry.header.headers.clone());
                 producer.push(body);
                 // Another process stored it: it is in the shared store.
                 producer.complete_stored(StoreOutcome::Stored);
@@ -400,18 +406,22 @@ impl Filler {
                 Ok(size) => break size,
                 // With several replicas, a query that could not connect has
                 // already been tried on each of them: retrying would only
-                // multiply the attempts.
-                Err(err)
-                    if attempt == 1
-                        && !producer.started()
-                        && !(matches!(err, UpstreamError::Connect(_))
-                            && self.upstream.replicas() > 1) =>
-                {
+                // multiply the attempts. A 4xx from ClickHouse (a syntax
+                // error, an unknown table) would only be said again.
+                Err(err) if attempt == 1 && !producer.started() && self.worth_retrying(&err) => {
                     tracing::warn!(query = %job.query, error = %err, "ClickHouse query failed; retrying once");
                     attempt += 1;
                 }
                 Err(err) => {
-                    let wait = self.backoff.failed(&job.key);
+                    // Only a ClickHouse that is unwell holds the key back; an
+                    // error it reported about the query itself (a syntax error,
+                    // an unknown table, a denied grant) is said again at once,
+                    // as ClickHouse would.
+                    let wait = if err.says_server_unwell() {
+                        self.backoff.failed(&job.key)
+                    } else {
+                        Duration::ZERO
+                    };
                     tracing::warn!(query = %job.query, error = %err, backoff = ?wait, "ClickHouse query failed");
                     if job.replaces.is_some() {
                         self.metrics.refresh_failures.inc();
@@ -441,7 +451,9 @@ impl Filler {
             let etag = Entry::etag_of(&body);
             let (body, encoding) = stored_form(body).await;
             let now = now_ms();
-            let entry = Arc::new(new_entry(body, encoding, etag, job, compute, now));
+            let mut entry = new_entry(body, encoding, etag, job, compute, now);
+            entry.header.headers = producer.headers().as_ref().clone();
+            let entry = Arc::new(entry);
             if self.store.put(&job.key, entry, now).await {
                 StoreOutcome::Stored
             } else {
@@ -454,14 +466,34 @@ impl Filler {
         // requests read the cache.
     }
 
+    /// Whether a failure before the first byte may go away on a second try.
+    fn worth_retrying(&self, err: &UpstreamError) -> bool {
+        match err {
+            UpstreamError::Connect(_) => self.upstream.replicas() <= 1,
+            UpstreamError::Query {
+                status: Some(400..=499),
+                ..
+            } => false,
+            _ => true,
+        }
+    }
+
     /// One run of the query; the answer's size on success.
     async fn attempt(&self, job: &FillJob, producer: &Producer) -> Result<usize, UpstreamError> {
         let mut answer = self.upstream.query(&job.sql, job.format, &unique_id())?;
         producer.mark_computed();
         let mut size = 0usize;
+        let mut first = true;
         while let Some(chunk) = answer.next().await? {
+            if first {
+                first = false;
+                producer.set_headers(answer.headers());
+            }
             size += chunk.len();
             producer.push(chunk);
+        }
+        if first {
+            producer.set_headers(answer.headers());
         }
         Ok(size)
     }
@@ -509,6 +541,7 @@ fn new_entry(
             content_type: job.format.content_type().to_owned(),
             encoding: encoding.token().into(),
             range: job.range,
+            headers: Vec::new(),
         },
         body,
         identity: Default::default(),

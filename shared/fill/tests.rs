@@ -22,6 +22,13 @@ enum Step {
     FailAfter(&'static [&'static str]),
     /// The computation panics.
     Panic,
+    /// ClickHouse answers an error status (a syntax error, an unknown table).
+    Refused(u16),
+    /// Answers these chunks with these response headers.
+    WithHeaders(
+        &'static [&'static str],
+        &'static [(&'static str, &'static str)],
+    ),
 }
 
 /// An upstream that follows a script and counts its calls.
@@ -50,6 +57,7 @@ impl Scripted {
 struct Chunks {
     chunks: VecDeque<Bytes>,
     fail_at_end: bool,
+    headers: Vec<(String, String)>,
 }
 
 impl AnswerStream for Chunks {
@@ -63,6 +71,10 @@ impl AnswerStream for Chunks {
             None => Ok(None),
         };
         Box::pin(async move { next })
+    }
+
+    fn headers(&self) -> Vec<(String, String)> {
+        self.headers.clone()
     }
 }
 
@@ -80,11 +92,26 @@ impl Upstream for Scripted {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .pop_front()
             .unwrap_or(Step::Unreachable);
+        let mut headers = Vec::new();
         let (chunks, fail_at_end) = match step {
             Step::Unreachable => return Err(UpstreamError::Connect("connection refused".into())),
             Step::Answer(chunks) => (chunks, false),
             Step::FailAfter(chunks) => (chunks, true),
             Step::Panic => panic!("the computation panicked"),
+            Step::Refused(status) => {
+                return Err(UpstreamError::Query {
+                    code: Some(60),
+                    message: "Code: 60. DB::Exception: Table x doesn't exist".into(),
+                    status: Some(status),
+                });
+            }
+            Step::WithHeaders(chunks, kept) => {
+                headers = kept
+                    .iter()
+                    .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+                    .collect();
+                (chunks, false)
+            }
         };
         Ok(Box::new(Chunks {
             chunks: chunks
@@ -92,6 +119,7 @@ impl Upstream for Scripted {
                 .map(|c| Bytes::from_static(c.as_bytes()))
                 .collect(),
             fail_at_end,
+            headers,
         }))
     }
 
@@ -122,7 +150,7 @@ fn world(steps: Vec<Step>) -> World {
         metrics: metrics.clone(),
         max_entry_bytes: 1 << 20,
         coalesce: CoalesceConfig::default(),
-        backoff: Backoff::of(&CoalesceConfig::default()),
+        backoff: Arc::new(Backoff::of(&CoalesceConfig::default())),
         admission: Admission::new(4, 16, Duration::from_secs(10), metrics.clone()),
     });
     World {
@@ -203,6 +231,46 @@ async fn a_failure_before_the_first_byte_is_retried_once_and_reaches_no_reader()
     let leader = w.start(job(None));
     assert_eq!(read(leader).await.expect("the retry answers"), "ok\n");
     assert_eq!(w.upstream.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_error_from_clickhouse_is_not_retried_but_a_server_error_is() {
+    let w = world(vec![Step::Refused(404), Step::Answer(&["never\n"])]);
+    let leader = w.start(job(None));
+    assert!(matches!(
+        read(leader).await,
+        Err(FlightError::Upstream(UpstreamError::Query {
+            status: Some(404),
+            ..
+        }))
+    ));
+    assert_eq!(w.upstream.calls(), 1, "saying it again would not change it");
+    assert!(w.store.get(&key()).is_none());
+
+    let w = world(vec![Step::Refused(500), Step::Answer(&["ok\n"])]);
+    assert_eq!(
+        read(w.start(job(None))).await.expect("the retry answers"),
+        "ok\n"
+    );
+    assert_eq!(w.upstream.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_answer_s_headers_reach_readers_and_the_stored_entry() {
+    let kept: &[(&str, &str)] = &[("content-type", "text/csv"), ("x-clickhouse-format", "CSV")];
+    let w = world(vec![Step::WithHeaders(&["a\n", "b\n"], kept)]);
+    let mut leader = w.start(job(None));
+    let first = leader.next().await.expect("a chunk").expect("no error");
+    assert_eq!(first, "a\n");
+    let headers = leader.headers();
+    assert_eq!(headers.len(), 2);
+    assert_eq!(
+        headers[1],
+        ("x-clickhouse-format".to_owned(), "CSV".to_owned())
+    );
+    assert_eq!(read(leader).await.expect("the rest"), "b\n");
+    let stored = w.store.get(&key()).expect("stored");
+    assert_eq!(stored.header.headers, *headers);
 }
 
 #[tokio::test(start_paused = true)]
@@ -475,4 +543,22 @@ async fn a_stale_answer_read_a_thousand_times_at_a_dead_upstream_costs_a_bounded
     assert_eq!(w.metrics.refresh_failures.get() as usize * 2, calls);
     let kept = w.store.get(&key()).expect("still stored");
     assert_eq!(kept.header.created_ms, stored.header.created_ms);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_error_clickhouse_reports_about_the_query_is_said_again_without_backoff() {
+    let w = world(vec![Step::Refused(404), Step::Refused(404)]);
+    for _ in 0..2 {
+        assert!(matches!(
+            read(w.start(job(None))).await,
+            Err(FlightError::Upstream(UpstreamError::Query { .. }))
+        ));
+    }
+    assert_eq!(
+        w.upstream.calls(),
+        2,
+        "each request hears ClickHouse's own error"
+    );
+    assert_eq!(w.filler.backoff.failures(&key()), 0);
+    assert_eq!(w.filler.may_refresh(&key()), Ok(()));
 }

@@ -92,6 +92,8 @@ pub struct ProxyOptions {
     /// Tier and tenant of the key `Proxy::get` sends.
     pub tier: &'static str,
     pub tenant: &'static str,
+    /// Environment variables of the proxy process (e.g. ClickHouse passwords).
+    pub env: Vec<(&'static str, String)>,
 }
 
 impl Default for ProxyOptions {
@@ -105,6 +107,7 @@ impl Default for ProxyOptions {
             store_url: None,
             tier: "enterprise",
             tenant: "acme",
+            env: Vec::new(),
         }
     }
 }
@@ -116,6 +119,8 @@ pub struct Proxy {
     pub dir: TempDir,
     /// The API key `get` sends.
     pub key: String,
+    /// The ClickHouse-compatible endpoint (`[clickhouse_http]`), on a port of its own.
+    pub ch_base: String,
 }
 
 impl Proxy {
@@ -123,7 +128,20 @@ impl Proxy {
         Self::start_with(ProxyOptions::default()).await
     }
 
-    pub async fn start_with(options: ProxyOptions) -> Proxy {
+    pub async fn start_with(mut options: ProxyOptions) -> Proxy {
+        let ch_port = free_port();
+        // First, so that a test's own `set` wins.
+        options.set.splice(
+            0..0,
+            [
+                ("clickhouse_http", "enabled", true.into()),
+                (
+                    "clickhouse_http",
+                    "listen",
+                    format!("127.0.0.1:{ch_port}").into(),
+                ),
+            ],
+        );
         let dir = TempDir::new("proxy");
         let config_path = dir.0.join("config.toml");
         std::fs::write(&config_path, test_config(&options, &dir.0)).expect("write config");
@@ -136,6 +154,7 @@ impl Proxy {
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .env("RUST_LOG", "info")
+            .envs(options.env.iter().map(|(k, v)| (*k, v.as_str())))
             .env_remove("DASHCACHE_REDIS_URL")
             .env_remove("DASHCACHE_CLICKHOUSE_URL")
             .env_remove("DASHCACHE_STORE_URL")
@@ -148,6 +167,7 @@ impl Proxy {
             base: format!("http://127.0.0.1:{port}"),
             dir,
             key,
+            ch_base: format!("http://127.0.0.1:{ch_port}"),
         };
         for _ in 0..200 {
             if let Ok(r) = get(&format!("{}/healthz", proxy.base)).await

@@ -8,6 +8,7 @@ mod harness;
 
 mod browser;
 mod check;
+mod chhttp;
 mod coalescing;
 mod compat;
 mod cors;
