@@ -73,6 +73,8 @@ type ErrorFn = unsafe extern "C" fn(*mut RawResult) -> *const c_char;
 type DestroyFn = unsafe extern "C" fn(*mut RawResult);
 type VersionFn = unsafe extern "C" fn() -> *const c_char;
 type SignalsFn = unsafe extern "C" fn(c_int);
+type FetchFn = unsafe extern "C" fn(*mut RawConnection, *mut RawResult) -> *mut RawResult;
+type CancelFn = unsafe extern "C" fn(*mut RawConnection, *mut RawResult);
 
 /// The loaded library and the functions dashcache calls.
 pub struct Chdb {
@@ -80,6 +82,9 @@ pub struct Chdb {
     connect: ConnectFn,
     close: CloseFn,
     query: QueryFn,
+    stream: QueryFn,
+    fetch: FetchFn,
+    cancel: CancelFn,
     buffer: BufferFn,
     length: LengthFn,
     error: ErrorFn,
@@ -127,6 +132,9 @@ impl Chdb {
             connect: symbol!("chdb_connect", ConnectFn),
             close: symbol!("chdb_close_conn", CloseFn),
             query: symbol!("chdb_query_n", QueryFn),
+            stream: symbol!("chdb_stream_query_n", QueryFn),
+            fetch: symbol!("chdb_stream_fetch_result", FetchFn),
+            cancel: symbol!("chdb_stream_cancel_query", CancelFn),
             buffer: symbol!("chdb_result_buffer", BufferFn),
             length: symbol!("chdb_result_length", LengthFn),
             error: symbol!("chdb_result_error", ErrorFn),
@@ -237,6 +245,121 @@ impl Connection {
         }
         // SAFETY: buffer points at length readable bytes owned by the result.
         Ok(unsafe { std::slice::from_raw_parts(buffer.cast::<u8>(), length) }.to_vec())
+    }
+}
+
+impl Connection {
+    /// Starts `sql` as a stream of chunks in the ClickHouse `format`; the
+    /// connection runs nothing else until the stream is dropped. An error
+    /// the engine finds before the first chunk is returned here.
+    pub fn stream(&mut self, sql: &str, format: &str) -> Result<Stream<'_>, ChdbError> {
+        let chdb = self.chdb.clone();
+        // SAFETY: as in `query`.
+        let handle = unsafe {
+            (chdb.stream)(
+                *self.handle,
+                sql.as_ptr().cast(),
+                sql.len(),
+                format.as_ptr().cast(),
+                format.len(),
+            )
+        };
+        if handle.is_null() {
+            return Err(ChdbError::Query {
+                code: None,
+                message: "chDB returned no stream".into(),
+            });
+        }
+        let stream = Stream {
+            connection: self,
+            handle,
+            done: false,
+        };
+        // SAFETY: the handle is live until the stream is dropped.
+        if let Some(err) = unsafe { result_error(&chdb, handle) } {
+            return Err(err);
+        }
+        Ok(stream)
+    }
+}
+
+/// The error of a result, if it carries one.
+///
+/// # Safety
+/// `result` must be a live result of `chdb`.
+unsafe fn result_error(chdb: &Chdb, result: *mut RawResult) -> Option<ChdbError> {
+    // SAFETY: the caller's promise.
+    let error = unsafe { (chdb.error)(result) };
+    if error.is_null() {
+        return None;
+    }
+    // SAFETY: a NUL-terminated message owned by the result.
+    let message = unsafe { CStr::from_ptr(error) }
+        .to_string_lossy()
+        .trim()
+        .to_owned();
+    Some(ChdbError::Query {
+        code: crate::clickhouse::error_code(message.as_bytes()),
+        message,
+    })
+}
+
+/// A query answering chunk by chunk ([`Connection::stream`]). Dropped before
+/// its end, it cancels the engine's query.
+pub struct Stream<'c> {
+    connection: &'c mut Connection,
+    handle: *mut RawResult,
+    done: bool,
+}
+
+impl Stream<'_> {
+    /// The next chunk; `None` at the end. The engine computes the next block
+    /// only when asked, so a slow reader slows the query down (backpressure).
+    pub fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, ChdbError> {
+        if self.done {
+            return Ok(None);
+        }
+        let chdb = &self.connection.chdb;
+        // SAFETY: the connection and the stream handle are live.
+        let chunk = unsafe { (chdb.fetch)(*self.connection.handle, self.handle) };
+        if chunk.is_null() {
+            self.done = true;
+            return Err(ChdbError::Query {
+                code: None,
+                message: "chDB returned no chunk".into(),
+            });
+        }
+        let _destroy = DestroyOnDrop {
+            chdb,
+            result: chunk,
+        };
+        // SAFETY: chunk is live until `_destroy` drops.
+        if let Some(err) = unsafe { result_error(chdb, chunk) } {
+            self.done = true;
+            return Err(err);
+        }
+        // SAFETY: as in `Connection::query`.
+        let (buffer, length) = unsafe { ((chdb.buffer)(chunk), (chdb.length)(chunk)) };
+        if buffer.is_null() || length == 0 {
+            self.done = true;
+            return Ok(None);
+        }
+        // SAFETY: buffer points at length readable bytes owned by the chunk.
+        Ok(Some(
+            unsafe { std::slice::from_raw_parts(buffer.cast::<u8>(), length) }.to_vec(),
+        ))
+    }
+}
+
+impl Drop for Stream<'_> {
+    fn drop(&mut self) {
+        let chdb = &self.connection.chdb;
+        if !self.done {
+            // SAFETY: the connection and the stream handle are live.
+            unsafe { (chdb.cancel)(*self.connection.handle, self.handle) };
+        }
+        // SAFETY: the handle came from chdb_stream_query_n and is destroyed once.
+        unsafe { (chdb.destroy)(self.handle) };
     }
 }
 
