@@ -32,6 +32,8 @@ pub enum ChdbError {
     Symbol { path: PathBuf, symbol: &'static str },
     #[error("chDB refused the connection arguments {args:?}")]
     Connect { args: Vec<String> },
+    #[error("the embedded engine's data path {path} is unusable: {reason}")]
+    DataPath { path: PathBuf, reason: String },
     #[error("a chDB argument, query or format holds a NUL byte")]
     Nul,
     #[error("chDB failed the query (code {code:?}): {message}")]

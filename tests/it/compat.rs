@@ -35,7 +35,7 @@ const PINNED: &str = "26.7.3-stable.1";
 const TENANT: &str = "acme";
 
 /// Where the library is: `DASHCACHE_CHDB_LIB`, else `scripts/chdb`'s cache.
-fn library() -> Option<PathBuf> {
+pub fn library() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("DASHCACHE_CHDB_LIB").filter(|p| !p.is_empty()) {
         return Some(PathBuf::from(path));
     }

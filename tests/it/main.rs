@@ -10,6 +10,7 @@ mod check;
 mod coalescing;
 mod compat;
 mod dashboards;
+mod embedded;
 mod export;
 mod faults;
 mod freshness;
