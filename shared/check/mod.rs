@@ -293,10 +293,10 @@ mod tests {
             "",
             &[(
                 "readonly = 1 ",
-                "engine = \"embedded\"\nconnections = 0\nreadonly = 1 ",
+                "engine = 'embedded'\nconnections = 0\nreadonly = 1 ",
             )],
         );
-        let line = line_of(&text, "engine = \"embedded\"");
+        let line = line_of(&text, "engine = 'embedded'");
         assert!(
             got.iter()
                 .any(|(l, r)| *l == Some(line) && r.contains("needs clickhouse.data_path")),
