@@ -182,3 +182,34 @@ async fn an_export_cancelled_mid_stream_stops_the_engines_query() {
     assert_eq!(after.status, 200, "{:?}", after.body);
     assert!(after.text().contains("42"));
 }
+
+#[tokio::test]
+async fn an_export_over_its_tiers_row_limit_ends_as_a_limit_error() {
+    let dir = TempDir::new("embedded");
+    let sql = "SELECT number AS n, toString(number) AS s FROM numbers(3000000)";
+    let Some(proxy) = embedded_proxy(&dir, 2, Vec::new(), sql).await else {
+        return;
+    };
+    // `pro` exports at most 1,000,000 rows: the engine stops there (396).
+    let key = proxy.add_key("pro", "acme");
+    let auth = format!("Bearer {key}");
+    let ndjson = proxy
+        .get_with(
+            "/v1/export/numbers?format=ndjson",
+            &[("authorization", &auth)],
+        )
+        .await;
+    assert_eq!(ndjson.status, 200);
+    let text = ndjson.text();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.len() > 1000, "rows before the limit are delivered");
+    assert!(lines.len() <= 1_000_001, "{} lines", lines.len());
+    let last: serde_json::Value = serde_json::from_str(lines.last().expect("lines")).expect("json");
+    assert_eq!(last["error"]["type"], "limit_exceeded", "{last}");
+    assert!(
+        lines[..lines.len() - 1]
+            .iter()
+            .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| v["n"].is_u64())),
+        "every line before the error is a whole row"
+    );
+}
