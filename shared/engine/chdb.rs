@@ -77,6 +77,34 @@ type VersionFn = unsafe extern "C" fn() -> *const c_char;
 type SignalsFn = unsafe extern "C" fn(c_int);
 type FetchFn = unsafe extern "C" fn(*mut RawConnection, *mut RawResult) -> *mut RawResult;
 type CancelFn = unsafe extern "C" fn(*mut RawConnection, *mut RawResult);
+/// Ends the process with `code`. When chDB was loaded, its threads may still
+/// run, and its static destructors race them at a normal exit and can crash
+/// the process (measured: about 1 exit in 15); `chdb_shutdown` crashes now and
+/// then too. So stdout and stderr are flushed and the process ends without
+/// running them.
+pub fn exit(code: i32) -> ! {
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    if LOADED_ONCE.load(std::sync::atomic::Ordering::Relaxed) {
+        // SAFETY: ends the process; nothing runs after it.
+        unsafe { libc::_exit(code) }
+    }
+    std::process::exit(code)
+}
+
+/// Set when the process is about to end (see [`process_ending`]).
+static ENDING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Says the process is about to end (then [`exit`]): connections dropped from
+/// now on are left open, since closing them while chDB winds down can crash
+/// the process.
+pub fn process_ending() {
+    ENDING.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether chDB was ever loaded in this process.
+static LOADED_ONCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// The loaded library and the functions dashcache calls.
 pub struct Chdb {
@@ -92,8 +120,9 @@ pub struct Chdb {
     error: ErrorFn,
     destroy: DestroyFn,
     version: VersionFn,
-    /// Kept last and never unloaded while a function pointer above lives.
-    _library: libloading::Library,
+    /// Never unloaded: chDB's threads outlive every handle, and unmapping
+    /// their code under them crashes the process.
+    _library: std::mem::ManuallyDrop<libloading::Library>,
 }
 
 impl std::fmt::Debug for Chdb {
@@ -142,10 +171,11 @@ impl Chdb {
             error: symbol!("chdb_result_error", ErrorFn),
             destroy: symbol!("chdb_destroy_query_result", DestroyFn),
             version: symbol!("chdb_version", VersionFn),
-            _library: library,
+            _library: std::mem::ManuallyDrop::new(library),
         };
         // SAFETY: takes an int; called before any connection exists.
         unsafe { signals(0) };
+        LOADED_ONCE.store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(Arc::new(chdb))
     }
 
@@ -367,6 +397,9 @@ impl Drop for Stream<'_> {
 
 impl Drop for Connection {
     fn drop(&mut self) {
+        if ENDING.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         // SAFETY: the handle came from chdb_connect and is closed once.
         unsafe { (self.chdb.close)(self.handle) };
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use http_body_util::{BodyExt, Empty};
 
-use crate::harness::{Proxy, ProxyOptions, TempDir, clickhouse, client};
+use crate::harness::{Proxy, ProxyOptions, TempDir, clickhouse, client, config_text, root};
 
 /// The proxy on the embedded engine with `connections`, extra queries and
 /// an export `numbers` streaming `export_sql`; `None` without the library.
@@ -20,6 +20,16 @@ async fn embedded_proxy(
     queries: Vec<(String, String, String)>,
     export_sql: &str,
 ) -> Option<Proxy> {
+    let options = embedded_options(dir, connections, queries, export_sql)?;
+    Some(Proxy::start_with(options).await)
+}
+
+fn embedded_options(
+    dir: &TempDir,
+    connections: i64,
+    queries: Vec<(String, String, String)>,
+    export_sql: &str,
+) -> Option<ProxyOptions> {
     let Some(library) = crate::compat::library() else {
         eprintln!("SKIPPED embedded::: no chDB library (run scripts/chdb)");
         return None;
@@ -29,28 +39,25 @@ async fn embedded_proxy(
     let mut table = toml::Table::new();
     table.insert("sql".into(), export.display().to_string().into());
     table.insert("description".into(), "numbers".into());
-    Some(
-        Proxy::start_with(ProxyOptions {
-            extra_queries: queries,
-            set: vec![
-                ("clickhouse", "engine", "embedded".into()),
-                (
-                    "clickhouse",
-                    "data_path",
-                    dir.0.join("data").display().to_string().into(),
-                ),
-                (
-                    "clickhouse",
-                    "library",
-                    library.display().to_string().into(),
-                ),
-                ("clickhouse", "connections", connections.into()),
-                ("export", "numbers", toml::Value::Table(table)),
-            ],
-            ..Default::default()
-        })
-        .await,
-    )
+    Some(ProxyOptions {
+        extra_queries: queries,
+        set: vec![
+            ("clickhouse", "engine", "embedded".into()),
+            (
+                "clickhouse",
+                "data_path",
+                dir.0.join("data").display().to_string().into(),
+            ),
+            (
+                "clickhouse",
+                "library",
+                library.display().to_string().into(),
+            ),
+            ("clickhouse", "connections", connections.into()),
+            ("export", "numbers", toml::Value::Table(table)),
+        ],
+        ..Default::default()
+    })
 }
 
 const GROUPED: &str = "SELECT number % 7 AS k, count() AS c, sum(number) AS s, \
@@ -212,4 +219,78 @@ async fn an_export_over_its_tiers_row_limit_ends_as_a_limit_error() {
             .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| v["n"].is_u64())),
         "every line before the error is a whole row"
     );
+}
+
+#[tokio::test]
+async fn demo_data_loaded_with_the_sql_command_is_what_the_proxy_serves() {
+    let dir = TempDir::new("embedded");
+    let Some(options) = embedded_options(&dir, 2, Vec::new(), "SELECT 1") else {
+        return;
+    };
+    let config = dir.0.join("load.toml");
+    std::fs::write(&config, config_text(&options, &dir.0)).expect("config");
+    let proxy_bin = env!("CARGO_BIN_EXE_dashcache-proxy");
+    let load = std::process::Command::new(root().join("scripts/demo-data"))
+        .args([
+            "--embedded",
+            config.to_str().expect("path"),
+            "--rows",
+            "50000",
+        ])
+        .env("DASHCACHE_PROXY_BIN", proxy_bin)
+        .output()
+        .expect("run scripts/demo-data");
+    assert!(
+        load.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&load.stdout),
+        String::from_utf8_lossy(&load.stderr)
+    );
+    // The range: every day of the data, as absolute dates.
+    let today = chrono::Utc::now().date_naive();
+    let (from, to) = (today - chrono::Days::new(100), today + chrono::Days::new(1));
+    let epoch = |d: chrono::NaiveDate| {
+        d.and_hms_opt(0, 0, 0)
+            .expect("midnight")
+            .and_utc()
+            .timestamp()
+    };
+    let expected = std::process::Command::new(proxy_bin)
+        .args(["--config", config.to_str().expect("path"), "sql"])
+        .arg(format!(
+            "SELECT count() FROM demo.events WHERE tenant_id = 'acme' \
+             AND toDateTime(toDate(ts)) >= toDateTime({}) AND toDateTime(toDate(ts)) < toDateTime({})",
+            epoch(from),
+            epoch(to)
+        ))
+        .output()
+        .expect("run dashcache-proxy sql");
+    assert!(
+        expected.status.success(),
+        "{}",
+        String::from_utf8_lossy(&expected.stderr)
+    );
+    let expected: u64 = String::from_utf8_lossy(&expected.stdout)
+        .trim()
+        .parse()
+        .expect("a count");
+    assert!(expected > 10_000, "{expected}");
+
+    let proxy = Proxy::start_with(options).await;
+    let reply = proxy
+        .get(&format!(
+            "/v1/query/revenue?from={from}&to={to}&granularity=day&format=ndjson"
+        ))
+        .await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    let events: u64 = reply
+        .text()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("row")["events"]
+                .as_u64()
+                .expect("events")
+        })
+        .sum();
+    assert_eq!(events, expected);
 }
