@@ -98,6 +98,10 @@ pub async fn serve(
     };
     daemon.schedule_all().await;
     tracing::info!(jobs = daemon.runner.jobs.len(), "scheduler started");
+    // Handlers first: a SIGHUP right after READY=1 must reload, not kill.
+    let mut hangup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     // systemd (Type=notify): the schedule is installed; no-op outside systemd.
     service::ready(&format!(
         "{} warm-up jobs scheduled",
@@ -106,9 +110,6 @@ pub async fn serve(
 
     let mut running = JoinSet::new();
     let stop = CancellationToken::new();
-    let mut hangup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
-    let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     loop {
         tokio::select! {
             Some(event) = rx.recv() => match event {
