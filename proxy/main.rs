@@ -14,6 +14,7 @@ mod prepared;
 mod reply;
 mod routes;
 mod server;
+mod sqlcmd;
 mod state;
 mod web;
 
@@ -56,11 +57,28 @@ enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Keys(keycmd::KeysCommand),
+    /// Run SQL statements (one per argument, answers as TSV) on the embedded
+    /// engine's data path, writable: loads data for `engine = "embedded"`.
+    /// Not while a proxy serves that data path.
+    Sql {
+        #[arg(required = true)]
+        statements: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
+    let code = outcome(cli);
+    // With the embedded engine loaded, end without its static destructors
+    // (they can race its threads); otherwise return as usual.
+    if code != ExitCode::SUCCESS {
+        dashcache::engine::chdb::exit(1);
+    }
+    dashcache::engine::chdb::exit(0)
+}
+
+fn outcome(cli: Cli) -> ExitCode {
     // Start-up errors are one line naming the file, the setting and the fix
     // (a config that fails the check: one such line per problem).
     match run(cli) {
@@ -105,14 +123,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime.block_on(keycmd::run(&config, command))?;
             Ok(ExitCode::SUCCESS)
         }
+        Some(Command::Sql { statements }) => {
+            let config = dashcache::config::Config::load(&cli.config)?;
+            sqlcmd::run(&config.clickhouse, &statements)?;
+            Ok(ExitCode::SUCCESS)
+        }
         None => {
             let checked = dashcache::check::load(&cli.config)?;
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
-            runtime.block_on(async {
+            let served = runtime.block_on(async {
                 let app = state::App::new(checked).await?;
                 server::run(app, cli.listen).await?;
                 anyhow::Ok(())
-            })?;
+            });
+            // Engine queries still on blocking threads get a bounded wait;
+            // the embedded engine's connections are left to the process's end.
+            dashcache::engine::chdb::process_ending();
+            runtime.shutdown_timeout(std::time::Duration::from_secs(10));
+            served?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -71,6 +71,8 @@ pub enum StartError {
     Keys(#[source] StoreError),
     #[error(transparent)]
     Popularity(#[from] PopularityError),
+    #[error(transparent)]
+    Engine(#[from] dashcache::engine::chdb::ChdbError),
 }
 
 impl App {
@@ -94,7 +96,7 @@ impl App {
         let count = keys.reload(&key_store).await.map_err(StartError::Keys)?;
         tracing::info!(keys = count, "API keys loaded");
         keys.spawn_reloads(key_store.clone(), config.auth.reload_interval);
-        let clickhouse = ClickHouse::new(&config.clickhouse, metrics.clone());
+        let clickhouse = ClickHouse::open(&config.clickhouse, metrics.clone())?;
         let filler = Arc::new(Filler {
             upstream: Arc::new(clickhouse.clone()),
             store: cache.clone(),

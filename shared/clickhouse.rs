@@ -26,7 +26,9 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use clickhouse::query::BytesCursor;
 
-use crate::config::{ClickHouseConfig, ReplicaConfig};
+use crate::config::{ClickHouseConfig, Engine, ReplicaConfig};
+use crate::engine::chdb::ChdbError;
+use crate::engine::embedded::{Embedded, EmbeddedAnswer};
 use crate::format::Format;
 use crate::metrics::{KindLabels, Metrics};
 use crate::outcome::AttemptOutcome;
@@ -116,9 +118,36 @@ pub struct ClickHouse {
     upstream: Upstream,
     /// `export_replicas`, when configured.
     exports: Option<Upstream>,
+    /// `engine = "embedded"`: queries run in process instead (no replicas).
+    embedded: Option<EmbeddedBackend>,
     /// Network-side bound on waiting for the next chunk.
     read_timeout: Duration,
     metrics: Arc<Metrics>,
+}
+
+/// The embedded engine (or why it could not be opened in this process) and
+/// the settings every query carries.
+#[derive(Clone)]
+struct EmbeddedBackend {
+    engine: Result<Arc<Embedded>, Arc<str>>,
+    settings: Vec<(String, String)>,
+}
+
+/// Opens `[clickhouse]`'s embedded engine: the library, and `data_path`
+/// (created when missing).
+fn open_embedded(config: &ClickHouseConfig) -> Result<Arc<Embedded>, ChdbError> {
+    let library = config.library.clone().unwrap_or_default();
+    let Some(data_path) = &config.data_path else {
+        return Err(ChdbError::DataPath {
+            path: Default::default(),
+            reason: "clickhouse.data_path is not set".into(),
+        });
+    };
+    std::fs::create_dir_all(data_path).map_err(|e| ChdbError::DataPath {
+        path: data_path.clone(),
+        reason: e.to_string(),
+    })?;
+    Embedded::open(&library, data_path, config.connections)
 }
 
 /// The replicas of one upstream: their health and one client each.
@@ -272,15 +301,52 @@ struct Pending {
 }
 
 impl ClickHouse {
+    /// Like [`ClickHouse::new`], but an embedded engine that cannot be
+    /// opened (no library, an unusable data path) is an error now.
+    pub fn open(config: &ClickHouseConfig, metrics: Arc<Metrics>) -> Result<ClickHouse, ChdbError> {
+        if config.engine == Engine::Embedded {
+            let engine = open_embedded(config)?;
+            return Ok(Self::with_engine(config, metrics, Ok(engine)));
+        }
+        Ok(Self::new(config, metrics))
+    }
+
+    fn with_engine(
+        config: &ClickHouseConfig,
+        metrics: Arc<Metrics>,
+        engine: Result<Arc<Embedded>, Arc<str>>,
+    ) -> ClickHouse {
+        ClickHouse {
+            upstream: Upstream::new(config, &[], &metrics),
+            exports: None,
+            embedded: Some(EmbeddedBackend {
+                engine,
+                settings: query_settings(config)
+                    .into_iter()
+                    .map(|(n, v)| (n.to_owned(), v))
+                    .collect(),
+            }),
+            read_timeout: config.max_execution_time + Duration::from_secs(5),
+            metrics,
+        }
+    }
+
     /// Clients for `[clickhouse]`'s replicas (or its one `url`), with
-    /// background health checks while any clone of this value lives.
+    /// background health checks while any clone of this value lives. With
+    /// `engine = "embedded"` the engine is opened instead; if it cannot be,
+    /// every query fails with the reason.
     pub fn new(config: &ClickHouseConfig, metrics: Arc<Metrics>) -> ClickHouse {
+        if config.engine == Engine::Embedded {
+            let engine = open_embedded(config).map_err(|e| Arc::from(e.to_string()));
+            return Self::with_engine(config, metrics, engine);
+        }
         let upstream = Upstream::new(config, &config.query_replicas(), &metrics);
         let exports = (!config.export_replicas.is_empty())
             .then(|| Upstream::new(config, &config.export_replicas, &metrics));
         ClickHouse {
             upstream,
             exports,
+            embedded: None,
             read_timeout: config.max_execution_time + Duration::from_secs(5),
             metrics,
         }
@@ -299,6 +365,28 @@ impl ClickHouse {
     /// `clickhouse.health_timeout`) now; the first failure's text otherwise.
     /// The same probe as the background checks; not counted as a query.
     pub async fn ping(&self) -> Result<(), ProbeError> {
+        if let Some(embedded) = &self.embedded {
+            let engine = embedded
+                .engine
+                .as_ref()
+                .map_err(|e| ProbeError::Unexpected(e.to_string()))?;
+            let mut answer = engine.query("SELECT 1", "TSV", "dashcache-ping", Vec::new());
+            let mut body = Vec::new();
+            let read = async {
+                while let Some(chunk) = answer.next().await? {
+                    body.extend_from_slice(&chunk);
+                }
+                Ok::<_, ChdbError>(())
+            };
+            return match tokio::time::timeout(self.upstream.health_timeout, read).await {
+                Err(_) => Err(ProbeError::Timeout(self.upstream.health_timeout)),
+                Ok(Err(err)) => Err(ProbeError::Unexpected(err.to_string())),
+                Ok(Ok(())) if body.trim_ascii() == b"1" => Ok(()),
+                Ok(Ok(())) => Err(ProbeError::Unexpected(
+                    String::from_utf8_lossy(&body).into_owned(),
+                )),
+            };
+        }
         let mut first_error = None;
         for client in &self.upstream.clients {
             match probe(client, self.upstream.health_timeout).await {
@@ -328,6 +416,9 @@ impl ClickHouse {
     }
 
     pub fn replicas(&self) -> usize {
+        if self.embedded.is_some() {
+            return 1;
+        }
         self.upstream.pool.len()
     }
 
@@ -348,6 +439,10 @@ impl ClickHouse {
                 && let Ok(secs) = value.parse::<u64>()
             {
                 self.read_timeout = Duration::from_secs(secs) + Duration::from_secs(5);
+            }
+            if let Some(embedded) = &mut self.embedded {
+                embedded.settings.retain(|(n, _)| n != name);
+                embedded.settings.push((name.to_owned(), value.to_owned()));
             }
             for upstream in std::iter::once(&mut self.upstream).chain(self.exports.as_mut()) {
                 for client in &mut upstream.clients {
@@ -386,6 +481,26 @@ impl ClickHouse {
                 read_timeout = Duration::from_secs(secs) + Duration::from_secs(5);
             }
         }
+        if let Some(embedded) = &self.embedded {
+            let engine = embedded.engine.as_ref().map_err(|e| {
+                counted(
+                    &self.metrics,
+                    UpstreamError::Connect(format!("the embedded engine is not available: {e}")),
+                )
+            })?;
+            let mut all = embedded.settings.clone();
+            for (name, value) in settings {
+                all.retain(|(n, _)| n != name);
+                all.push(((*name).to_owned(), value.clone()));
+            }
+            let answer = engine.query(sql, format.clickhouse(), query_id, all);
+            return Ok(Answer::new(
+                Feed::Embedded(answer),
+                format,
+                read_timeout,
+                self.metrics.clone(),
+            ));
+        }
         let pending = Pending {
             sql: sql.to_owned(),
             format,
@@ -404,31 +519,31 @@ impl ClickHouse {
             .upstream
             .start(replica, &pending)
             .map_err(|e| counted(&self.metrics, e))?;
-        Ok(Answer {
-            cursor,
-            source: Source {
-                upstream: self.upstream.clone(),
-                query_id: query_id.to_owned(),
-                in_flight,
-                pending: Some(pending),
-                tried: vec![replica],
-                metrics: self.metrics.clone(),
-            },
-            format,
-            held: VecDeque::new(),
-            held_len: 0,
-            passed_last: None,
-            finished: false,
-            salvage: false,
-            failure: None,
-            read_timeout,
+        let source = Source {
+            upstream: self.upstream.clone(),
+            query_id: query_id.to_owned(),
+            in_flight,
+            pending: Some(pending),
+            tried: vec![replica],
             metrics: self.metrics.clone(),
-        })
+        };
+        Ok(Answer::new(
+            Feed::Server { cursor, source },
+            format,
+            read_timeout,
+            self.metrics.clone(),
+        ))
     }
 
     /// Asks ClickHouse to stop a query (its id is one dashcache made), on the
     /// replica that runs it (on every replica if that is not known).
     pub async fn kill(&self, query_id: &str) -> Result<(), UpstreamError> {
+        if let Some(embedded) = &self.embedded {
+            if let Ok(engine) = &embedded.engine {
+                engine.kill(query_id);
+            }
+            return Ok(());
+        }
         if !query_id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-')
@@ -547,11 +662,38 @@ impl Source {
     }
 }
 
+/// Where an answer's chunks come from. (One per answer, inside it: the
+/// server variant's size is not worth a box per query.)
+#[allow(clippy::large_enum_variant)]
+enum Feed {
+    /// A server over HTTP, through the replica that runs the query.
+    Server { cursor: BytesCursor, source: Source },
+    /// The embedded engine's blocking thread.
+    Embedded(EmbeddedAnswer),
+}
+
+impl Feed {
+    async fn next(&mut self) -> Result<Option<Bytes>, UpstreamError> {
+        match self {
+            Feed::Server { cursor, source } => {
+                source.next(cursor).await.map_err(UpstreamError::from_crate)
+            }
+            Feed::Embedded(answer) => answer.next().await.map_err(|err| match err.code() {
+                Some(code) => UpstreamError::Query {
+                    code: Some(code),
+                    message: err.to_string(),
+                    status: None,
+                },
+                None => UpstreamError::Connect(err.to_string()),
+            }),
+        }
+    }
+}
+
 /// A ClickHouse answer being read: yields chunks that are known not to be
 /// (part of) an appended exception.
 pub struct Answer {
-    cursor: BytesCursor,
-    source: Source,
+    feed: Feed,
     format: Format,
     held: VecDeque<Bytes>,
     held_len: usize,
@@ -567,6 +709,21 @@ pub struct Answer {
 }
 
 impl Answer {
+    fn new(feed: Feed, format: Format, read_timeout: Duration, metrics: Arc<Metrics>) -> Answer {
+        Answer {
+            feed,
+            format,
+            held: VecDeque::new(),
+            held_len: 0,
+            passed_last: None,
+            finished: false,
+            salvage: false,
+            failure: None,
+            read_timeout,
+            metrics,
+        }
+    }
+
     /// When ClickHouse fails mid-answer, first yield the complete rows it sent
     /// before the failure, then the error (for streams whose clients can tell
     /// a truncated answer from a whole one). Only for line formats.
@@ -591,8 +748,7 @@ impl Answer {
                     None => Ok(None),
                 };
             }
-            let next =
-                tokio::time::timeout(self.read_timeout, self.source.next(&mut self.cursor)).await;
+            let next = tokio::time::timeout(self.read_timeout, self.feed.next()).await;
             match next {
                 Ok(Ok(Some(chunk))) => {
                     if !chunk.is_empty() {
@@ -609,7 +765,7 @@ impl Answer {
                     // stream (no final chunk): report that exception, not the
                     // broken transfer, when the held tail ends with one.
                     self.finished = true;
-                    self.verify_tail(Some(UpstreamError::from_crate(err)))?;
+                    self.verify_tail(Some(err))?;
                 }
                 Err(_) => {
                     return Err(counted(

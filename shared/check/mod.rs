@@ -128,6 +128,36 @@ fn run(config: &Config) -> (Catalog, Vec<Warmup>, Vec<Diagnostic>) {
             "clickhouse.max_in_flight must be at least 1",
         ));
     }
+    if config.clickhouse.engine == crate::config::Engine::Embedded {
+        let ch = &config.clickhouse;
+        if ch.data_path.is_none() {
+            diagnostics.push(config.diagnostic(
+                &["clickhouse", "engine"],
+                "clickhouse.engine = \"embedded\" needs clickhouse.data_path (a directory for its data)",
+            ));
+        }
+        if ch.library.is_none() {
+            diagnostics.push(config.diagnostic(
+                &["clickhouse", "engine"],
+                format!(
+                    "clickhouse.engine = \"embedded\" needs clickhouse.library (or DASHCACHE_CHDB_LIB): {}",
+                    crate::engine::chdb::HOW_TO_GET
+                ),
+            ));
+        }
+        if !ch.replicas.is_empty() || !ch.export_replicas.is_empty() {
+            diagnostics.push(config.diagnostic(
+                &["clickhouse", "replicas"],
+                "the embedded engine has no replicas: remove clickhouse.replicas and export_replicas",
+            ));
+        }
+        if !(1..=256).contains(&ch.connections) {
+            diagnostics.push(config.diagnostic(
+                &["clickhouse", "connections"],
+                "clickhouse.connections must be 1 to 256",
+            ));
+        }
+    }
     if !(1..=2).contains(&config.clickhouse.readonly) {
         diagnostics.push(config.diagnostic(
             &["clickhouse", "readonly"],
@@ -315,6 +345,29 @@ mod tests {
         assert_eq!(checked.catalog.iter().count(), checked.config.queries.len());
         assert_eq!(checked.warmups.len(), checked.config.warmup.len());
         assert!(!checked.warmups.is_empty());
+    }
+
+    #[test]
+    fn the_embedded_engine_needs_a_data_path_and_no_replicas() {
+        let (got, text) = reasons(
+            "",
+            &[(
+                "readonly = 1 ",
+                "engine = 'embedded'\nconnections = 0\nreadonly = 1 ",
+            )],
+        );
+        let line = line_of(&text, "engine = 'embedded'");
+        assert!(
+            got.iter()
+                .any(|(l, r)| *l == Some(line) && r.contains("needs clickhouse.data_path")),
+            "{got:#?}"
+        );
+        let line = line_of(&text, "connections = 0");
+        assert!(
+            got.iter()
+                .any(|(l, r)| *l == Some(line) && r.contains("1 to 256")),
+            "{got:#?}"
+        );
     }
 
     #[test]

@@ -288,6 +288,25 @@ pub struct ClickHouseConfig {
     /// The longest wait for a slot.
     #[serde(with = "humantime_serde")]
     pub queue_wait: Duration,
+    /// `server` (ClickHouse over HTTP, the default) or `embedded` (ClickHouse's
+    /// engine in this process, chDB, on `data_path`).
+    pub engine: Engine,
+    /// The embedded engine's data directory (relative to the config file).
+    pub data_path: Option<PathBuf>,
+    /// The embedded engine's `libchdb.so` (`scripts/chdb` prints its path;
+    /// `DASHCACHE_CHDB_LIB` overrides it; relative to the config file).
+    pub library: Option<PathBuf>,
+    /// Embedded queries running at once, each on a blocking thread.
+    pub connections: usize,
+}
+
+/// Which engine answers queries (`[clickhouse] engine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Engine {
+    #[default]
+    Server,
+    Embedded,
 }
 
 /// One ClickHouse server of `[clickhouse] replicas`.
@@ -337,6 +356,10 @@ impl Default for ClickHouseConfig {
             max_in_flight: 64,
             max_queued: 1024,
             queue_wait: Duration::from_secs(10),
+            engine: Engine::Server,
+            data_path: None,
+            library: None,
+            connections: 4,
         }
     }
 }
@@ -816,6 +839,16 @@ impl Config {
         config.path = path.to_owned();
         config.lines = lines;
         config.store.url = sqlite_url_against(&config.store.url, config.base_dir());
+        let base = config.base_dir().to_owned();
+        for path in [
+            &mut config.clickhouse.data_path,
+            &mut config.clickhouse.library,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            *path = base.join(&*path);
+        }
         Ok(config)
     }
 
@@ -826,6 +859,9 @@ impl Config {
         }
         if let Some(password) = var("DASHCACHE_CLICKHOUSE_PASSWORD") {
             self.clickhouse.password = Some(password);
+        }
+        if let Some(library) = var("DASHCACHE_CHDB_LIB").filter(|l| !l.is_empty()) {
+            self.clickhouse.library = Some(PathBuf::from(library));
         }
         if let Some(url) = var("DASHCACHE_REDIS_URL") {
             self.redis.url = url;

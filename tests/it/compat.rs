@@ -22,6 +22,7 @@ use dashcache::catalog::QueryDef;
 use dashcache::check::Checked;
 use dashcache::clickhouse::{exception_start, query_settings};
 use dashcache::engine::chdb::{Chdb, ChdbError, Connection};
+use dashcache::engine::embedded::{Embedded, EmbeddedAnswer};
 use dashcache::format::Format;
 use dashcache::params::RawParam;
 
@@ -34,7 +35,7 @@ const PINNED: &str = "26.7.3-stable.1";
 const TENANT: &str = "acme";
 
 /// Where the library is: `DASHCACHE_CHDB_LIB`, else `scripts/chdb`'s cache.
-fn library() -> Option<PathBuf> {
+pub fn library() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("DASHCACHE_CHDB_LIB").filter(|p| !p.is_empty()) {
         return Some(PathBuf::from(path));
     }
@@ -46,6 +47,9 @@ fn library() -> Option<PathBuf> {
 /// tests (chDB serves one data path per process).
 struct Engine {
     chdb: Arc<Chdb>,
+    /// The library and data path (for the embedded engine's tests).
+    library: PathBuf,
+    data: PathBuf,
     /// `--path=` of every connection.
     path_arg: String,
     _dir: TempDir,
@@ -81,6 +85,8 @@ fn engine() -> Option<MutexGuard<'static, Engine>> {
         let dir = TempDir::new("chdb");
         let engine = Engine {
             chdb,
+            library: path.clone(),
+            data: dir.0.join("data"),
             path_arg: format!("--path={}", dir.0.join("data").display()),
             _dir: dir,
         };
@@ -640,4 +646,136 @@ fn every_warmup_jobs_settings_are_accepted_on_26x() {
             );
         }
     }
+}
+
+/// The embedded engine on this module's data path: library and data path.
+fn embedded_paths() -> Option<(PathBuf, PathBuf)> {
+    let engine = engine()?;
+    Some((engine.library.clone(), engine.data.clone()))
+}
+
+const WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Reads `answer` to its end: (chunks, bytes).
+async fn drain(answer: &mut EmbeddedAnswer) -> Result<(usize, Vec<u8>), ChdbError> {
+    let mut chunks = 0;
+    let mut body = Vec::new();
+    while let Some(chunk) = answer.next().await? {
+        chunks += 1;
+        body.extend_from_slice(&chunk);
+    }
+    Ok((chunks, body))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_engine_streams_answers_in_chunks_under_per_query_settings() {
+    let Some((library, data)) = embedded_paths() else {
+        return;
+    };
+    let embedded = Embedded::open(&library, &data, 2).expect("open");
+    let settings = |rows: &str| {
+        vec![
+            ("readonly".to_owned(), "1".to_owned()),
+            ("max_result_rows".to_owned(), rows.to_owned()),
+            ("result_overflow_mode".to_owned(), "throw".to_owned()),
+        ]
+    };
+    // Two million rows arrive in several chunks, all of them.
+    let mut answer = embedded.query(
+        "SELECT number, toString(number) AS s FROM numbers(2000000)",
+        "TSV",
+        "q-stream",
+        settings("0"),
+    );
+    let (chunks, body) = tokio::time::timeout(WAIT, drain(&mut answer))
+        .await
+        .expect("within the bound")
+        .expect("the answer");
+    assert!(chunks > 1, "{chunks} chunk(s)");
+    assert_eq!(body.iter().filter(|&&b| b == b'\n').count(), 2_000_000);
+    // The demo table is there, and the numbers match a plain connection's.
+    let mut answer = embedded.query(
+        "SELECT count(), round(sum(revenue), 2) FROM demo.events",
+        "TSV",
+        "q-demo",
+        settings("0"),
+    );
+    let (_, body) = drain(&mut answer).await.expect("answer");
+    let expected = run(
+        &mut engine().expect("engine").connect(&[]),
+        "SELECT count(), round(sum(revenue), 2) FROM demo.events",
+        "TSV",
+    );
+    assert_eq!(body, expected);
+    // The query's own limit applies (396), and the next query has its own.
+    let mut answer = embedded.query(
+        "SELECT number FROM numbers(10)",
+        "TSV",
+        "q-limit",
+        settings("5"),
+    );
+    assert_eq!(
+        drain(&mut answer).await.err().and_then(|e| e.code()),
+        Some(396)
+    );
+    let mut answer = embedded.query(
+        "SELECT number FROM numbers(10)",
+        "TSV",
+        "q-ok",
+        settings("0"),
+    );
+    assert_eq!(drain(&mut answer).await.expect("answer").1.len(), 20);
+    // Connections are read-only (readonly=2: settings may change), and
+    // writes are refused.
+    let mut answer = embedded.query(
+        "SELECT getSetting('readonly')",
+        "TSV",
+        "q-ro",
+        settings("0"),
+    );
+    assert_eq!(drain(&mut answer).await.expect("answer").1, b"2\n");
+    let mut answer = embedded.query(
+        "INSERT INTO demo.events (ts) VALUES (now())",
+        "TSV",
+        "q-write",
+        settings("0"),
+    );
+    let refused = drain(&mut answer).await.expect_err("a write");
+    assert!(refused.code().is_some(), "{refused}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_or_killed_embedded_answer_stops_the_query_and_frees_its_connection() {
+    let Some((library, data)) = embedded_paths() else {
+        return;
+    };
+    // One connection: the next query can only run once the first let go of it.
+    let embedded = Embedded::open(&library, &data, 1).expect("open");
+    let endless = "SELECT number, toString(number) AS s FROM system.numbers";
+    let limit = vec![("max_execution_time".to_owned(), "600".to_owned())];
+    for stop in ["drop", "kill"] {
+        let mut answer = embedded.query(endless, "TSV", "q-endless", limit.clone());
+        let first = tokio::time::timeout(WAIT, answer.next())
+            .await
+            .expect("a first chunk within the bound")
+            .expect("no error");
+        assert!(first.is_some_and(|c| !c.is_empty()));
+        if stop == "kill" {
+            embedded.kill("q-endless");
+            // The reader learns the answer did not end cleanly (or it ended).
+            let rest = tokio::time::timeout(WAIT, async {
+                while let Ok(Some(_)) = answer.next().await {}
+            })
+            .await;
+            assert!(rest.is_ok(), "a killed query kept streaming");
+        }
+        drop(answer);
+        let mut next = embedded.query("SELECT 42", "TSV", "q-next", Vec::new());
+        let (_, body) = tokio::time::timeout(WAIT, drain(&mut next))
+            .await
+            .unwrap_or_else(|_| panic!("after {stop}, the connection was never freed"))
+            .expect("answer");
+        assert_eq!(body, b"42\n");
+    }
+    assert_eq!(embedded.queries_started(), 4);
 }

@@ -13,6 +13,7 @@ mod coalescing;
 mod compat;
 mod cors;
 mod dashboards;
+mod embedded;
 mod export;
 mod faults;
 mod freshness;
