@@ -65,10 +65,11 @@ impl Route {
     /// `dashcache_http_requests_total` exists (at 0) from the start.
     pub const fn statuses(self) -> &'static [u16] {
         match self {
-            Route::Query => &[200, 304, 401, 403, 404, 422, 429, 500, 503],
-            Route::Export => &[200, 401, 403, 404, 413, 422, 429, 503],
-            Route::OpenApi | Route::Healthz | Route::Metrics => &[200, 401],
-            Route::Readyz => &[200, 401, 503],
+            Route::Query => &[200, 304, 400, 401, 403, 404, 422, 429, 500, 503],
+            Route::Export => &[200, 400, 401, 403, 404, 413, 422, 429, 503],
+            Route::OpenApi => &[200],
+            Route::Healthz | Route::Metrics => &[200, 400, 401],
+            Route::Readyz => &[200, 400, 401, 503],
             Route::Other => &[404, 405],
         }
     }
@@ -119,7 +120,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
         tracing::info!(
             method = %req.method(),
             route = route.as_str(),
-            uri = %req.uri(),
+            uri = %auth::loggable_uri(req.uri()),
             status = status.as_u16(),
             cache,
             key,
@@ -144,6 +145,9 @@ async fn route(app: &Arc<App>, req: &Request<Incoming>) -> (Route, Response<Body
             .map(|name| (Route::Export, name))
     };
     if let Some((route, name)) = api {
+        if let Some(refused) = auth::key_in_url(req.uri()) {
+            return (route, refused);
+        }
         let response = match app.auth.authenticate(req).await {
             Ok(caller) => {
                 let mut response = if route == Route::Query {
@@ -173,8 +177,13 @@ async fn route(app: &Arc<App>, req: &Request<Incoming>) -> (Route, Response<Body
             return (Route::Other, response);
         }
     };
-    if protected && let Err(response) = app.auth.authenticate(req).await {
-        return (route, response);
+    if protected {
+        if let Some(refused) = auth::key_in_url(req.uri()) {
+            return (route, refused);
+        }
+        if let Err(response) = app.auth.authenticate(req).await {
+            return (route, response);
+        }
     }
     let response = match route {
         Route::Healthz => health::liveness(),

@@ -1,9 +1,15 @@
-//! The HTTP server: accept loop, connections, graceful shutdown.
+//! The HTTP server: accept loop, connections, TLS, graceful shutdown.
 //!
-//! HTTP/1.1 and HTTP/2 (hyper-util's auto builder). On SIGTERM or Ctrl-C it
-//! stops accepting, lets in-flight requests and streams finish for up to
-//! `proxy.shutdown_grace`, then returns. The socket has `SO_REUSEPORT`, so
-//! a new process can take over the port before the old one stops.
+//! HTTP/1.1 and HTTP/2 (hyper-util's auto builder), over plain TCP or TLS:
+//! TLS is a property of a [`Listener`] (its [`ServerTls`]), so every listener
+//! served here gets it the same way. The TLS handshake runs on the
+//! connection's own task, bounded by the listener's `handshake_timeout`, never
+//! in the accept loop; ALPN picks HTTP/2 or HTTP/1.1. SIGHUP reloads the
+//! listeners' certificates (so does a change of their files); the rest of the
+//! config is read at start. On SIGTERM or Ctrl-C it stops accepting, lets
+//! in-flight requests and streams finish for up to `proxy.shutdown_grace`,
+//! then returns. The socket has `SO_REUSEPORT`, so a new process can take
+//! over the port before the old one stops.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,6 +20,8 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
+
+use dashcache::tls::{ServerTls, TlsError, Trigger};
 
 use crate::routes;
 use crate::state::App;
@@ -26,20 +34,69 @@ pub struct ListenError {
     pub source: std::io::Error,
 }
 
+/// Why the proxy could not start serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    /// The listener's certificate or key could not be loaded or watched.
+    #[error("[proxy.tls]: {0}")]
+    Tls(#[from] TlsError),
+}
+
+/// A listening socket and how its connections are secured.
+pub struct Listener {
+    pub tcp: TcpListener,
+    /// `None`: plain HTTP.
+    pub tls: Option<Arc<ServerTls>>,
+}
+
+impl Listener {
+    /// HTTPS: every connection is a TLS handshake first.
+    pub fn tls(tcp: TcpListener, tls: Arc<ServerTls>) -> Listener {
+        Listener {
+            tcp,
+            tls: Some(tls),
+        }
+    }
+}
+
+impl From<TcpListener> for Listener {
+    /// Plain HTTP.
+    fn from(tcp: TcpListener) -> Listener {
+        Listener { tcp, tls: None }
+    }
+}
+
 /// Binds the configured (or given) address and serves until SIGTERM/Ctrl-C.
-pub async fn run(app: Arc<App>, listen: Option<SocketAddr>) -> Result<(), ListenError> {
+pub async fn run(app: Arc<App>, listen: Option<SocketAddr>) -> Result<(), ServeError> {
     let addr = listen.unwrap_or(app.config.proxy.listen);
+    let tls = match &app.config.proxy.tls {
+        Some(settings) => Some(ServerTls::load("proxy", settings).await?),
+        None => None,
+    };
+    // Kept for as long as the server runs: dropping a watcher stops it.
+    let _watchers = tls
+        .iter()
+        .map(|tls| tls.watch())
+        .collect::<Result<Vec<_>, _>>()?;
     let listener = bind(addr)
         .and_then(|listener| Ok((listener.local_addr()?, listener)))
         .map_err(|source| ListenError { addr, source });
     let (local, listener) = listener?;
-    tracing::info!(addr = %local, queries = app.catalog.iter().count(), "dashcache-proxy listening");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(addr = %local, scheme, queries = app.catalog.iter().count(), "dashcache-proxy listening");
     // Signal handlers first: a SIGTERM or SIGHUP sent right after READY=1 must
     // find them installed (SIGHUP's default action would end the process).
-    ignore_sighup();
+    reload_tls_on_sighup(tls.iter().cloned().collect());
     let shutdown = shutdown_signal();
     // systemd (Type=notify): config, keys and listener are ready; no-op outside systemd.
-    dashcache::service::ready(&format!("listening on {local}"));
+    let over = if tls.is_some() { " (TLS)" } else { "" };
+    dashcache::service::ready(&format!("listening on {local}{over}"));
+    let listener = match tls {
+        Some(tls) => Listener::tls(listener, tls),
+        None => Listener::from(listener),
+    };
     serve(listener, app, shutdown).await;
     Ok(())
 }
@@ -48,7 +105,13 @@ pub async fn run(app: Arc<App>, listen: Option<SocketAddr>) -> Result<(), Listen
 /// requests for up to `proxy.shutdown_grace` (mini-redis's
 /// `server::run(listener, shutdown)`): the caller owns the socket and the
 /// signal, so a test can serve on its own listener and stop it at will.
-pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
+/// A plain `TcpListener` serves HTTP; a [`Listener::tls`] serves HTTPS.
+pub async fn serve(
+    listener: impl Into<Listener>,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let Listener { tcp: listener, tls } = listener.into();
     routes::Route::zero_series(&app.metrics);
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
@@ -56,7 +119,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (stream, _) = match accepted {
+                let (stream, peer) = match accepted {
                     Ok(conn) => conn,
                     Err(err) => {
                         // Out of file descriptors and the like: back off, keep serving.
@@ -68,12 +131,32 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
                 let _ = stream.set_nodelay(true);
                 let service_app = app.clone();
                 let service = service_fn(move |req| routes::handle(service_app.clone(), req));
-                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                let conn = graceful.watch(conn);
                 let open = app.metrics.open_connections.clone();
                 open.inc();
+                let Some(tls) = &tls else {
+                    let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                    let conn = graceful.watch(conn);
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                        open.dec();
+                    });
+                    continue;
+                };
+                // The handshake on the connection's own task: a slow or silent
+                // client holds up no one else.
+                let (acceptor, timeout) = (tls.acceptor(), tls.handshake_timeout());
+                let (builder, watcher) = (builder.clone(), graceful.watcher());
                 tokio::spawn(async move {
-                    let _ = conn.await;
+                    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let conn = builder.serve_connection(TokioIo::new(stream), service);
+                            let _ = watcher.watch(conn.into_owned()).await;
+                        }
+                        // Scanners, clients that do not trust the certificate,
+                        // clients without a required certificate: theirs to report.
+                        Ok(Err(err)) => tracing::debug!(%peer, error = %err, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, ?timeout, "TLS handshake timed out"),
+                    }
                     open.dec();
                 });
             }
@@ -105,15 +188,22 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// SIGHUP would end the process by default; the proxy reads its config at
-/// start, so it says so and goes on (restart to apply a config change).
-fn ignore_sighup() {
+/// SIGHUP reloads the listeners' TLS certificates (certbot's deploy hook
+/// sends it); the rest of the config is read at start, which it says
+/// (restart to apply a config change). Installed before serving: SIGHUP would
+/// end the process by default.
+fn reload_tls_on_sighup(listeners: Vec<Arc<ServerTls>>) {
     #[cfg(unix)]
     if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
+                // Each reload logs what it did.
+                for tls in &listeners {
+                    tls.reload(Trigger::Signal).await;
+                }
                 tracing::warn!(
-                    "SIGHUP ignored: dashcache-proxy reads its config at start; restart it to apply changes"
+                    tls_listeners = listeners.len(),
+                    "SIGHUP: only TLS certificates are reloaded; dashcache-proxy reads the rest of its config at start: restart it to apply other changes"
                 );
             }
         });

@@ -2,7 +2,8 @@
 //!
 //! Owns deciding whether a config can be used and saying why not: the file's
 //! shape (read by [`crate::config`]), value ranges of `[proxy]` and
-//! `[clickhouse]`, the `[redis]` topology, the catalog (compiled by
+//! `[clickhouse]`, the listener's TLS files (`[proxy.tls]`, read and built
+//! by [`crate::tls`]), the `[redis]` topology, the catalog (compiled by
 //! [`crate::catalog`]), the tier rules that need only config data (rates of
 //! at least 1, allowed queries and exports that exist) and the rules of
 //! `[scheduler]` and `[[warmup]]` ([`warmup`]). Every problem is a
@@ -114,6 +115,15 @@ fn run(config: &Config) -> (Catalog, Vec<Warmup>, Vec<Diagnostic>) {
         diagnostics.push(config.diagnostic(
             &["clickhouse", "readonly"],
             "clickhouse.readonly must be 1 or 2",
+        ));
+    }
+    if let Some(tls) = &config.proxy.tls
+        && let Err(err) = crate::tls::check(tls)
+    {
+        let setting = err.file().map_or("tls", |file| file.setting());
+        diagnostics.push(config.diagnostic(
+            &["proxy", "tls", setting],
+            format!("proxy.tls.{setting}: {err}"),
         ));
     }
     if let Err(err) = Topology::of(&config.redis) {
@@ -316,6 +326,30 @@ mod tests {
         assert_eq!(got.len(), 7, "{got:#?}");
         let lines: Vec<usize> = got.iter().filter_map(|(l, _)| *l).collect();
         assert!(lines.windows(2).all(|w| w[0] <= w[1]), "{got:#?}");
+    }
+
+    #[test]
+    fn unusable_tls_files_and_credential_parameters_are_reported_at_their_lines() {
+        let (got, text) = reasons(
+            "[query.leaky]\nsql = \"sql/queries/revenue_day.sql\"\n[query.leaky.params.api_key]\ntype = \"string\"\n",
+            &[(
+                "request_log_sample = 0.01",
+                "request_log_sample = 0.01\ntls = { cert = \"missing/cert.pem\", key = \"missing/key.pem\" }",
+            )],
+        );
+        let tls = line_of(&text, "tls = { cert");
+        assert!(
+            got.iter().any(|(line, reason)| *line == Some(tls)
+                && reason.starts_with("proxy.tls.cert: certificate chain ")
+                && reason.contains("missing/cert.pem: cannot read")),
+            "{got:#?}"
+        );
+        let param = line_of(&text, "[query.leaky.params.api_key]");
+        assert!(
+            got.iter().any(|(line, reason)| *line == Some(param)
+                && reason.contains("parameter `api_key` is reserved")),
+            "{got:#?}"
+        );
     }
 
     #[test]

@@ -18,7 +18,9 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 mod scheduler;
+mod tls;
 pub use scheduler::{PopularConfig, PopularityConfig, SchedulerConfig, WarmupConfig};
+pub use tls::ListenerTls;
 
 /// Why a config could not be loaded. Messages name the file.
 #[derive(Debug, thiserror::Error)]
@@ -207,6 +209,9 @@ pub struct ProxyConfig {
     /// With `request_log = "sampled"`: the share of successful requests
     /// logged, 0.0 to 1.0 (errors are always logged).
     pub request_log_sample: f64,
+    /// `[proxy.tls]`: serve HTTPS (HTTP/2 and HTTP/1.1 by ALPN) instead of
+    /// plain HTTP.
+    pub tls: Option<ListenerTls>,
 }
 
 impl Default for ProxyConfig {
@@ -216,6 +221,7 @@ impl Default for ProxyConfig {
             shutdown_grace: Duration::from_secs(30),
             request_log: RequestLog::default(),
             request_log_sample: 0.01,
+            tls: None,
         }
     }
 }
@@ -745,7 +751,7 @@ pub enum MaxSpan {
 
 impl Config {
     /// Reads and parses a config file; applies environment overrides for secrets.
-    /// Relative paths in the file (SQL templates, a SQLite control store)
+    /// Relative paths in the file (SQL templates, a SQLite control store, TLS files)
     /// resolve against the file's directory, wherever the process was started.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let path = &std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
@@ -777,6 +783,10 @@ impl Config {
         config.path = path.to_owned();
         config.lines = lines;
         config.store.url = sqlite_url_against(&config.store.url, config.base_dir());
+        let base = config.base_dir().to_owned();
+        if let Some(tls) = &mut config.proxy.tls {
+            tls.resolve_against(&base);
+        }
         Ok(config)
     }
 

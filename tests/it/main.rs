@@ -17,6 +17,8 @@ mod locks;
 mod query;
 mod scale;
 mod scheduler;
+mod secrets;
 mod service;
 mod startup;
 mod tenancy;
+mod tls;
