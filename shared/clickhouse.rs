@@ -26,7 +26,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use clickhouse::query::BytesCursor;
 
-use crate::config::{ClickHouseConfig, ReplicaConfig};
+use crate::config::{ClickHouseConfig, ReplicaConfig, is_https};
 use crate::format::Format;
 use crate::metrics::{KindLabels, Metrics};
 use crate::upstream::{InFlight, Pool};
@@ -117,10 +117,13 @@ impl Upstream {
     fn new(
         config: &ClickHouseConfig,
         replicas: &[ReplicaConfig],
+        tls: Option<&rustls::ClientConfig>,
         metrics: &Arc<Metrics>,
     ) -> Upstream {
-        let clients: Vec<clickhouse::Client> =
-            replicas.iter().map(|r| client(config, &r.url)).collect();
+        let clients: Vec<clickhouse::Client> = replicas
+            .iter()
+            .map(|r| client(config, &r.url, tls))
+            .collect();
         let pool = Pool::new(replicas, config.eject_after, metrics.clone());
         let probes = clients.clone();
         let timeout = config.health_timeout;
@@ -164,9 +167,35 @@ impl Upstream {
     }
 }
 
-/// One replica's client with the settings every query carries.
-fn client(config: &ClickHouseConfig, url: &str) -> clickhouse::Client {
-    let mut client = clickhouse::Client::default()
+/// One replica's client with the settings every query carries; over
+/// `https://` with `tls` (the server's certificate checked against
+/// `clickhouse.ca`).
+fn client(
+    config: &ClickHouseConfig,
+    url: &str,
+    tls: Option<&rustls::ClientConfig>,
+) -> clickhouse::Client {
+    let base = match tls {
+        Some(tls) if is_https(url) => {
+            // Like the crate's own client (keep-alive; idle connections closed
+            // before ClickHouse's 3 s), over TLS.
+            let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+            http.set_keepalive(Some(Duration::from_secs(60)));
+            http.enforce_http(false);
+            let connector = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls.clone())
+                .https_or_http()
+                .enable_http1()
+                .wrap_connector(http);
+            clickhouse::Client::with_http_client(
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(2))
+                    .build(connector),
+            )
+        }
+        _ => clickhouse::Client::default(),
+    };
+    let mut client = base
         .with_url(url)
         .with_user(&config.user)
         .with_validation(false)
@@ -230,10 +259,27 @@ struct Pending {
 impl ClickHouse {
     /// Clients for `[clickhouse]`'s replicas (or its one `url`), with
     /// background health checks while any clone of this value lives.
+    /// Servers reached over `https://` are checked against `clickhouse.ca`
+    /// (read here; the config check has read it already, so a failure means
+    /// the file went away since: logged, and those servers fail their TLS
+    /// handshakes until a restart).
     pub fn new(config: &ClickHouseConfig, metrics: Arc<Metrics>) -> ClickHouse {
-        let upstream = Upstream::new(config, &config.query_replicas(), &metrics);
+        let tls = config.uses_tls().then(|| {
+            crate::tls::client_config(config.ca.as_deref()).unwrap_or_else(|err| {
+                tracing::error!(error = %err, "clickhouse.ca: trusting no server certificate");
+                rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default protocol versions")
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+            })
+        });
+        let tls = tls.as_ref();
+        let upstream = Upstream::new(config, &config.query_replicas(), tls, &metrics);
         let exports = (!config.export_replicas.is_empty())
-            .then(|| Upstream::new(config, &config.export_replicas, &metrics));
+            .then(|| Upstream::new(config, &config.export_replicas, tls, &metrics));
         ClickHouse {
             upstream,
             exports,

@@ -11,6 +11,9 @@
 //! config and says why; established connections keep the certificate they
 //! were made with either way.
 //!
+//! It also makes the client config for upstreams reached over `https://`
+//! ([`client_config`]: the `ca` bundle, or the built-in Mozilla roots).
+//!
 //! It does not accept connections or run handshakes: the proxy's server does,
 //! with [`ServerTls::acceptor`] on each connection's own task.
 
@@ -35,6 +38,8 @@ pub enum TlsFile {
     Cert,
     Key,
     ClientCa,
+    /// The CA bundle a client trusts (`[clickhouse] ca`).
+    Ca,
 }
 
 impl TlsFile {
@@ -44,6 +49,7 @@ impl TlsFile {
             TlsFile::Cert => "cert",
             TlsFile::Key => "key",
             TlsFile::ClientCa => "client_ca",
+            TlsFile::Ca => "ca",
         }
     }
 }
@@ -54,6 +60,7 @@ impl fmt::Display for TlsFile {
             TlsFile::Cert => "certificate chain",
             TlsFile::Key => "private key",
             TlsFile::ClientCa => "client CA bundle",
+            TlsFile::Ca => "CA bundle",
         })
     }
 }
@@ -190,6 +197,49 @@ fn build(settings: &ListenerTls, files: &Files) -> Result<Arc<ServerConfig>, Tls
         })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// A client's CA bundle (`[clickhouse] ca`, `[redis] ca`): PEM, at least
+/// one certificate (blocking read).
+pub fn read_ca(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = std::fs::read(path).map_err(|source| TlsError::Read {
+        what: TlsFile::Ca,
+        path: path.to_owned(),
+        source,
+    })?;
+    certificates(TlsFile::Ca, path, &pem)
+}
+
+/// The TLS config of a client (ClickHouse over `https://`): trusts the CAs
+/// of the PEM bundle `ca`, or the Mozilla roots built in; TLS 1.2 and 1.3;
+/// `http/1.1` by ALPN. Reads `ca` (blocking: at start-up and reload, like
+/// the config file itself).
+pub fn client_config(ca: Option<&Path>) -> Result<rustls::ClientConfig, TlsError> {
+    let mut roots = RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            for cert in read_ca(path)? {
+                roots.add(cert).map_err(|err| TlsError::Invalid {
+                    what: TlsFile::Ca,
+                    path: path.to_owned(),
+                    reason: format!("not a usable CA certificate: {err}"),
+                })?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|err| TlsError::Invalid {
+        what: TlsFile::Ca,
+        path: ca.map(Path::to_owned).unwrap_or_default(),
+        reason: err.to_string(),
+    })?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(config)
 }
 
 /// Reads and checks a listener's TLS files (blocking: for the config check

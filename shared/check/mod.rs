@@ -3,7 +3,7 @@
 //! Owns deciding whether a config can be used and saying why not: the file's
 //! shape (read by [`crate::config`]), value ranges of `[proxy]` and
 //! `[clickhouse]`, the listener's TLS files (`[proxy.tls]`, read and built
-//! by [`crate::tls`]), the `[redis]` topology, the catalog (compiled by
+//! by [`crate::tls`]) and ClickHouse's `ca`, the `[redis]` topology, the catalog (compiled by
 //! [`crate::catalog`]), the tier rules that need only config data (rates of
 //! at least 1, allowed queries and exports that exist) and the rules of
 //! `[scheduler]` and `[[warmup]]` ([`warmup`]). Every problem is a
@@ -125,6 +125,23 @@ fn run(config: &Config) -> (Catalog, Vec<Warmup>, Vec<Diagnostic>) {
             &["proxy", "tls", setting],
             format!("proxy.tls.{setting}: {err}"),
         ));
+    }
+    if (config.clickhouse.uses_tls() || config.clickhouse.ca.is_some())
+        && let Err(err) = crate::tls::client_config(config.clickhouse.ca.as_deref())
+    {
+        diagnostics.push(config.diagnostic(&["clickhouse", "ca"], format!("clickhouse.ca: {err}")));
+    }
+    if let Some(ca) = &config.redis.ca {
+        let problem = if config.redis.sentinel_master.is_some() {
+            Some("redis.ca is not supported with Sentinel (rediss:// there uses the system's trust store)".to_owned())
+        } else {
+            crate::tls::read_ca(ca)
+                .err()
+                .map(|err| format!("redis.ca: {err}"))
+        };
+        if let Some(problem) = problem {
+            diagnostics.push(config.diagnostic(&["redis", "ca"], problem));
+        }
     }
     if let Err(err) = Topology::of(&config.redis) {
         diagnostics.push(config.diagnostic(
@@ -332,10 +349,23 @@ mod tests {
     fn unusable_tls_files_and_credential_parameters_are_reported_at_their_lines() {
         let (got, text) = reasons(
             "[query.leaky]\nsql = \"sql/queries/revenue_day.sql\"\n[query.leaky.params.api_key]\ntype = \"string\"\n",
-            &[(
-                "request_log_sample = 0.01",
-                "request_log_sample = 0.01\ntls = { cert = \"missing/cert.pem\", key = \"missing/key.pem\" }",
-            )],
+            &[
+                (
+                    "request_log_sample = 0.01",
+                    "request_log_sample = 0.01\ntls = { cert = \"missing/cert.pem\", key = \"missing/key.pem\" }",
+                ),
+                (
+                    "user = \"default\"",
+                    "user = \"default\"\nca = \"missing/clickhouse-ca.pem\"",
+                ),
+            ],
+        );
+        let ca = line_of(&text, "ca = \"missing/clickhouse-ca.pem\"");
+        assert!(
+            got.iter().any(|(line, reason)| *line == Some(ca)
+                && reason.starts_with("clickhouse.ca: CA bundle ")
+                && reason.contains("cannot read")),
+            "{got:#?}"
         );
         let tls = line_of(&text, "tls = { cert");
         assert!(

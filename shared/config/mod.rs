@@ -250,6 +250,9 @@ pub struct ClickHouseConfig {
     pub user: String,
     /// Prefer the environment variable `DASHCACHE_CLICKHOUSE_PASSWORD`.
     pub password: Option<String>,
+    /// For `https://` URLs: the CAs (PEM bundle) that sign the servers'
+    /// certificates (default: the Mozilla roots built into the binary).
+    pub ca: Option<PathBuf>,
     /// ClickHouse `readonly` level of every query: 1 (no writes, no settings
     /// changes, no table functions beyond what the URL sets), or 2 for servers
     /// that refuse per-query limits under 1.
@@ -289,12 +292,26 @@ pub struct ReplicaConfig {
     pub weight: u32,
 }
 
+/// Whether a URL's scheme is `https` (any case).
+pub fn is_https(url: &str) -> bool {
+    url.get(..8)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
+}
+
 fn default_weight() -> u32 {
     1
 }
 
 impl ClickHouseConfig {
     /// The servers for queries: `replicas`, or `url` as a list of one.
+    /// Whether any server is reached over `https://`.
+    pub fn uses_tls(&self) -> bool {
+        self.query_replicas()
+            .iter()
+            .chain(&self.export_replicas)
+            .any(|r| is_https(&r.url))
+    }
+
     pub fn query_replicas(&self) -> Vec<ReplicaConfig> {
         if self.replicas.is_empty() {
             vec![ReplicaConfig {
@@ -313,6 +330,7 @@ impl Default for ClickHouseConfig {
             url: "http://127.0.0.1:8123".into(),
             user: "default".into(),
             password: None,
+            ca: None,
             readonly: 1,
             max_execution_time: Duration::from_secs(30),
             max_result_rows: 1_000_000,
@@ -344,6 +362,9 @@ pub struct RedisConfig {
     /// (`redis://host:26379`). The master's password and db come from `url`.
     pub sentinel_master: Option<String>,
     pub sentinel_addresses: Vec<String>,
+    /// For `rediss://` URLs (single server or Cluster): the CAs (PEM bundle)
+    /// that sign the servers' certificates (default: the system's trust store).
+    pub ca: Option<PathBuf>,
 }
 
 impl Default for RedisConfig {
@@ -355,6 +376,7 @@ impl Default for RedisConfig {
             cluster_nodes: Vec::new(),
             sentinel_master: None,
             sentinel_addresses: Vec::new(),
+            ca: None,
         }
     }
 }
@@ -786,6 +808,13 @@ impl Config {
         let base = config.base_dir().to_owned();
         if let Some(tls) = &mut config.proxy.tls {
             tls.resolve_against(&base);
+        }
+        for ca in [&mut config.clickhouse.ca, &mut config.redis.ca] {
+            if let Some(ca) = ca
+                && ca.is_relative()
+            {
+                *ca = base.join(&*ca);
+            }
         }
         Ok(config)
     }

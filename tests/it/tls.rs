@@ -1,7 +1,10 @@
-//! HTTPS on the proxy's listener, with certificates this test makes (rcgen):
+//! TLS with certificates this test makes (rcgen). On the proxy's listener:
 //! the same answers as over plain HTTP, HTTP/2 chosen by ALPN, a certificate
 //! replaced on disk served to new connections while a request in flight on
-//! an old one completes, a bad replacement kept out, and mutual TLS.
+//! an old one completes, a bad replacement kept out, and mutual TLS. To
+//! ClickHouse (`https://`, through a TLS relay in front of the real server)
+//! and Redis (`rediss://`, a real `redis-server --tls-port`): verified
+//! against the configured `ca`, refused without it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -406,6 +409,184 @@ async fn with_client_ca_only_clients_with_a_certificate_from_it_are_served() {
     )
     .await;
     assert!(foreign.is_err(), "a client of another CA was served");
+}
+
+/// TLS in front of the real ClickHouse: accepts with `issued` and relays
+/// each connection to ClickHouse's HTTP port. Stops when dropped.
+struct TlsRelay {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TlsRelay {
+    async fn start(issued: &Issued) -> TlsRelay {
+        let key = PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).expect("key");
+        let config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![issued.der.clone()], key)
+            .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("relay port");
+        let port = listener.local_addr().expect("relay address").port();
+        let upstream = crate::harness::clickhouse_url()
+            .trim_start_matches("http://")
+            .to_owned();
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let (acceptor, upstream) = (acceptor.clone(), upstream.clone());
+                tokio::spawn(async move {
+                    let Ok(mut inbound) = acceptor.accept(inbound).await else {
+                        return;
+                    };
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                });
+            }
+        });
+        TlsRelay { port, task }
+    }
+}
+
+impl Drop for TlsRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn clickhouse_over_https_is_verified_against_the_configured_ca() {
+    let ca = Ca::new("dashcache-it ClickHouse CA");
+    let relay = TlsRelay::start(&ca.server("clickhouse")).await;
+    let dir = cert_dir("tls-clickhouse");
+    let ca_file = dir.0.join("clickhouse-ca.pem");
+    std::fs::write(&ca_file, ca.pem()).expect("write CA");
+    let url = format!("https://127.0.0.1:{}", relay.port);
+    let trusting = Proxy::start_with(ProxyOptions {
+        clickhouse_url: url.clone(),
+        set: vec![("clickhouse", "ca", ca_file.display().to_string().into())],
+        ..Default::default()
+    })
+    .await;
+    let plain = Proxy::start().await;
+    let over_tls = trusting.get(QUERY).await;
+    assert_eq!(over_tls.status, 200, "{}", over_tls.text());
+    assert_eq!(answer(&over_tls), answer(&plain.get(QUERY).await));
+    assert_eq!(trusting.get("/readyz").await.status, 200);
+
+    // Without `ca` only the built-in public roots are trusted: this server is not.
+    let untrusting = Proxy::start_with(ProxyOptions {
+        clickhouse_url: url,
+        ..Default::default()
+    })
+    .await;
+    let refused = untrusting.get(QUERY).await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    let ready = untrusting.get("/readyz").await;
+    assert_eq!(
+        ready.json()["checks"]["clickhouse"]["ok"],
+        false,
+        "{}",
+        ready.text()
+    );
+}
+
+/// A Redis server that speaks only TLS (`--tls-port`), with `issued` as its
+/// certificate, on its own port. Killed on drop.
+struct TlsRedis {
+    port: u16,
+    child: std::process::Child,
+    _dir: crate::harness::TempDir,
+}
+
+impl TlsRedis {
+    async fn start(issued: &Issued) -> TlsRedis {
+        let dir = cert_dir("tls-redis");
+        install(&dir.0, issued);
+        let port = crate::harness::free_port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &port.to_string()])
+            .args(["--bind", "127.0.0.1", "--tls-auth-clients", "no"])
+            .arg("--tls-cert-file")
+            .arg(dir.0.join("cert.pem"))
+            .arg("--tls-key-file")
+            .arg(dir.0.join("key.pem"))
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (scripts/services up installs it)");
+        let listening =
+            until(|| async { std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() }).await;
+        assert!(listening, "redis-server --tls-port did not start");
+        TlsRedis {
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn redis_over_rediss_is_verified_against_the_configured_ca() {
+    let ca = Ca::new("dashcache-it Redis CA");
+    let redis = TlsRedis::start(&ca.server("redis")).await;
+    let dir = cert_dir("tls-redis-ca");
+    let ca_file = dir.0.join("redis-ca.pem");
+    std::fs::write(&ca_file, ca.pem()).expect("write CA");
+    let url = format!("rediss://127.0.0.1:{}", redis.port);
+    let trusting = Proxy::start_with(ProxyOptions {
+        redis_url: url.clone(),
+        set: vec![
+            ("redis", "ca", ca_file.display().to_string().into()),
+            // No in-process cache: a HIT comes from Redis, over TLS.
+            ("cache", "l1_max_bytes", 0.into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(trusting.get("/readyz").await.status, 200);
+    let first = trusting.get(QUERY).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    let stored = until(|| async { trusting.get(QUERY).await.cache() == "HIT" }).await;
+    assert!(
+        stored,
+        "no answer came back from Redis:\n{}",
+        trusting.log()
+    );
+
+    // Without `ca` the system's trust store decides: this server is not in it.
+    let untrusting = Proxy::start_with(ProxyOptions {
+        redis_url: url,
+        ..Default::default()
+    })
+    .await;
+    let ready = untrusting.get("/readyz").await;
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    assert_eq!(
+        ready.json()["checks"]["redis"]["ok"],
+        false,
+        "{}",
+        ready.text()
+    );
+    assert_eq!(
+        ready.json()["checks"]["clickhouse"]["ok"],
+        true,
+        "{}",
+        ready.text()
+    );
 }
 
 /// Polls `condition` (bounded, ~30 s) until it holds.
