@@ -25,6 +25,8 @@ const RETRY_SECS: u64 = 5;
 /// One kind of error answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ApiError {
+    /// An API key in the URL's query string (keys go in headers only).
+    KeyInUrl,
     /// No API key, or an unknown, expired or revoked one.
     Unauthorized,
     /// The key's tier is not configured, or may not call this.
@@ -98,7 +100,8 @@ const KEYED: &[Surface] = &[Surface::Query, Surface::Export, Surface::Service];
 const COMPUTED: &[Surface] = &[Surface::Query, Surface::Export];
 
 impl ApiError {
-    pub const ALL: [ApiError; 16] = [
+    pub const ALL: [ApiError; 17] = [
+        ApiError::KeyInUrl,
         ApiError::Unauthorized,
         ApiError::Forbidden,
         ApiError::UnknownQuery,
@@ -119,6 +122,7 @@ impl ApiError {
 
     pub const fn status(self) -> StatusCode {
         match self {
+            ApiError::KeyInUrl => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden | ApiError::OriginNotAllowed => StatusCode::FORBIDDEN,
             ApiError::UnknownQuery | ApiError::UnknownExport | ApiError::NotFound => {
@@ -139,6 +143,7 @@ impl ApiError {
     /// The body's `type`: stable, machine-readable.
     pub const fn as_str(self) -> &'static str {
         match self {
+            ApiError::KeyInUrl => "key_in_url",
             ApiError::Unauthorized => "unauthorized",
             ApiError::Forbidden => "forbidden",
             ApiError::UnknownQuery => "unknown_query",
@@ -192,7 +197,10 @@ impl ApiError {
     /// requests outside the document (unknown paths, other methods).
     pub const fn surfaces(self) -> &'static [Surface] {
         match self {
-            ApiError::Unauthorized | ApiError::Forbidden | ApiError::RateLimited => KEYED,
+            ApiError::KeyInUrl
+            | ApiError::Unauthorized
+            | ApiError::Forbidden
+            | ApiError::RateLimited => KEYED,
             ApiError::UnknownQuery
             | ApiError::TooManyUncached
             | ApiError::TooManyWaiters
@@ -209,6 +217,9 @@ impl ApiError {
     /// When it happens, in words (the OpenAPI response description).
     pub const fn description(self) -> &'static str {
         match self {
+            ApiError::KeyInUrl => {
+                "An API key in the query string: send it in the `X-API-Key` or `Authorization: Bearer` header"
+            }
             ApiError::Unauthorized => "No API key, or an unknown, expired or revoked one",
             ApiError::Forbidden => "The key's tier may not call this, or is not configured",
             ApiError::UnknownQuery => "No such query",
@@ -317,6 +328,9 @@ mod tests {
 
     #[test]
     fn the_answers_of_today_keep_their_status_and_headers() {
+        let in_url = ApiError::KeyInUrl.reply("header");
+        assert_eq!(in_url.status(), 400);
+        assert!(in_url.headers().get("www-authenticate").is_none());
         let unauthorized = ApiError::Unauthorized.reply("no key");
         assert_eq!(unauthorized.status(), 401);
         assert_eq!(unauthorized.headers()["www-authenticate"], "Bearer");

@@ -888,13 +888,13 @@ mod tests {
         assert_eq!(
             statuses,
             [
-                "200", "401", "403", "404", "413", "422", "429", "500", "503"
+                "200", "400", "401", "403", "404", "413", "422", "429", "500", "503"
             ]
         );
         let op = &doc["paths"]["/healthz"]["get"];
         let mut statuses: Vec<&String> = op["responses"].as_object().unwrap().keys().collect();
         statuses.sort();
-        assert_eq!(statuses, ["200", "401", "403", "429"]);
+        assert_eq!(statuses, ["200", "400", "401", "403", "429"]);
     }
 
     #[test]

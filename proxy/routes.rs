@@ -89,11 +89,11 @@ impl Route {
     /// `dashcache_http_requests_total` exists (at 0) from the start.
     pub const fn statuses(self) -> &'static [u16] {
         match self {
-            Route::Query => &[200, 304, 401, 403, 404, 422, 429, 500, 503],
-            Route::Export => &[200, 401, 403, 404, 413, 422, 429, 503],
-            Route::OpenApi | Route::Healthz | Route::Metrics | Route::Status => &[200, 401],
-            Route::Docs => &[200],
-            Route::Readyz => &[200, 401, 503],
+            Route::Query => &[200, 304, 400, 401, 403, 404, 422, 429, 500, 503],
+            Route::Export => &[200, 400, 401, 403, 404, 413, 422, 429, 503],
+            Route::OpenApi | Route::Docs => &[200],
+            Route::Healthz | Route::Metrics | Route::Status => &[200, 400, 401],
+            Route::Readyz => &[200, 400, 401, 503],
             Route::Preflight => &[204, 403],
             Route::ClickHouse => &[200, 400, 403, 404, 408, 429, 500, 503],
             Route::Other => &[404, 405],
@@ -150,7 +150,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
         tracing::info!(
             method = %req.method(),
             route = route.as_str(),
-            uri = %req.uri(),
+            uri = %auth::loggable_uri(req.uri()),
             status = status.as_u16(),
             cache,
             key,
@@ -180,6 +180,9 @@ async fn route(app: &Arc<App>, req: &Request<Incoming>) -> (Route, Response<Body
             .map(|name| (Route::Export, name))
     };
     if let Some((route, name)) = api {
+        if let Some(refused) = auth::key_in_url(req.uri()) {
+            return (route, refused);
+        }
         let response = match app.auth.authenticate(req).await {
             Ok(caller) => {
                 let mut response = if route == Route::Query {
@@ -216,8 +219,13 @@ async fn route(app: &Arc<App>, req: &Request<Incoming>) -> (Route, Response<Body
             return (Route::Other, response);
         }
     };
-    if protected && let Err(response) = app.auth.authenticate(req).await {
-        return (route, response);
+    if protected {
+        if let Some(refused) = auth::key_in_url(req.uri()) {
+            return (route, refused);
+        }
+        if let Err(response) = app.auth.authenticate(req).await {
+            return (route, response);
+        }
     }
     let response = match route {
         Route::Healthz => health::liveness(),

@@ -1,12 +1,18 @@
-//! The HTTP server: accept loop, connections, graceful shutdown.
+//! The HTTP server: accept loop, connections, TLS, graceful shutdown.
 //!
-//! HTTP/1.1 and HTTP/2 (hyper-util's auto builder). On SIGTERM or Ctrl-C it
-//! stops accepting, lets in-flight requests and streams finish for up to
-//! `proxy.shutdown_grace`, then returns. The socket has `SO_REUSEPORT`, so
-//! a new process can take over the port before the old one stops.
+//! HTTP/1.1 and HTTP/2 (hyper-util's auto builder), over plain TCP or TLS:
+//! TLS is a property of a [`Listener`] (its [`ServerTls`]), so every listener
+//! served here gets it the same way. The TLS handshake runs on the
+//! connection's own task, bounded by the listener's `handshake_timeout`, never
+//! in the accept loop; ALPN picks HTTP/2 or HTTP/1.1. SIGHUP reloads the
+//! listeners' certificates (so does a change of their files); the rest of the
+//! config is read at start. On SIGTERM or Ctrl-C it stops accepting, lets
+//! in-flight requests and streams finish for up to `proxy.shutdown_grace`,
+//! then returns. The socket has `SO_REUSEPORT`, so a new process can take
+//! over the port before the old one stops.
 //! With `[clickhouse_http] enabled`, a second listener serves the
-//! ClickHouse-compatible endpoint (`crate::chhttp`) the same way, stopped
-//! by the same signal.
+//! ClickHouse-compatible endpoint (`crate::chhttp`) the same way (with the same
+//! TLS), stopped by the same signal.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -23,6 +29,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 
 use crate::reply::Body;
+use dashcache::tls::{ServerTls, TlsError, Trigger};
+
 use crate::routes;
 use crate::state::App;
 
@@ -34,9 +42,52 @@ pub struct ListenError {
     pub source: std::io::Error,
 }
 
+/// Why the proxy could not start serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    /// The listener's certificate or key could not be loaded or watched.
+    #[error("[proxy.tls]: {0}")]
+    Tls(#[from] TlsError),
+}
+
+/// A listening socket and how its connections are secured.
+pub struct Listener {
+    pub tcp: TcpListener,
+    /// `None`: plain HTTP.
+    pub tls: Option<Arc<ServerTls>>,
+}
+
+impl Listener {
+    /// HTTPS: every connection is a TLS handshake first.
+    pub fn tls(tcp: TcpListener, tls: Arc<ServerTls>) -> Listener {
+        Listener {
+            tcp,
+            tls: Some(tls),
+        }
+    }
+}
+
+impl From<TcpListener> for Listener {
+    /// Plain HTTP.
+    fn from(tcp: TcpListener) -> Listener {
+        Listener { tcp, tls: None }
+    }
+}
+
 /// Binds the configured (or given) address and serves until SIGTERM/Ctrl-C.
-pub async fn run(app: Arc<App>, listen: Option<SocketAddr>) -> Result<(), ListenError> {
+pub async fn run(app: Arc<App>, listen: Option<SocketAddr>) -> Result<(), ServeError> {
     let addr = listen.unwrap_or(app.config.proxy.listen);
+    let tls = match &app.config.proxy.tls {
+        Some(settings) => Some(ServerTls::load("proxy", settings).await?),
+        None => None,
+    };
+    // Kept for as long as the server runs: dropping a watcher stops it.
+    let _watchers = tls
+        .iter()
+        .map(|tls| tls.watch())
+        .collect::<Result<Vec<_>, _>>()?;
     let listener = bind(addr)
         .and_then(|listener| Ok((listener.local_addr()?, listener)))
         .map_err(|source| ListenError { addr, source });
@@ -51,15 +102,23 @@ pub async fn run(app: Arc<App>, listen: Option<SocketAddr>) -> Result<(), Listen
     } else {
         None
     };
-    tracing::info!(addr = %local, queries = app.catalog.iter().count(), "dashcache-proxy listening");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(addr = %local, scheme, queries = app.catalog.iter().count(), "dashcache-proxy listening");
     // Signal handlers first: a SIGTERM or SIGHUP sent right after READY=1 must
     // find them installed (SIGHUP's default action would end the process).
-    ignore_sighup();
+    reload_tls_on_sighup(tls.iter().cloned().collect());
     let shutdown = shutdown_signal();
     // systemd (Type=notify): config, keys and listener are ready; no-op outside systemd.
-    dashcache::service::ready(&format!("listening on {local}"));
+    let over = if tls.is_some() { " (TLS)" } else { "" };
+    dashcache::service::ready(&format!("listening on {local}{over}"));
+    // Every listener gets the same TLS (or none).
+    let secured = |tcp: TcpListener| match &tls {
+        Some(tls) => Listener::tls(tcp, tls.clone()),
+        None => Listener::from(tcp),
+    };
     let stop = tokio_util::sync::CancellationToken::new();
-    let clickhouse = clickhouse.map(|listener| {
+    let clickhouse = clickhouse.map(|tcp| {
+        let listener = secured(tcp);
         let (app, stop) = (app.clone(), stop.clone());
         tokio::spawn(async move {
             let graceful = accept_until(
@@ -77,7 +136,7 @@ pub async fn run(app: Arc<App>, listen: Option<SocketAddr>) -> Result<(), Listen
         shutdown.await;
         signal.cancel();
     });
-    serve(listener, app, stop.cancelled_owned()).await;
+    serve(secured(listener), app, stop.cancelled_owned()).await;
     if let Some(clickhouse) = clickhouse {
         let _ = clickhouse.await;
     }
@@ -88,9 +147,14 @@ pub async fn run(app: Arc<App>, listen: Option<SocketAddr>) -> Result<(), Listen
 /// requests for up to `proxy.shutdown_grace` (mini-redis's
 /// `server::run(listener, shutdown)`): the caller owns the socket and the
 /// signal, so a test can serve on its own listener and stop it at will.
-pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
+/// A plain `TcpListener` serves HTTP; a [`Listener::tls`] serves HTTPS.
+pub async fn serve(
+    listener: impl Into<Listener>,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()>,
+) {
     routes::Route::zero_series(&app.metrics);
-    let graceful = accept_until(listener, &app, shutdown, routes::handle).await;
+    let graceful = accept_until(listener.into(), &app, shutdown, routes::handle).await;
     dashcache::service::stopping();
     drain(&app, graceful).await;
     if let Err(err) = app.popularity.flush().await {
@@ -102,7 +166,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
 /// every request (the API's routes, or the ClickHouse-compatible
 /// endpoint's); the connections it opened, to [`drain`].
 pub async fn accept_until<H, F>(
-    listener: TcpListener,
+    listener: Listener,
     app: &Arc<App>,
     shutdown: impl Future<Output = ()>,
     handler: H,
@@ -111,13 +175,14 @@ where
     H: Fn(Arc<App>, Request<Incoming>) -> F + Copy + Send + Sync + 'static,
     F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
+    let Listener { tcp: listener, tls } = listener;
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (stream, _) = match accepted {
+                let (stream, peer) = match accepted {
                     Ok(conn) => conn,
                     Err(err) => {
                         // Out of file descriptors and the like: back off, keep serving.
@@ -129,12 +194,32 @@ where
                 let _ = stream.set_nodelay(true);
                 let service_app = app.clone();
                 let service = service_fn(move |req| handler(service_app.clone(), req));
-                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                let conn = graceful.watch(conn);
                 let open = app.metrics.open_connections.clone();
                 open.inc();
+                let Some(tls) = &tls else {
+                    let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                    let conn = graceful.watch(conn);
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                        open.dec();
+                    });
+                    continue;
+                };
+                // The handshake on the connection's own task: a slow or silent
+                // client holds up no one else.
+                let (acceptor, timeout) = (tls.acceptor(), tls.handshake_timeout());
+                let (builder, watcher) = (builder.clone(), graceful.watcher());
                 tokio::spawn(async move {
-                    let _ = conn.await;
+                    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let conn = builder.serve_connection(TokioIo::new(stream), service);
+                            let _ = watcher.watch(conn.into_owned()).await;
+                        }
+                        // Scanners, clients that do not trust the certificate,
+                        // clients without a required certificate: theirs to report.
+                        Ok(Err(err)) => tracing::debug!(%peer, error = %err, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, ?timeout, "TLS handshake timed out"),
+                    }
                     open.dec();
                 });
             }
@@ -167,15 +252,22 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// SIGHUP would end the process by default; the proxy reads its config at
-/// start, so it says so and goes on (restart to apply a config change).
-fn ignore_sighup() {
+/// SIGHUP reloads the listeners' TLS certificates (certbot's deploy hook
+/// sends it); the rest of the config is read at start, which it says
+/// (restart to apply a config change). Installed before serving: SIGHUP would
+/// end the process by default.
+fn reload_tls_on_sighup(listeners: Vec<Arc<ServerTls>>) {
     #[cfg(unix)]
     if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
+                // Each reload logs what it did.
+                for tls in &listeners {
+                    tls.reload(Trigger::Signal).await;
+                }
                 tracing::warn!(
-                    "SIGHUP ignored: dashcache-proxy reads its config at start; restart it to apply changes"
+                    tls_listeners = listeners.len(),
+                    "SIGHUP: only TLS certificates are reloaded; dashcache-proxy reads the rest of its config at start: restart it to apply other changes"
                 );
             }
         });

@@ -26,6 +26,27 @@ pub const NOW_STEP: Duration = Duration::from_secs(60);
 /// Parameter names the proxy itself reads; queries cannot declare them.
 pub const RESERVED_PARAMS: [&str; 2] = ["format", TENANT];
 
+/// Names under which clients put credentials in URLs. API keys go in headers
+/// only (URLs end up in logs, browser history and `Referer`): the proxy
+/// refuses a request carrying one of these (compared ignoring case), and
+/// queries cannot declare them.
+pub const CREDENTIAL_PARAMS: [&str; 7] = [
+    "api_key",
+    "apikey",
+    "api-key",
+    "key",
+    "token",
+    "access_token",
+    "x-api-key",
+];
+
+/// Whether a query-string name is one of [`CREDENTIAL_PARAMS`].
+pub fn is_credential_param(name: &str) -> bool {
+    CREDENTIAL_PARAMS
+        .iter()
+        .any(|credential| credential.eq_ignore_ascii_case(name))
+}
+
 pub use crate::params::TENANT;
 
 /// What is wrong with one `[query.*]` or `[export.*]` table.
@@ -336,7 +357,7 @@ impl QueryDef {
         let mut errors = Vec::new();
         let mut params = Vec::new();
         for (param_name, param) in &config.params {
-            if RESERVED_PARAMS.contains(&param_name.as_str()) {
+            if RESERVED_PARAMS.contains(&param_name.as_str()) || is_credential_param(param_name) {
                 errors.push(QueryError::Reserved(param_name.clone()));
                 continue;
             }

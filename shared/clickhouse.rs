@@ -26,7 +26,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use clickhouse::query::BytesCursor;
 
-use crate::config::{ClickHouseConfig, Engine, ReplicaConfig};
+use crate::config::{ClickHouseConfig, Engine, ReplicaConfig, is_https};
 use crate::engine::chdb::ChdbError;
 use crate::engine::embedded::{Embedded, EmbeddedAnswer};
 use crate::format::Format;
@@ -179,10 +179,13 @@ impl Upstream {
     fn new(
         config: &ClickHouseConfig,
         replicas: &[ReplicaConfig],
+        tls: Option<&rustls::ClientConfig>,
         metrics: &Arc<Metrics>,
     ) -> Upstream {
-        let clients: Vec<clickhouse::Client> =
-            replicas.iter().map(|r| client(config, &r.url)).collect();
+        let clients: Vec<clickhouse::Client> = replicas
+            .iter()
+            .map(|r| client(config, &r.url, tls))
+            .collect();
         let pool = Pool::new(replicas, config.eject_after, metrics.clone());
         let probes = clients.clone();
         let timeout = config.health_timeout;
@@ -243,9 +246,35 @@ pub fn query_settings(config: &ClickHouseConfig) -> Vec<(&'static str, String)> 
     ]
 }
 
-/// One replica's client with the settings every query carries.
-fn client(config: &ClickHouseConfig, url: &str) -> clickhouse::Client {
-    let mut client = clickhouse::Client::default()
+/// One replica's client with the settings every query carries; over
+/// `https://` with `tls` (the server's certificate checked against
+/// `clickhouse.ca`).
+fn client(
+    config: &ClickHouseConfig,
+    url: &str,
+    tls: Option<&rustls::ClientConfig>,
+) -> clickhouse::Client {
+    let base = match tls {
+        Some(tls) if is_https(url) => {
+            // Like the crate's own client (keep-alive; idle connections closed
+            // before ClickHouse's 3 s), over TLS.
+            let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+            http.set_keepalive(Some(Duration::from_secs(60)));
+            http.enforce_http(false);
+            let connector = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls.clone())
+                .https_or_http()
+                .enable_http1()
+                .wrap_connector(http);
+            clickhouse::Client::with_http_client(
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(2))
+                    .build(connector),
+            )
+        }
+        _ => clickhouse::Client::default(),
+    };
+    let mut client = base
         .with_url(url)
         .with_user(&config.user)
         .with_validation(false);
@@ -317,7 +346,7 @@ impl ClickHouse {
         engine: Result<Arc<Embedded>, Arc<str>>,
     ) -> ClickHouse {
         ClickHouse {
-            upstream: Upstream::new(config, &[], &metrics),
+            upstream: Upstream::new(config, &[], None, &metrics),
             exports: None,
             embedded: Some(EmbeddedBackend {
                 engine,
@@ -335,14 +364,31 @@ impl ClickHouse {
     /// background health checks while any clone of this value lives. With
     /// `engine = "embedded"` the engine is opened instead; if it cannot be,
     /// every query fails with the reason.
+    /// Servers reached over `https://` are checked against `clickhouse.ca`
+    /// (read here; the config check has read it already, so a failure means
+    /// the file went away since: logged, and those servers fail their TLS
+    /// handshakes until a restart).
     pub fn new(config: &ClickHouseConfig, metrics: Arc<Metrics>) -> ClickHouse {
         if config.engine == Engine::Embedded {
             let engine = open_embedded(config).map_err(|e| Arc::from(e.to_string()));
             return Self::with_engine(config, metrics, engine);
         }
-        let upstream = Upstream::new(config, &config.query_replicas(), &metrics);
+        let tls = config.uses_tls().then(|| {
+            crate::tls::client_config(config.ca.as_deref()).unwrap_or_else(|err| {
+                tracing::error!(error = %err, "clickhouse.ca: trusting no server certificate");
+                rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default protocol versions")
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+            })
+        });
+        let tls = tls.as_ref();
+        let upstream = Upstream::new(config, &config.query_replicas(), tls, &metrics);
         let exports = (!config.export_replicas.is_empty())
-            .then(|| Upstream::new(config, &config.export_replicas, &metrics));
+            .then(|| Upstream::new(config, &config.export_replicas, tls, &metrics));
         ClickHouse {
             upstream,
             exports,

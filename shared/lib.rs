@@ -33,4 +33,5 @@ pub(crate) mod sql;
 pub mod store;
 pub mod telemetry;
 pub mod timeexpr;
+pub mod tls;
 pub(crate) mod upstream;

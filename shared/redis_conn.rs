@@ -8,7 +8,9 @@
 //! reply, so a failover is followed without a restart). [`RedisConn`] is a
 //! cheap-to-clone handle implementing [`redis::aio::ConnectionLike`], so
 //! commands, pipelines and scripts run on it unchanged. Nothing is sent when
-//! it is built: a process starts while Redis is down.
+//! it is built: a process starts while Redis is down. `rediss://` URLs are
+//! TLS (rustls), checked against `redis.ca` when set (single server and
+//! Cluster).
 //!
 //! It does not decide what to do when Redis fails (the cache degrades, the
 //! popularity recorder drops counts, the scheduler skips a run): callers do.
@@ -33,6 +35,12 @@ pub enum RedisConnError {
     Topology(#[from] TopologyError),
     #[error("[redis]: {0}")]
     Redis(#[from] RedisError),
+    /// `redis.ca` cannot be read.
+    #[error("redis.ca: cannot read {}: {source}", path.display())]
+    Ca {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// `[redis]` keys that describe no single topology.
@@ -127,9 +135,15 @@ pub enum RedisConn {
 impl RedisConn {
     /// Prepares a connection for `[redis]`; connects lazily.
     pub fn open(config: &RedisConfig, timeouts: Timeouts) -> Result<RedisConn, RedisConnError> {
+        let certificates = tls_certificates(config)?;
         match Topology::of(config)? {
             Topology::Single => {
-                let client = redis::Client::open(config.url.as_str())?;
+                let client = match certificates {
+                    Some(certificates) => {
+                        redis::Client::build_with_tls(config.url.as_str(), certificates)?
+                    }
+                    None => redis::Client::open(config.url.as_str())?,
+                };
                 Ok(RedisConn::Single(manager(client, timeouts)?))
             }
             Topology::Cluster => {
@@ -139,6 +153,9 @@ impl RedisConn {
                     .max_retry_wait(
                         u64::try_from(timeouts.max_reconnect_delay.as_millis()).unwrap_or(1000),
                     );
+                if let Some(certificates) = certificates {
+                    builder = builder.certs(certificates);
+                }
                 let mut cluster_config = ClusterConfig::new();
                 if let Some(t) = timeouts.response {
                     builder = builder.connection_timeout(t).response_timeout(t);
@@ -173,6 +190,36 @@ impl RedisConn {
             }
         }
     }
+}
+
+/// For `rediss://` servers: rustls with the ring provider (the redis crate
+/// takes the process default), trusting `redis.ca` when set (else the
+/// system's trust store, the crate's default).
+fn tls_certificates(
+    config: &RedisConfig,
+) -> Result<Option<redis::TlsCertificates>, RedisConnError> {
+    let rediss = std::iter::once(&config.url)
+        .chain(&config.cluster_nodes)
+        .chain(&config.sentinel_addresses)
+        .any(|url| {
+            url.get(..9)
+                .is_some_and(|s| s.eq_ignore_ascii_case("rediss://"))
+        });
+    if rediss {
+        // Err: a provider is installed already (by an earlier call).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+    let Some(path) = &config.ca else {
+        return Ok(None);
+    };
+    let root_cert = std::fs::read(path).map_err(|source| RedisConnError::Ca {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(Some(redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(root_cert),
+    }))
 }
 
 fn manager(client: redis::Client, timeouts: Timeouts) -> Result<ConnectionManager, RedisError> {

@@ -78,7 +78,7 @@ impl Pool {
         let replicas: Vec<Replica> = replicas
             .iter()
             .map(|r| Replica {
-                name: r.url.trim_end_matches('/').to_owned(),
+                name: without_credentials(r.url.trim_end_matches('/')),
                 weight: r.weight.max(1),
                 up: AtomicBool::new(true),
                 in_flight: AtomicUsize::new(0),
@@ -226,6 +226,17 @@ impl Pool {
     }
 }
 
+/// A URL as metrics and logs show it: any `user:password@` left out.
+fn without_credentials(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) if scheme.is_empty() => rest[at + 1..].to_owned(),
+        Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
+        None => url.to_owned(),
+    }
+}
+
 fn labels(replica: &Replica) -> ReplicaLabels {
     ReplicaLabels {
         replica: replica.name.clone(),
@@ -235,6 +246,22 @@ fn labels(replica: &Replica) -> ReplicaLabels {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replica_names_leave_credentials_out() {
+        assert_eq!(
+            without_credentials("https://reader:s3cret@ch1:8443/x"),
+            "https://ch1:8443/x"
+        );
+        assert_eq!(
+            without_credentials("http://10.0.0.2:8123"),
+            "http://10.0.0.2:8123"
+        );
+        assert_eq!(
+            without_credentials("http://ch1:8123/?a=b@c"),
+            "http://ch1:8123/?a=b@c"
+        );
+    }
 
     fn pool(weights: &[u32]) -> Arc<Pool> {
         let replicas: Vec<ReplicaConfig> = weights

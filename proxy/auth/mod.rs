@@ -1,11 +1,13 @@
 //! Who is calling: API key → tier and tenant, and the per-key rate limit.
 //!
-//! Runs before anything else on `/v1/*` routes: 401 for a missing, unknown,
-//! expired or revoked key; 403 for a key whose tier is not configured; 429 with
+//! Runs before anything else on `/v1/*` routes: 400 for a key in the query
+//! string (keys go in headers only; such URLs are logged with the value
+//! hidden, [`loggable_uri`]); 401 for a missing, unknown, expired or revoked key; 403 for a key whose tier is not configured; 429 with
 //! `Retry-After` past the tier's rate. Every answer to an authenticated request
 //! carries the `RateLimit-*` headers. The tenant used in queries is the key's,
 //! never anything in the URL.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 pub mod keys;
@@ -21,8 +23,9 @@ use self::ratelimit::Decision;
 use self::ratelimit::RateLimiter;
 use self::tier::Tier;
 use self::tier::Tiers;
+use dashcache::catalog::is_credential_param;
 use dashcache::outcome::RateOutcome;
-use http::{HeaderMap, HeaderValue, Request, Response, header};
+use http::{HeaderMap, HeaderValue, Request, Response, Uri, header};
 
 use crate::error::ApiError;
 use crate::reply::Body;
@@ -49,6 +52,45 @@ fn presented(headers: &HeaderMap) -> Option<&str> {
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
     })
+}
+
+/// The credential-like names in a query string (see
+/// [`dashcache::catalog::CREDENTIAL_PARAMS`]).
+fn credential_names(query: &str) -> impl Iterator<Item = Cow<'_, str>> {
+    form_urlencoded::parse(query.as_bytes())
+        .map(|(name, _)| name)
+        .filter(|name| is_credential_param(name))
+}
+
+/// 400 for a request that carries an API key (or what may be one) in its
+/// query string: it says where the key goes instead, and never echoes it.
+pub fn key_in_url(uri: &Uri) -> Option<Response<Body>> {
+    let name = credential_names(uri.query()?).next()?;
+    Some(ApiError::KeyInUrl.reply(format!(
+        "API keys are not accepted in the URL (`{name}=`): URLs end up in logs and browser history. \
+         Send the key in the `X-API-Key: <key>` or `Authorization: Bearer <key>` header, and \
+         consider this key exposed"
+    )))
+}
+
+/// The URI as the request log writes it: the values of credential-like
+/// query parameters replaced by `REDACTED`.
+pub fn loggable_uri(uri: &Uri) -> String {
+    let Some(query) = uri.query() else {
+        return uri.to_string();
+    };
+    if credential_names(query).next().is_none() {
+        return uri.to_string();
+    }
+    let mut redacted = form_urlencoded::Serializer::new(String::new());
+    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        if is_credential_param(&name) {
+            redacted.append_pair(&name, "REDACTED");
+        } else {
+            redacted.append_pair(&name, &value);
+        }
+    }
+    format!("{}?{}", uri.path(), redacted.finish())
 }
 
 /// Who may call, and how much: keys, tiers, rate limits, miss queue.
@@ -123,4 +165,29 @@ pub fn rate_headers(headers: &mut HeaderMap, rate: &Decision) {
     headers.insert("ratelimit-limit", HeaderValue::from(rate.limit));
     headers.insert("ratelimit-remaining", HeaderValue::from(rate.remaining));
     headers.insert("ratelimit-reset", HeaderValue::from(rate.reset_secs));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_in_urls_are_refused_and_logged_redacted() {
+        for uri in [
+            "/v1/query/q?api_key=SECRET&from=now-1d",
+            "/v1/query/q?from=now-1d&Token=SECRET",
+            "/v1/export/e?access_token=SECRET",
+            "/v1/query/q?key=SECRET",
+        ] {
+            let uri: Uri = uri.parse().unwrap();
+            let refused = key_in_url(&uri).expect("refused");
+            assert_eq!(refused.status(), 400);
+            let logged = loggable_uri(&uri);
+            assert!(!logged.contains("SECRET"), "{logged}");
+            assert!(logged.contains("=REDACTED"), "{logged}");
+        }
+        let fine: Uri = "/v1/query/q?from=now-1d&keys=a".parse().unwrap();
+        assert!(key_in_url(&fine).is_none());
+        assert_eq!(loggable_uri(&fine), "/v1/query/q?from=now-1d&keys=a");
+    }
 }

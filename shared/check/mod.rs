@@ -2,7 +2,8 @@
 //!
 //! Owns deciding whether a config can be used and saying why not: the file's
 //! shape (read by [`crate::config`]), value ranges of `[proxy]` and
-//! `[clickhouse]`, the `[redis]` topology, the catalog (compiled by
+//! `[clickhouse]`, the listener's TLS files (`[proxy.tls]`, read and built
+//! by [`crate::tls`]) and ClickHouse's `ca`, the `[redis]` topology, the catalog (compiled by
 //! [`crate::catalog`]), the tier rules that need only config data (rates of
 //! at least 1, allowed queries and exports that exist) and the rules of
 //! `[scheduler]` and `[[warmup]]` ([`warmup`]), and `[clickhouse_http]`
@@ -163,6 +164,32 @@ fn run(config: &Config) -> (Catalog, Vec<Warmup>, Vec<Diagnostic>) {
             &["clickhouse", "readonly"],
             "clickhouse.readonly must be 1 or 2",
         ));
+    }
+    if let Some(tls) = &config.proxy.tls
+        && let Err(err) = crate::tls::check(tls)
+    {
+        let setting = err.file().map_or("tls", |file| file.setting());
+        diagnostics.push(config.diagnostic(
+            &["proxy", "tls", setting],
+            format!("proxy.tls.{setting}: {err}"),
+        ));
+    }
+    if (config.clickhouse.uses_tls() || config.clickhouse.ca.is_some())
+        && let Err(err) = crate::tls::client_config(config.clickhouse.ca.as_deref())
+    {
+        diagnostics.push(config.diagnostic(&["clickhouse", "ca"], format!("clickhouse.ca: {err}")));
+    }
+    if let Some(ca) = &config.redis.ca {
+        let problem = if config.redis.sentinel_master.is_some() {
+            Some("redis.ca is not supported with Sentinel (rediss:// there uses the system's trust store)".to_owned())
+        } else {
+            crate::tls::read_ca(ca)
+                .err()
+                .map(|err| format!("redis.ca: {err}"))
+        };
+        if let Some(problem) = problem {
+            diagnostics.push(config.diagnostic(&["redis", "ca"], problem));
+        }
     }
     if let Err(err) = Topology::of(&config.redis) {
         diagnostics.push(config.diagnostic(
@@ -474,6 +501,43 @@ mod tests {
         );
         has("max_age = \"2d\"", "cors.max_age must be at most 24h");
         assert_eq!(got.len(), 6, "{got:#?}");
+    }
+
+    #[test]
+    fn unusable_tls_files_and_credential_parameters_are_reported_at_their_lines() {
+        let (got, text) = reasons(
+            "[query.leaky]\nsql = \"sql/queries/revenue_day.sql\"\n[query.leaky.params.api_key]\ntype = \"string\"\n",
+            &[
+                (
+                    "request_log_sample = 0.01",
+                    "request_log_sample = 0.01\ntls = { cert = \"missing/cert.pem\", key = \"missing/key.pem\" }",
+                ),
+                (
+                    "user = \"default\"",
+                    "user = \"default\"\nca = \"missing/clickhouse-ca.pem\"",
+                ),
+            ],
+        );
+        let ca = line_of(&text, "ca = \"missing/clickhouse-ca.pem\"");
+        assert!(
+            got.iter().any(|(line, reason)| *line == Some(ca)
+                && reason.starts_with("clickhouse.ca: CA bundle ")
+                && reason.contains("cannot read")),
+            "{got:#?}"
+        );
+        let tls = line_of(&text, "tls = { cert");
+        assert!(
+            got.iter().any(|(line, reason)| *line == Some(tls)
+                && reason.starts_with("proxy.tls.cert: certificate chain ")
+                && reason.contains("missing/cert.pem: cannot read")),
+            "{got:#?}"
+        );
+        let param = line_of(&text, "[query.leaky.params.api_key]");
+        assert!(
+            got.iter().any(|(line, reason)| *line == Some(param)
+                && reason.contains("parameter `api_key` is reserved")),
+            "{got:#?}"
+        );
     }
 
     #[test]

@@ -22,7 +22,9 @@ mod cors;
 mod scheduler;
 pub use chhttp::{ClickHouseHttpCacheRule, ClickHouseHttpConfig};
 pub use cors::CorsConfig;
+mod tls;
 pub use scheduler::{PopularConfig, PopularityConfig, SchedulerConfig, WarmupConfig};
+pub use tls::ListenerTls;
 
 /// Why a config could not be loaded. Messages name the file.
 #[derive(Debug, thiserror::Error)]
@@ -217,6 +219,9 @@ pub struct ProxyConfig {
     /// With `request_log = "sampled"`: the share of successful requests
     /// logged, 0.0 to 1.0 (errors are always logged).
     pub request_log_sample: f64,
+    /// `[proxy.tls]`: serve HTTPS (HTTP/2 and HTTP/1.1 by ALPN) instead of
+    /// plain HTTP.
+    pub tls: Option<ListenerTls>,
 }
 
 impl Default for ProxyConfig {
@@ -226,6 +231,7 @@ impl Default for ProxyConfig {
             shutdown_grace: Duration::from_secs(30),
             request_log: RequestLog::default(),
             request_log_sample: 0.01,
+            tls: None,
         }
     }
 }
@@ -254,6 +260,9 @@ pub struct ClickHouseConfig {
     pub user: String,
     /// Prefer the environment variable `DASHCACHE_CLICKHOUSE_PASSWORD`.
     pub password: Option<String>,
+    /// For `https://` URLs: the CAs (PEM bundle) that sign the servers'
+    /// certificates (default: the Mozilla roots built into the binary).
+    pub ca: Option<PathBuf>,
     /// ClickHouse `readonly` level of every query: 1 (no writes, no settings
     /// changes, no table functions beyond what the URL sets), or 2 for servers
     /// that refuse per-query limits under 1.
@@ -320,12 +329,26 @@ pub struct ReplicaConfig {
     pub weight: u32,
 }
 
+/// Whether a URL's scheme is `https` (any case).
+pub fn is_https(url: &str) -> bool {
+    url.get(..8)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
+}
+
 fn default_weight() -> u32 {
     1
 }
 
 impl ClickHouseConfig {
     /// The servers for queries: `replicas`, or `url` as a list of one.
+    /// Whether any server is reached over `https://`.
+    pub fn uses_tls(&self) -> bool {
+        self.query_replicas()
+            .iter()
+            .chain(&self.export_replicas)
+            .any(|r| is_https(&r.url))
+    }
+
     pub fn query_replicas(&self) -> Vec<ReplicaConfig> {
         if self.replicas.is_empty() {
             vec![ReplicaConfig {
@@ -344,6 +367,7 @@ impl Default for ClickHouseConfig {
             url: "http://127.0.0.1:8123".into(),
             user: "default".into(),
             password: None,
+            ca: None,
             readonly: 1,
             max_execution_time: Duration::from_secs(30),
             max_result_rows: 1_000_000,
@@ -382,6 +406,9 @@ pub struct RedisConfig {
     /// (`redis://host:26379`). The master's password and db come from `url`.
     pub sentinel_master: Option<String>,
     pub sentinel_addresses: Vec<String>,
+    /// For `rediss://` URLs (single server or Cluster): the CAs (PEM bundle)
+    /// that sign the servers' certificates (default: the system's trust store).
+    pub ca: Option<PathBuf>,
 }
 
 impl Default for RedisConfig {
@@ -393,6 +420,7 @@ impl Default for RedisConfig {
             cluster_nodes: Vec::new(),
             sentinel_master: None,
             sentinel_addresses: Vec::new(),
+            ca: None,
         }
     }
 }
@@ -807,7 +835,7 @@ pub enum MaxSpan {
 
 impl Config {
     /// Reads and parses a config file; applies environment overrides for secrets.
-    /// Relative paths in the file (SQL templates, a SQLite control store)
+    /// Relative paths in the file (SQL templates, a SQLite control store, TLS files)
     /// resolve against the file's directory, wherever the process was started.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let path = &std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
@@ -848,6 +876,16 @@ impl Config {
         .flatten()
         {
             *path = base.join(&*path);
+        }
+        if let Some(tls) = &mut config.proxy.tls {
+            tls.resolve_against(&base);
+        }
+        for ca in [&mut config.clickhouse.ca, &mut config.redis.ca] {
+            if let Some(ca) = ca
+                && ca.is_relative()
+            {
+                *ca = base.join(&*ca);
+            }
         }
         Ok(config)
     }

@@ -30,6 +30,7 @@ async fn send(url: &str, headers: &[(&str, &str)], body: Option<&str>) -> Reply 
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let response = client.request(req).await.expect("server answers");
     let status = response.status().as_u16();
+    let version = response.version();
     let headers = response.headers().clone();
     let body = response
         .into_body()
@@ -39,6 +40,7 @@ async fn send(url: &str, headers: &[(&str, &str)], body: Option<&str>) -> Reply 
         .map_err(|e| format!("{e}"));
     Reply {
         status,
+        version,
         headers,
         body,
     }

@@ -4,13 +4,15 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connect, HttpConnector};
 use hyper_util::rt::TokioExecutor;
 
 pub fn root() -> PathBuf {
@@ -94,6 +96,9 @@ pub struct ProxyOptions {
     pub tenant: &'static str,
     /// Environment variables of the proxy process (e.g. ClickHouse passwords).
     pub env: Vec<(&'static str, String)>,
+    /// For a proxy that serves HTTPS (`[proxy.tls]` among `set`): how the
+    /// harness's client connects to it (which CA it trusts, its certificate).
+    pub client_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Default for ProxyOptions {
@@ -108,6 +113,7 @@ impl Default for ProxyOptions {
             tier: "enterprise",
             tenant: "acme",
             env: Vec::new(),
+            client_tls: None,
         }
     }
 }
@@ -121,6 +127,8 @@ pub struct Proxy {
     pub key: String,
     /// The ClickHouse-compatible endpoint (`[clickhouse_http]`), on a port of its own.
     pub ch_base: String,
+    /// The client of a proxy that serves HTTPS.
+    https: Option<HttpsClient>,
 }
 
 impl Proxy {
@@ -162,15 +170,21 @@ impl Proxy {
             .stderr(log)
             .spawn()
             .expect("spawn dashcache-proxy");
+        let scheme = if options.client_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let proxy = Proxy {
             child,
-            base: format!("http://127.0.0.1:{port}"),
+            base: format!("{scheme}://127.0.0.1:{port}"),
             dir,
             key,
             ch_base: format!("http://127.0.0.1:{ch_port}"),
+            https: options.client_tls.map(https_client),
         };
         for _ in 0..200 {
-            if let Ok(r) = get(&format!("{}/healthz", proxy.base)).await
+            if let Ok(r) = proxy.request(&format!("{}/healthz", proxy.base), &[]).await
                 && r.status == 200
             {
                 return proxy;
@@ -189,9 +203,17 @@ impl Proxy {
 
     /// GET with exactly these headers (no key unless given).
     pub async fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
-        request(&format!("{}{path}", self.base), headers)
+        self.request(&format!("{}{path}", self.base), headers)
             .await
             .unwrap_or_else(|e| panic!("GET {path}: {e}\nlog:\n{}", self.log()))
+    }
+
+    /// GET `url` with the client this proxy takes (HTTPS or plain).
+    async fn request(&self, url: &str, headers: &[(&str, &str)]) -> Result<Reply, String> {
+        match &self.https {
+            Some(https) => request_via(https, url, headers).await,
+            None => request(url, headers).await,
+        }
     }
 
     /// Mints another key in this proxy's control store.
@@ -224,6 +246,11 @@ impl Proxy {
             .and_then(|v| v.split_whitespace().next())
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
+    }
+
+    /// The process id (for signals).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Sends SIGTERM (graceful shutdown).
@@ -343,6 +370,8 @@ fn test_config(options: &ProxyOptions, dir: &Path) -> String {
 /// One complete HTTP answer. `body` is an error when the transfer was cut.
 pub struct Reply {
     pub status: u16,
+    /// The HTTP version the answer came in (HTTP/2 when ALPN chose it).
+    pub version: http::Version,
     pub headers: http::HeaderMap,
     pub body: Result<Bytes, String>,
 }
@@ -377,6 +406,19 @@ pub async fn get(url: &str) -> Result<Reply, String> {
     request(url, &[]).await
 }
 
+/// A client for `https://` (and `http://`) URLs: trusts what `tls` trusts,
+/// offers HTTP/2 and HTTP/1.1 by ALPN.
+pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+pub fn https_client(tls: Arc<rustls::ClientConfig>) -> HttpsClient {
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config((*tls).clone())
+        .https_or_http()
+        .enable_all_versions()
+        .build();
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
 pub async fn request(url: &str, headers: &[(&str, &str)]) -> Result<Reply, String> {
     request_method(http::Method::GET, url, headers).await
 }
@@ -387,13 +429,39 @@ pub async fn request_method(
     url: &str,
     headers: &[(&str, &str)],
 ) -> Result<Reply, String> {
+    request_via_method(&client(), method, url, headers).await
+}
+
+/// GET `url` through `client`, the body read to its end.
+pub async fn request_via<C>(
+    client: &Client<C, Empty<Bytes>>,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Result<Reply, String>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
+    request_via_method(client, http::Method::GET, url, headers).await
+}
+
+/// A request with any method (no body) through `client`, the body read to its end.
+async fn request_via_method<C>(
+    client: &Client<C, Empty<Bytes>>,
+    method: http::Method,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Result<Reply, String>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
     let mut builder = http::Request::builder().method(method).uri(url);
     for (name, value) in headers {
         builder = builder.header(*name, *value);
     }
     let req = builder.body(Empty::new()).map_err(|e| format!("{e}"))?;
-    let response = client().request(req).await.map_err(|e| format!("{e}"))?;
+    let response = client.request(req).await.map_err(|e| chain(&e))?;
     let status = response.status().as_u16();
+    let version = response.version();
     let headers = response.headers().clone();
     let body = response
         .into_body()
@@ -403,9 +471,21 @@ pub async fn request_method(
         .map_err(|e| format!("{e}"));
     Ok(Reply {
         status,
+        version,
         headers,
         body,
     })
+}
+
+/// An error and its sources, `: `-separated (a TLS failure is a few levels down).
+pub fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(err) = source {
+        text.push_str(&format!(": {err}"));
+        source = err.source();
+    }
+    text
 }
 
 /// Runs SQL on ClickHouse directly (not through the proxy).

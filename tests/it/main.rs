@@ -24,6 +24,8 @@ mod outage;
 mod query;
 mod scale;
 mod scheduler;
+mod secrets;
 mod service;
 mod startup;
 mod tenancy;
+mod tls;
