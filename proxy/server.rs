@@ -153,7 +153,7 @@ pub async fn serve(
     app: Arc<App>,
     shutdown: impl Future<Output = ()>,
 ) {
-    routes::Route::zero_series(&app.metrics);
+    crate::route::Route::zero_series(&app.metrics);
     let graceful = accept_until(listener.into(), &app, shutdown, routes::handle).await;
     dashcache::service::stopping();
     drain(&app, graceful).await;

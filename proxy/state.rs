@@ -28,7 +28,7 @@ use crate::ahead::RefreshAhead;
 use crate::auth::Auth;
 use crate::auth::missqueue::MissQueue;
 use crate::cors::Cors;
-use crate::handlers::status::History;
+use crate::history::History;
 use crate::prepared::PreparedMemo;
 
 pub struct App {
@@ -57,7 +57,7 @@ pub struct App {
     /// What `/status` charts: the counters sampled over the last minutes.
     pub history: Arc<History>,
     /// The ClickHouse-compatible endpoint's servers, TTL rules and passwords.
-    pub clickhouse_http: crate::chhttp::Endpoint,
+    pub clickhouse_http: crate::chhttp::endpoint::Endpoint,
 }
 
 /// Why the proxy could not start with a config that passed the check.
@@ -118,7 +118,7 @@ impl App {
             cors: Cors::new(&config.cors, &metrics),
             store,
             history: History::spawn(metrics.clone()),
-            clickhouse_http: crate::chhttp::Endpoint::new(&config, metrics.clone()),
+            clickhouse_http: crate::chhttp::endpoint::Endpoint::new(&config, metrics.clone()),
             openapi: crate::openapi::build(&catalog, &config.auth),
             popularity,
             auth: Auth {

@@ -29,6 +29,7 @@ use clickhouse::query::BytesCursor;
 use crate::config::{ClickHouseConfig, Engine, ReplicaConfig, is_https};
 use crate::engine::chdb::ChdbError;
 use crate::engine::embedded::{Embedded, EmbeddedAnswer};
+pub use crate::exception::error_code;
 use crate::format::Format;
 use crate::metrics::{KindLabels, Metrics};
 use crate::outcome::AttemptOutcome;
@@ -1027,17 +1028,6 @@ fn tagged_exception(tail: &[u8]) -> Option<usize> {
     let opening = &rest[at..message_at];
     (opening.starts_with(OPENING) && opening[OPENING.len()..].strip_suffix(b"\r\n") == Some(tag))
         .then_some(at)
-}
-
-/// The number after `Code: ` in an exception text.
-pub fn error_code(text: &[u8]) -> Option<u32> {
-    let at = memchr::memmem::find(text, b"Code: ")?;
-    let digits: Vec<u8> = text[at + 6..]
-        .iter()
-        .copied()
-        .take_while(u8::is_ascii_digit)
-        .collect();
-    std::str::from_utf8(&digits).ok()?.parse().ok()
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ pub mod config;
 pub mod cors;
 pub mod encoding;
 pub mod engine;
+pub(crate) mod exception;
 pub mod fill;
 pub mod format;
 pub mod freshness;

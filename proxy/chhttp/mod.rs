@@ -19,6 +19,7 @@
 //! the named API's (`App`); nothing here is shared with the scheduler.
 
 pub mod auth;
+pub mod endpoint;
 pub mod error;
 pub mod handler;
 pub mod request;
@@ -26,59 +27,18 @@ pub mod rules;
 pub mod statement;
 pub mod upstream;
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
 
-use dashcache::config::Config;
-use dashcache::metrics::{HttpLabels, Metrics, RouteLabels};
+use dashcache::metrics::{HttpLabels, RouteLabels};
 use dashcache::outcome::CacheStatus;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 
 use crate::reply::{self, Body};
-use crate::routes::Route;
+use crate::route::Route;
 use crate::state::App;
-
-/// What the endpoint needs besides the rest of `App`.
-pub struct Endpoint {
-    pub servers: upstream::Servers,
-    pub rules: rules::Rules,
-    /// ClickHouse users' passwords (from the environment), by user.
-    passwords: HashMap<String, Option<String>>,
-}
-
-impl Endpoint {
-    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Endpoint {
-        let urls = config
-            .clickhouse
-            .query_replicas()
-            .into_iter()
-            .map(|r| r.url)
-            .collect();
-        let mut passwords = HashMap::new();
-        let users = config
-            .tiers
-            .values()
-            .filter_map(|t| t.clickhouse_user.clone())
-            .chain([config.clickhouse.user.clone()]);
-        for user in users {
-            let password = config.clickhouse_password(&user);
-            passwords.insert(user, password);
-        }
-        Endpoint {
-            servers: upstream::Servers::new(urls, metrics),
-            rules: rules::Rules::new(&config.clickhouse_http),
-            passwords,
-        }
-    }
-
-    /// The password dashcache sends for ClickHouse user `user`.
-    pub fn password(&self, user: &str) -> Option<String> {
-        self.passwords.get(user).cloned().flatten()
-    }
-}
 
 /// Every request of the endpoint: routing, metrics (`route="clickhouse"`) and the request log.
 pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {

@@ -266,7 +266,7 @@ impl Connection {
                 .trim()
                 .to_owned();
             return Err(ChdbError::Query {
-                code: crate::clickhouse::error_code(message.as_bytes()),
+                code: crate::exception::error_code(message.as_bytes()),
                 message,
             });
         }
@@ -331,7 +331,7 @@ unsafe fn result_error(chdb: &Chdb, result: *mut RawResult) -> Option<ChdbError>
         .trim()
         .to_owned();
     Some(ChdbError::Query {
-        code: crate::clickhouse::error_code(message.as_bytes()),
+        code: crate::exception::error_code(message.as_bytes()),
         message,
     })
 }
