@@ -4,7 +4,11 @@
 //! start). Routing itself is `routes` (the API) and `chhttp` (the
 //! ClickHouse-compatible endpoint); this module knows neither.
 
-use dashcache::metrics::HttpLabels;
+use std::time::Instant;
+
+use dashcache::metrics::{HttpLabels, Metrics, RouteLabels};
+use dashcache::outcome::CacheStatus;
+use http::Response;
 
 /// The routes, for metric labels and the log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,5 +87,35 @@ impl Route {
                 });
             }
         }
+    }
+
+    /// Counts one answer of this route: `dashcache_http_requests_total` by
+    /// status and the duration histogram by `X-Cache` (the response's
+    /// `CacheStatus` extension, `-` without one). Returns that cache label.
+    pub fn count<B>(
+        self,
+        metrics: &Metrics,
+        response: &Response<B>,
+        started: Instant,
+    ) -> &'static str {
+        metrics
+            .http_requests
+            .get_or_create(&HttpLabels {
+                route: self.as_str(),
+                status: response.status().as_u16(),
+            })
+            .inc();
+        let cache = response
+            .extensions()
+            .get::<CacheStatus>()
+            .map_or("-", |status| status.as_str());
+        metrics
+            .http_duration
+            .get_or_create(&RouteLabels {
+                route: self.as_str(),
+                cache,
+            })
+            .observe(started.elapsed().as_secs_f64());
+        cache
     }
 }

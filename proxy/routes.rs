@@ -20,7 +20,6 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
 
-use dashcache::metrics::{HttpLabels, RouteLabels};
 use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 
@@ -32,7 +31,6 @@ use crate::reply::Body;
 use crate::route::Route;
 use crate::state::App;
 use dashcache::config::{ProxyConfig, RequestLog};
-use dashcache::outcome::CacheStatus;
 
 pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
@@ -45,24 +43,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
     }
 
     let status = response.status();
-    app.metrics
-        .http_requests
-        .get_or_create(&HttpLabels {
-            route: route.as_str(),
-            status: status.as_u16(),
-        })
-        .inc();
-    let cache = response
-        .extensions()
-        .get::<CacheStatus>()
-        .map_or("-", |status| status.as_str());
-    app.metrics
-        .http_duration
-        .get_or_create(&RouteLabels {
-            route: route.as_str(),
-            cache,
-        })
-        .observe(started.elapsed().as_secs_f64());
+    let cache = route.count(&app.metrics, &response, started);
     if matches!(route, Route::Query | Route::Export) && logged(&app.config.proxy, status) {
         let key = response
             .extensions()

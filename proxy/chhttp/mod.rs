@@ -31,8 +31,6 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
 
-use dashcache::metrics::{HttpLabels, RouteLabels};
-use dashcache::outcome::CacheStatus;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 
@@ -49,21 +47,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
     app.metrics.http_in_flight.dec();
     let status = response.status();
     let route = Route::ClickHouse.as_str();
-    app.metrics
-        .http_requests
-        .get_or_create(&HttpLabels {
-            route,
-            status: status.as_u16(),
-        })
-        .inc();
-    let cache = response
-        .extensions()
-        .get::<CacheStatus>()
-        .map_or("-", |status| status.as_str());
-    app.metrics
-        .http_duration
-        .get_or_create(&RouteLabels { route, cache })
-        .observe(started.elapsed().as_secs_f64());
+    let cache = Route::ClickHouse.count(&app.metrics, &response, started);
     if crate::routes::logged(&app.config.proxy, status) {
         let key = response
             .extensions()
