@@ -45,11 +45,25 @@ pub fn patient_redis() -> (&'static str, &'static str, toml::Value) {
     ("redis", "timeout", "5s".into())
 }
 
+/// A port nothing listens on, and one this test run has not handed out
+/// before: the proxies bind with `SO_REUSEPORT`, so two of them given the same
+/// port would share its connections (one proxy's API port being another's
+/// ClickHouse-compatible endpoint, say).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 fn unique(name: &str) -> String {
