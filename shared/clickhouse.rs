@@ -19,11 +19,11 @@
 //! never retried. The replica of each running query is remembered so that
 //! [`ClickHouse::kill`] reaches the server that runs it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use clickhouse::query::BytesCursor;
 
 use crate::config::{ClickHouseConfig, Engine, ReplicaConfig, is_https};
@@ -31,12 +31,12 @@ use crate::engine::chdb::ChdbError;
 use crate::engine::embedded::{Embedded, EmbeddedAnswer};
 pub use crate::exception::error_code;
 use crate::format::Format;
+use crate::holdback::Holdback;
+pub use crate::holdback::TAIL_HOLDBACK;
 use crate::metrics::{KindLabels, Metrics};
 use crate::outcome::AttemptOutcome;
+use crate::pump::{Pump, PumpError};
 use crate::upstream::{InFlight, Pool};
-
-/// Bytes at the end of every answer held back until the answer is complete.
-pub const TAIL_HOLDBACK: usize = 64 * 1024;
 
 /// ClickHouse error code for "timeout exceeded" (`max_execution_time`).
 const TIMEOUT_CODE: u32 = 159;
@@ -575,7 +575,7 @@ impl ClickHouse {
             metrics: self.metrics.clone(),
         };
         Ok(Answer::new(
-            Feed::Server { cursor, source },
+            Feed::Starting(Some(Box::new((cursor, source)))),
             format,
             read_timeout,
             self.metrics.clone(),
@@ -709,31 +709,77 @@ impl Source {
     }
 }
 
-/// Where an answer's chunks come from. (One per answer, inside it: the
-/// server variant's size is not worth a box per query.)
-#[allow(clippy::large_enum_variant)]
+/// Where an answer's chunks come from.
 enum Feed {
-    /// A server over HTTP, through the replica that runs the query.
-    Server { cursor: BytesCursor, source: Source },
-    /// The embedded engine's blocking thread.
+    /// A server over HTTP, through the replica that runs the query: read by
+    /// a [`Pump`] from the first read on (`Starting` until then).
+    Starting(Option<Box<(BytesCursor, Source)>>),
+    Server(Pump<UpstreamError>),
+    /// The embedded engine's blocking thread (its chunks queue already).
     Embedded(EmbeddedAnswer),
 }
 
+/// How far a server's answer is read ahead of its reader.
+const READ_AHEAD: usize = crate::holdback::PASS_BATCH;
+
 impl Feed {
+    /// The next chunk, waiting for it. Cancel-safe.
     async fn next(&mut self) -> Result<Option<Bytes>, UpstreamError> {
-        match self {
-            Feed::Server { cursor, source } => {
-                source.next(cursor).await.map_err(UpstreamError::from_crate)
-            }
-            Feed::Embedded(answer) => answer.next().await.map_err(|err| match err.code() {
-                Some(code) => UpstreamError::Query {
-                    code: Some(code),
-                    message: err.to_string(),
-                    status: None,
-                },
-                None => UpstreamError::Connect(err.to_string()),
-            }),
+        match self.started() {
+            Feed::Server(pump) => pump.next().await.map_err(pumped),
+            Feed::Embedded(answer) => answer.next().await.map_err(embedded_error),
+            Feed::Starting(_) => Ok(None),
         }
+    }
+
+    /// The next chunk if it has arrived (`None`: not yet).
+    fn arrived(&mut self) -> Option<Result<Option<Bytes>, UpstreamError>> {
+        match self {
+            Feed::Server(pump) => pump.arrived().map(|read| read.map_err(pumped)),
+            Feed::Embedded(answer) => futures_util::FutureExt::now_or_never(answer.next())
+                .map(|read| read.map_err(embedded_error)),
+            Feed::Starting(_) => None,
+        }
+    }
+
+    /// Hands a server's answer to its pump (on the first read: a task needs
+    /// the runtime, and nothing is sent before the first read).
+    fn started(&mut self) -> &mut Feed {
+        if let Feed::Starting(start) = self
+            && let Some(start) = start.take()
+        {
+            let body = futures_util::stream::unfold(Some(*start), |state| async move {
+                let (mut cursor, mut source) = state?;
+                match source.next(&mut cursor).await {
+                    Ok(Some(chunk)) => Some((Ok(chunk), Some((cursor, source)))),
+                    Ok(None) => None,
+                    Err(err) => Some((Err(UpstreamError::from_crate(err)), None)),
+                }
+            });
+            *self = Feed::Server(Pump::spawn(body, READ_AHEAD));
+        }
+        self
+    }
+}
+
+fn pumped(err: PumpError<UpstreamError>) -> UpstreamError {
+    match err {
+        PumpError::Body(err) => err,
+        PumpError::Stopped => UpstreamError::Body {
+            code: None,
+            message: "reading the answer stopped before its end".into(),
+        },
+    }
+}
+
+fn embedded_error(err: ChdbError) -> UpstreamError {
+    match err.code() {
+        Some(code) => UpstreamError::Query {
+            code: Some(code),
+            message: err.to_string(),
+            status: None,
+        },
+        None => UpstreamError::Connect(err.to_string()),
     }
 }
 
@@ -742,12 +788,7 @@ impl Feed {
 pub struct Answer {
     feed: Feed,
     format: Format,
-    held: VecDeque<Bytes>,
-    held_len: usize,
-    /// The last byte passed on (`None` before the first): whether the held
-    /// tail starts a line.
-    passed_last: Option<u8>,
-    finished: bool,
+    tail: Holdback,
     /// Yield the complete rows before an appended exception, then fail.
     salvage: bool,
     failure: Option<UpstreamError>,
@@ -760,10 +801,7 @@ impl Answer {
         Answer {
             feed,
             format,
-            held: VecDeque::new(),
-            held_len: 0,
-            passed_last: None,
-            finished: false,
+            tail: Holdback::new(),
             salvage: false,
             failure: None,
             read_timeout,
@@ -779,41 +817,21 @@ impl Answer {
         self
     }
 
-    /// The next chunk that is safe to pass on; `None` at the verified end.
+    /// The next piece that is safe to pass on (the chunks that had arrived,
+    /// merged: [`crate::holdback`]); `None` at the verified end.
     pub async fn next(&mut self) -> Result<Option<Bytes>, UpstreamError> {
         loop {
-            if let Some(front) = self.held.front()
-                && (self.finished || self.held_len - front.len() >= TAIL_HOLDBACK)
-            {
-                self.held_len -= front.len();
-                self.passed_last = front.last().copied().or(self.passed_last);
-                return Ok(self.held.pop_front());
+            if let Some(piece) = self.tail.pass() {
+                return Ok(Some(piece));
             }
-            if self.finished {
+            if self.tail.is_finished() {
                 return match self.failure.take() {
                     Some(err) => Err(err),
                     None => Ok(None),
                 };
             }
-            let next = tokio::time::timeout(self.read_timeout, self.feed.next()).await;
-            match next {
-                Ok(Ok(Some(chunk))) => {
-                    if !chunk.is_empty() {
-                        self.held_len += chunk.len();
-                        self.held.push_back(chunk);
-                    }
-                }
-                Ok(Ok(None)) => {
-                    self.finished = true;
-                    self.verify_tail(None)?;
-                }
-                Ok(Err(err)) => {
-                    // ClickHouse 25.1+ writes its exception and then breaks the
-                    // stream (no final chunk): report that exception, not the
-                    // broken transfer, when the held tail ends with one.
-                    self.finished = true;
-                    self.verify_tail(Some(err))?;
-                }
+            match tokio::time::timeout(self.read_timeout, self.feed.next()).await {
+                Ok(read) => self.take(read)?,
                 Err(_) => {
                     return Err(counted(
                         &self.metrics,
@@ -821,6 +839,28 @@ impl Answer {
                     ));
                 }
             }
+            // What has arrived meanwhile goes along.
+            while self.tail.wants_more() {
+                match self.feed.arrived() {
+                    Some(read) => self.take(read)?,
+                    None => break,
+                }
+            }
+        }
+    }
+
+    /// Takes one read of the feed: a chunk, the end, or a break.
+    fn take(&mut self, read: Result<Option<Bytes>, UpstreamError>) -> Result<(), UpstreamError> {
+        match read {
+            Ok(Some(chunk)) => {
+                self.tail.push(chunk);
+                Ok(())
+            }
+            Ok(None) => self.verify_tail(None),
+            // ClickHouse 25.1+ writes its exception and then breaks the
+            // stream (no final chunk): report that exception, not the
+            // broken transfer, when the held tail ends with one.
+            Err(err) => self.verify_tail(Some(err)),
         }
     }
 
@@ -830,15 +870,8 @@ impl Answer {
     /// salvaging, the whole rows held before the failure are kept (they
     /// complete the line passed on last), then the failure is reported.
     fn verify_tail(&mut self, broken: Option<UpstreamError>) -> Result<(), UpstreamError> {
-        let mut tail = BytesMut::with_capacity(self.held_len);
-        for chunk in &self.held {
-            tail.extend_from_slice(chunk);
-        }
-        let tail = tail.freeze();
-        let (end, err) = match (
-            exception_start(&tail, self.passed_last, self.format),
-            broken,
-        ) {
+        let (tail, before) = self.tail.finish();
+        let (end, err) = match (exception_start(&tail, before, self.format), broken) {
             (Some(at), _) => (
                 at,
                 UpstreamError::Body {
@@ -857,16 +890,11 @@ impl Answer {
                         },
                     ));
                 }
-                self.held.clear();
-                if !tail.is_empty() {
-                    self.held.push_back(tail);
-                }
+                self.tail.keep(tail);
                 return Ok(());
             }
         };
         let err = counted(&self.metrics, err);
-        self.held.clear();
-        self.held_len = 0;
         if !self.salvage {
             return Err(err);
         }
@@ -875,10 +903,7 @@ impl Answer {
             .iter()
             .rposition(|&b| b == b'\n')
             .map_or(0, |nl| nl + 1);
-        self.held_len = rows;
-        if rows > 0 {
-            self.held.push_back(tail.slice(..rows));
-        }
+        self.tail.keep(tail.slice(..rows));
         self.failure = Some(err);
         Ok(())
     }

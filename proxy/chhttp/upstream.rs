@@ -8,19 +8,19 @@
 //! misses go through the same `Filler` — lock, coalescing, retry once, store
 //! — as the named API. [`RawAnswer`] keeps ClickHouse's response headers and,
 //! like `dashcache::clickhouse::Answer`, holds back the body's last
-//! [`TAIL_HOLDBACK`] bytes until the end and fails an answer ClickHouse
+//! [`TAIL_HOLDBACK`](dashcache::holdback::TAIL_HOLDBACK) bytes until the end ([`Holdback`]) and fails an answer ClickHouse
 //! appended an exception to (every framing `exception_start` knows), so such
 //! a body is never stored and a client sees a broken stream, not a clean end.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use dashcache::clickhouse::{TAIL_HOLDBACK, UpstreamError, error_code, exception_start};
+use bytes::Bytes;
+use dashcache::clickhouse::{UpstreamError, error_code, exception_start};
 use dashcache::fill::{AnswerStream, Upstream};
 use dashcache::format::Format;
+use dashcache::holdback::Holdback;
 use dashcache::metrics::Metrics;
 use futures_util::future::BoxFuture;
 use http_body_util::{BodyExt, Full};
@@ -87,10 +87,7 @@ impl Exchange {
             query_id: query_id.to_owned(),
             body: None,
             headers: Vec::new(),
-            held: VecDeque::new(),
-            held_len: 0,
-            passed_last: None,
-            finished: false,
+            tail: Holdback::new(),
         }
     }
 
@@ -166,10 +163,7 @@ pub struct RawAnswer {
     query_id: String,
     body: Option<Incoming>,
     headers: Vec<(String, String)>,
-    held: VecDeque<Bytes>,
-    held_len: usize,
-    passed_last: Option<u8>,
-    finished: bool,
+    tail: Holdback,
 }
 
 impl RawAnswer {
@@ -180,46 +174,54 @@ impl RawAnswer {
 
     /// The next safe chunk; `None` at the verified end.
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, UpstreamError> {
-        if self.body.is_none() && !self.finished {
+        if self.body.is_none() && !self.tail.is_finished() {
             self.open().await?;
         }
         loop {
-            if let Some(front) = self.held.front()
-                && (self.finished || self.held_len - front.len() >= TAIL_HOLDBACK)
-            {
-                self.held_len -= front.len();
-                self.passed_last = front.last().copied().or(self.passed_last);
-                return Ok(self.held.pop_front());
+            if let Some(piece) = self.tail.pass() {
+                return Ok(Some(piece));
             }
-            if self.finished {
+            if self.tail.is_finished() {
                 return Ok(None);
             }
             let Some(body) = self.body.as_mut() else {
                 return Ok(None);
             };
-            let frame = tokio::time::timeout(self.exchange.read_timeout, body.frame()).await;
-            match frame {
-                Ok(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data()
-                        && !data.is_empty()
-                    {
-                        self.held_len += data.len();
-                        self.held.push_back(data);
-                    }
-                }
-                Ok(None) => {
-                    self.finished = true;
-                    self.body = None;
-                    self.verify_tail()?;
-                }
-                Ok(Some(Err(err))) => {
-                    return Err(UpstreamError::Body {
-                        code: None,
-                        message: format!("the answer broke off: {err}"),
-                    });
-                }
+            match tokio::time::timeout(self.exchange.read_timeout, body.frame()).await {
+                Ok(frame) => self.take(frame)?,
                 Err(_) => return Err(UpstreamError::Timeout(self.exchange.read_timeout)),
             }
+            // What has arrived meanwhile goes along without waiting (a frame
+            // that is not there yet stays unread).
+            while self.tail.wants_more()
+                && let Some(body) = self.body.as_mut()
+                && let Some(frame) = futures_util::FutureExt::now_or_never(body.frame())
+            {
+                self.take(frame)?;
+            }
+        }
+    }
+
+    /// Takes one frame of the body: data, the end, or a break.
+    fn take(
+        &mut self,
+        frame: Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>,
+    ) -> Result<(), UpstreamError> {
+        match frame {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    self.tail.push(data);
+                }
+                Ok(())
+            }
+            None => {
+                self.body = None;
+                self.verify_tail()
+            }
+            Some(Err(err)) => Err(UpstreamError::Body {
+                code: None,
+                message: format!("the answer broke off: {err}"),
+            }),
         }
     }
 
@@ -258,19 +260,15 @@ impl RawAnswer {
 
     /// Checks the held tail of a complete body for an appended exception.
     fn verify_tail(&mut self) -> Result<(), UpstreamError> {
-        let mut tail = BytesMut::with_capacity(self.held_len);
-        for chunk in &self.held {
-            tail.extend_from_slice(chunk);
-        }
-        let tail = tail.freeze();
-        if let Some(at) = exception_start(&tail, self.passed_last, self.exchange.detect) {
+        let (tail, before) = self.tail.finish();
+        if let Some(at) = exception_start(&tail, before, self.exchange.detect) {
             return Err(UpstreamError::Body {
                 code: error_code(&tail[at..]),
                 message: String::from_utf8_lossy(&tail[at..]).into_owned(),
             });
         }
         if self.exchange.detect == Format::Json
-            && (self.passed_last.is_some() || !tail.is_empty())
+            && (before.is_some() || !tail.is_empty())
             && !tail.trim_ascii_end().ends_with(b"}")
         {
             return Err(UpstreamError::Body {
@@ -278,10 +276,7 @@ impl RawAnswer {
                 message: "JSON answer ended before its closing brace".into(),
             });
         }
-        self.held.clear();
-        if !tail.is_empty() {
-            self.held.push_back(tail);
-        }
+        self.tail.keep(tail);
         Ok(())
     }
 }
