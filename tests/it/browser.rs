@@ -259,7 +259,7 @@ async fn docs_render_swagger_ui_from_the_binary_and_try_it_out_works_with_a_key(
 }
 
 #[tokio::test]
-async fn status_shows_what_the_proxy_knows_refreshes_itself_and_needs_a_key_when_metrics_do() {
+async fn status_shows_what_the_proxy_knows_to_an_operators_key_and_refreshes_itself() {
     let proxy = Proxy::start_with(ProxyOptions {
         set: vec![
             ("auth", "protect_metrics", true.into()),
@@ -289,13 +289,26 @@ async fn status_shows_what_the_proxy_knows_refreshes_itself_and_needs_a_key_when
         String::from_utf8_lossy(&run.stderr)
     );
 
-    // /status.json is protected like /metrics; the page itself holds no data.
-    assert_eq!(proxy.get_with("/status.json", &[]).await.status, 401);
+    // /status.json needs an operator's key (and /metrics, protected, too); the
+    // page itself holds no data.
+    let operator = proxy.add_key("operator", "ops");
+    let as_operator = [("x-api-key", operator.as_str())];
+    for path in ["/status.json", "/metrics"] {
+        assert_eq!(proxy.get_with(path, &[]).await.status, 401, "{path}");
+        let tenants = proxy.get(path).await;
+        assert_eq!(tenants.status, 403, "{path}: {}", tenants.text());
+        assert_eq!(tenants.json()["type"], "forbidden", "{path}");
+        assert_eq!(
+            proxy.get_with(path, &as_operator).await.status,
+            200,
+            "{path}"
+        );
+    }
     assert_eq!(proxy.get_with("/status", &[]).await.status, 200);
     // The demand counted reaches Redis (flushed every 200 ms).
     let mut counted = false;
     for _ in 0..100 {
-        let status = proxy.get("/status.json").await.json();
+        let status = proxy.get_with("/status.json", &as_operator).await.json();
         if status["popular"]["answers"]
             .as_array()
             .is_some_and(|a| a.iter().any(|d| d["query"] == "revenue"))
@@ -309,7 +322,7 @@ async fn status_shows_what_the_proxy_knows_refreshes_itself_and_needs_a_key_when
         counted,
         "the requests never showed among the most requested"
     );
-    let status = proxy.get("/status.json").await.json();
+    let status = proxy.get_with("/status.json", &as_operator).await.json();
     assert_eq!(status["cache"]["by_cache"]["MISS"], 1, "{status}");
     assert_eq!(status["cache"]["by_cache"]["HIT"], 4, "{status}");
     assert_eq!(status["cache"]["hit_ratio"], 0.8, "{status}");
@@ -325,13 +338,23 @@ async fn status_shows_what_the_proxy_knows_refreshes_itself_and_needs_a_key_when
         "status.mjs",
         &[
             ("DASHCACHE_PROXY", proxy.base.clone()),
-            ("DASHCACHE_KEY", proxy.key.clone()),
+            ("DASHCACHE_KEY", operator.clone()),
+            ("DASHCACHE_TENANT_KEY", proxy.key.clone()),
             ("DASHCACHE_SCREENSHOTS", shots.display().to_string()),
         ],
     )
     .await;
     let report = serde_json::to_string_pretty(&seen).unwrap_or_default();
     assert_eq!(seen["askedForKey"], true, "{report}");
+    // A tenant's key: the form stays, saying why.
+    assert_eq!(seen["tenantKeyFormShown"], true, "{report}");
+    assert!(
+        seen["tenantKeyError"]
+            .as_str()
+            .unwrap_or("")
+            .contains("operator = true"),
+        "{report}"
+    );
     assert!(n(&seen["updates"]) >= 2, "{report}");
     assert_eq!(seen["redis"], "up", "{report}");
     // The 5 requests fall in the last minute's intervals.
@@ -362,24 +385,23 @@ async fn status_shows_what_the_proxy_knows_refreshes_itself_and_needs_a_key_when
     assert!(n(&seen["chartPaths"]) >= 1, "{report}");
     assert!(shots.join("status.png").is_file());
     assert!(n(&seen["screenshotColours"]) > 16, "a blank page: {report}");
-    clean_but_the_keys_401(&seen, &proxy.base, &report);
+    clean_but_the_refused_keys(&seen, &proxy.base, &report);
 }
 
-/// [`clean`], except for the one 401 the page gets before it has a key
-/// (Chromium logs a failed fetch as a console error).
-fn clean_but_the_keys_401(seen: &serde_json::Value, base: &str, report: &str) {
+/// [`clean`], except for the 401 the page gets before it has a key and the
+/// 403 of the tenant's key (Chromium logs a failed fetch as a console error).
+fn clean_but_the_refused_keys(seen: &serde_json::Value, base: &str, report: &str) {
     let errors = seen["consoleErrors"]
         .as_array()
         .cloned()
         .unwrap_or_default();
     assert!(
-        errors.iter().all(|e| e
-            .as_str()
-            .unwrap_or("")
-            .contains("status of 401 (Unauthorized)")),
+        errors.iter().all(|e| {
+            let e = e.as_str().unwrap_or("");
+            e.contains("status of 401 (Unauthorized)") || e.contains("status of 403 (Forbidden)")
+        }),
         "{report}"
     );
-    assert!(errors.len() <= 1, "{report}");
     let mut seen = seen.clone();
     seen["consoleErrors"] = serde_json::json!([]);
     clean(&seen, base, report);
