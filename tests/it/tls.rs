@@ -21,20 +21,20 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use crate::harness::{Proxy, ProxyOptions, https_client, request_via};
 
-/// A certificate authority made for one test.
-struct Ca {
+/// A certificate authority made for one test (the browser tests use it too).
+pub(crate) struct Ca {
     issuer: CertifiedIssuer<'static, KeyPair>,
 }
 
 /// A certificate and its key, as PEM, and the certificate as DER.
-struct Issued {
-    cert_pem: String,
-    key_pem: String,
+pub(crate) struct Issued {
+    pub(crate) cert_pem: String,
+    pub(crate) key_pem: String,
     der: CertificateDer<'static>,
 }
 
 impl Ca {
-    fn new(name: &str) -> Ca {
+    pub(crate) fn new(name: &str) -> Ca {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
         params.distinguished_name.push(DnType::CommonName, name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -49,7 +49,7 @@ impl Ca {
         }
     }
 
-    fn pem(&self) -> String {
+    pub(crate) fn pem(&self) -> String {
         self.issuer.pem()
     }
 
@@ -79,6 +79,11 @@ impl Ca {
         )
     }
 
+    /// A server certificate for these names (DNS names or IP addresses).
+    pub(crate) fn server_for(&self, names: &[&str]) -> Issued {
+        self.issue(names[0], names, ExtendedKeyUsagePurpose::ServerAuth)
+    }
+
     fn client(&self, name: &str) -> Issued {
         self.issue(name, &[], ExtendedKeyUsagePurpose::ClientAuth)
     }
@@ -90,7 +95,7 @@ impl Ca {
     }
 
     /// A client trusting this CA (no client certificate).
-    fn trusting(&self) -> Arc<rustls::ClientConfig> {
+    pub(crate) fn trusting(&self) -> Arc<rustls::ClientConfig> {
         Arc::new(
             rustls::ClientConfig::builder_with_provider(provider())
                 .with_safe_default_protocol_versions()
@@ -121,7 +126,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// Writes `issued` as `cert.pem` and `key.pem` in `dir` the way certbot and
 /// editors do: each file renamed into place whole.
-fn install(dir: &Path, issued: &Issued) {
+pub(crate) fn install(dir: &Path, issued: &Issued) {
     for (name, text) in [("cert.pem", &issued.cert_pem), ("key.pem", &issued.key_pem)] {
         let temporary = dir.join(format!(".{name}.new"));
         std::fs::write(&temporary, text).expect("write PEM");
@@ -130,12 +135,12 @@ fn install(dir: &Path, issued: &Issued) {
 }
 
 /// A directory for the proxy's certificate files, outside the proxy's own.
-fn cert_dir(name: &str) -> crate::harness::TempDir {
+pub(crate) fn cert_dir(name: &str) -> crate::harness::TempDir {
     crate::harness::TempDir::new(name)
 }
 
 /// `[proxy.tls]` pointing at `dir`'s files.
-fn tls_table(dir: &Path, client_ca: Option<PathBuf>) -> toml::Value {
+pub(crate) fn tls_table(dir: &Path, client_ca: Option<PathBuf>) -> toml::Value {
     let mut table = toml::Table::new();
     table.insert(
         "cert".into(),
@@ -186,7 +191,7 @@ async fn served_certificate(
         .ok_or_else(|| "no certificate".to_string())
 }
 
-fn port_of(proxy: &Proxy) -> u16 {
+pub(crate) fn port_of(proxy: &Proxy) -> u16 {
     proxy
         .base
         .rsplit(':')
