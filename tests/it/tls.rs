@@ -4,7 +4,8 @@
 //! an old one completes, a bad replacement kept out, and mutual TLS. To
 //! ClickHouse (`https://`, through a TLS relay in front of the real server)
 //! and Redis (`rediss://`, a real `redis-server --tls-port`): verified
-//! against the configured `ca`, refused without it.
+//! against the configured `ca`, refused without it; the ClickHouse-compatible
+//! endpoint's own client to ClickHouse too.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -499,6 +500,69 @@ async fn clickhouse_over_https_is_verified_against_the_configured_ca() {
         "{}",
         ready.text()
     );
+}
+
+/// The ClickHouse-compatible endpoint with ClickHouse behind `https://`: its
+/// cached (MISS, then HIT) and passed-through statements reach ClickHouse
+/// over TLS, verified against `clickhouse.ca` like the named API's.
+#[tokio::test]
+async fn the_clickhouse_endpoint_reaches_clickhouse_over_https_verified_against_the_configured_ca()
+{
+    use crate::chhttp::{basic, send};
+    let ca = Ca::new("dashcache-it ClickHouse CA");
+    let relay = TlsRelay::start(&ca.server("clickhouse")).await;
+    let dir = cert_dir("tls-chhttp");
+    let ca_file = dir.0.join("clickhouse-ca.pem");
+    std::fs::write(&ca_file, ca.pem()).expect("write CA");
+    let url = format!("https://127.0.0.1:{}", relay.port);
+    let trusting = Proxy::start_with(ProxyOptions {
+        clickhouse_url: url.clone(),
+        set: vec![("clickhouse", "ca", ca_file.display().to_string().into())],
+        ..Default::default()
+    })
+    .await;
+    let plain = Proxy::start().await;
+    let ask = |proxy: &Proxy, sql: &'static str| {
+        let auth = basic("test", &proxy.key);
+        let url = format!("{}/", proxy.ch_base);
+        async move { send(&url, &[("authorization", auth.as_str())], Some(sql)).await }
+    };
+    // Cached by the default rule: computed over TLS, then a hit.
+    let cached = "SELECT country, count() AS n FROM demo.events WHERE tenant_id = 'acme' \
+                  GROUP BY country ORDER BY country FORMAT TSV";
+    // `system.` tables are passed through (ttl 0 in the shipped rules).
+    let passed = "SELECT name FROM system.databases WHERE name = 'demo' FORMAT TSV";
+    let expected = ask(&plain, cached).await;
+    assert_eq!(expected.status, 200, "{}", expected.text());
+    let first = ask(&trusting, cached).await;
+    assert_eq!(first.status, 200, "{}\n{}", first.text(), trusting.log());
+    assert_eq!(first.cache(), "MISS");
+    assert_eq!(first.text(), expected.text());
+    let again = ask(&trusting, cached).await;
+    assert_eq!(again.cache(), "HIT");
+    assert_eq!(again.text(), expected.text());
+    let through = ask(&trusting, passed).await;
+    assert_eq!(through.status, 200, "{}", through.text());
+    assert_eq!(through.cache(), "BYPASS");
+    assert_eq!(through.text(), "demo\n");
+
+    // Without `ca` the built-in public roots decide: this server is not
+    // trusted, and the endpoint answers as ClickHouse does when unreachable.
+    let untrusting = Proxy::start_with(ProxyOptions {
+        clickhouse_url: url,
+        ..Default::default()
+    })
+    .await;
+    for sql in [cached, passed] {
+        let refused = ask(&untrusting, sql).await;
+        assert_eq!(refused.status, 503, "{}", refused.text());
+        assert_eq!(
+            refused.header("x-clickhouse-exception-code"),
+            Some("210"),
+            "{}",
+            refused.text()
+        );
+    }
 }
 
 /// A Redis server that speaks only TLS (`--tls-port`), with `issued` as its
