@@ -197,7 +197,8 @@ impl Proxy {
             base: format!("{scheme}://127.0.0.1:{port}"),
             dir,
             key: key.clone(),
-            ch_base: format!("http://127.0.0.1:{ch_port}"),
+            // Both listeners get `[proxy.tls]`.
+            ch_base: format!("{scheme}://127.0.0.1:{ch_port}"),
             https: options.client_tls.map(https_client),
             minted: std::sync::Mutex::new(vec![key.clone()]),
         };

@@ -1,5 +1,6 @@
-//! TLS with certificates this test makes (rcgen). On the proxy's listener:
-//! the same answers as over plain HTTP, HTTP/2 chosen by ALPN, a certificate
+//! TLS with certificates this test makes (rcgen). On the proxy's listeners
+//! (the API's and the ClickHouse-compatible endpoint's): the same answers as
+//! over plain HTTP, HTTP/2 chosen by ALPN, a certificate
 //! replaced on disk served to new connections while a request in flight on
 //! an old one completes, a bad replacement kept out, and mutual TLS. To
 //! ClickHouse (`https://`, through a TLS relay in front of the real server)
@@ -252,6 +253,19 @@ async fn https_answers_as_http_does_and_negotiates_http2() {
         digest(export_http.body.as_ref().expect("complete export"))
     );
 
+    // The ClickHouse-compatible endpoint's listener is HTTPS too: the same
+    // answer, over HTTP/2.
+    let (endpoint_tls, endpoint_http) = (
+        endpoint(&secure, &https_client(ca.trusting())).await,
+        endpoint(&plain, &https_client(ca.trusting())).await,
+    );
+    assert!(secure.ch_base.starts_with("https://"), "{}", secure.ch_base);
+    assert_eq!(endpoint_tls.status, 200, "{}", endpoint_tls.text());
+    assert_eq!(endpoint_tls.version, http::Version::HTTP_2);
+    assert_eq!(endpoint_http.version, http::Version::HTTP_11);
+    assert_eq!(endpoint_tls.text(), endpoint_http.text());
+    assert!(endpoint_tls.text().lines().count() > 1);
+
     // A client offering only HTTP/1.1 gets HTTP/1.1 over TLS.
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config((*ca.trusting()).clone())
@@ -406,6 +420,21 @@ async fn with_client_ca_only_clients_with_a_certificate_from_it_are_served() {
         anonymous.map(|r| r.status).unwrap_or_default()
     );
 
+    // The ClickHouse-compatible endpoint shares the listener settings: mutual
+    // TLS there too.
+    let endpoint_served = endpoint(&proxy, &https_client(ca.trusting_as(&identity))).await;
+    assert_eq!(endpoint_served.status, 200, "{}", endpoint_served.text());
+    let endpoint_anonymous = request_via(
+        &https_client(ca.trusting()),
+        &endpoint_url(&proxy),
+        &[("authorization", &crate::chhttp::basic("", &proxy.key))],
+    )
+    .await;
+    assert!(
+        endpoint_anonymous.is_err(),
+        "the endpoint served a client without a certificate"
+    );
+
     // A certificate from another CA is refused too.
     let stranger = ca.client("stranger");
     let foreign = request_via(
@@ -415,6 +444,25 @@ async fn with_client_ca_only_clients_with_a_certificate_from_it_are_served() {
     )
     .await;
     assert!(foreign.is_err(), "a client of another CA was served");
+}
+
+/// A read-only statement on the proxy's ClickHouse-compatible endpoint (GET
+/// with `query=`, as ClickHouse's HTTP interface takes it).
+fn endpoint_url(proxy: &Proxy) -> String {
+    let sql = "SELECT country, count() FROM demo.events WHERE tenant_id = 'acme' \
+               GROUP BY country ORDER BY country FORMAT TSV";
+    let query: String = form_urlencoded::Serializer::new(String::new())
+        .append_pair("query", sql)
+        .finish();
+    format!("{}/?{query}", proxy.ch_base)
+}
+
+/// [`endpoint_url`]'s answer through `client`, with the proxy's key.
+async fn endpoint(proxy: &Proxy, client: &crate::harness::HttpsClient) -> crate::harness::Reply {
+    let auth = crate::chhttp::basic("", &proxy.key);
+    request_via(client, &endpoint_url(proxy), &[("authorization", &auth)])
+        .await
+        .unwrap_or_else(|e| panic!("the endpoint: {e}\n{}", proxy.log()))
 }
 
 /// TLS in front of the real ClickHouse: accepts with `issued` and relays
