@@ -66,7 +66,12 @@ export function serve(port, { pages = {}, dir = null, tls = null } = {}) {
 function trustingHome(home, ca) {
   const db = join(home, '.pki', 'nssdb');
   mkdirSync(db, { recursive: true });
-  execFileSync('certutil', ['-N', '--empty-password', '-d', `sql:${db}`]);
+  try {
+    execFileSync('certutil', ['-N', '--empty-password', '-d', `sql:${db}`]);
+  } catch (err) {
+    if (err.code === 'ENOENT') throw new Error('certutil is missing: run scripts/browser-setup (installs libnss3-tools)');
+    throw err;
+  }
   execFileSync('certutil', ['-A', '-n', 'dashcache test CA', '-t', 'C,,', '-i', ca, '-d', `sql:${db}`]);
 }
 
