@@ -481,6 +481,11 @@ fn metrics_operation(auth: &AuthConfig) -> Value {
     json!({
         "operationId": "metrics",
         "summary": "Prometheus metrics",
+        "description": if auth.protect_metrics {
+            "Needs a key of a tier with `operator = true` (`auth.protect_metrics`)"
+        } else {
+            "Open: names no tenant, key or query parameter"
+        },
         "tags": ["service"],
         "security": if auth.protect_metrics { api_key() } else { json!([]) },
         "responses": responses,

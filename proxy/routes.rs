@@ -4,14 +4,17 @@
 //! |---|---|
 //! | `GET /v1/query/{name}` | [`crate::query`] |
 //! | `GET /v1/export/{name}` | [`crate::export`] |
-//! | `GET /healthz` | liveness |
-//! | `GET /readyz` | readiness: ClickHouse and Redis reachable |
-//! | `GET /metrics` | Prometheus text |
+//! | `GET /healthz` | liveness (a key when `auth.protect_health`) |
+//! | `GET /readyz` | readiness: ClickHouse and Redis reachable (a key when `auth.protect_health`) |
+//! | `GET /metrics` | Prometheus text (an operator's key when `auth.protect_metrics`) |
 //! | `GET /openapi.json` | [`crate::openapi`] (no API key needed) |
 //! | `GET /docs`, `/docs/*` | Swagger UI over `/openapi.json`, [`crate::web`] (no API key needed) |
 //! | `GET /status`, `/status/*` | the operator page, [`crate::web`] (no data in it: no key needed) |
-//! | `GET /status.json` | [`crate::handlers::status`] (a key when `auth.protect_metrics`) |
+//! | `GET /status.json` | [`crate::handlers::status`]: always a key of a tier with `operator = true` |
 //! | `OPTIONS *` with `Origin` and `Access-Control-Request-Method` | CORS preflight, [`crate::cors`] (no API key, no I/O) |
+//!
+//! The operator routes name tenants, keys per tier and requested parameters:
+//! a tenant's key gets 403 there ([`auth::not_operator`]).
 //!
 //! Every other answer, errors included, gets its CORS headers from
 //! [`crate::cors::Cors::decorate`] here.
@@ -111,22 +114,33 @@ async fn route(app: &Arc<App>, req: &Request<Incoming>) -> (Route, Response<Body
     if let Some(asset) = crate::web::find(&crate::web::STATUS, path) {
         return (Route::Status, asset.respond(req.headers()).await);
     }
-    let (route, protected) = match path {
-        "/healthz" => (Route::Healthz, app.config.auth.protect_health),
-        "/readyz" => (Route::Readyz, app.config.auth.protect_health),
-        "/metrics" => (Route::Metrics, app.config.auth.protect_metrics),
-        "/status.json" => (Route::Status, app.config.auth.protect_metrics),
+    let (route, guard) = match path {
+        "/healthz" => (
+            Route::Healthz,
+            Guard::any_key_if(app.config.auth.protect_health),
+        ),
+        "/readyz" => (
+            Route::Readyz,
+            Guard::any_key_if(app.config.auth.protect_health),
+        ),
+        "/metrics" if app.config.auth.protect_metrics => (Route::Metrics, Guard::Operator),
+        "/metrics" => (Route::Metrics, Guard::Open),
+        "/status.json" => (Route::Status, Guard::Operator),
         _ => {
             let response = ApiError::NotFound.reply(format!("no route for {path}"));
             return (Route::Other, response);
         }
     };
-    if protected {
+    if guard != Guard::Open {
         if let Some(refused) = auth::key_in_url(req.uri()) {
             return (route, refused);
         }
-        if let Err(response) = app.auth.authenticate(req).await {
-            return (route, response);
+        match app.auth.authenticate(req).await {
+            Err(response) => return (route, response),
+            Ok(caller) if guard == Guard::Operator && !caller.tier.operator => {
+                return (route, auth::not_operator(&caller, path));
+            }
+            Ok(_) => {}
         }
     }
     let response = match route {
@@ -136,6 +150,28 @@ async fn route(app: &Arc<App>, req: &Request<Incoming>) -> (Route, Response<Body
         _ => health::metrics(app),
     };
     (route, response)
+}
+
+/// Who may read a service route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Guard {
+    /// Anyone (names no tenant, key or parameter).
+    Open,
+    /// Any valid key (`auth.protect_health`).
+    AnyKey,
+    /// A key of a tier with `operator = true`: `/status.json` always,
+    /// `/metrics` with `auth.protect_metrics`.
+    Operator,
+}
+
+impl Guard {
+    fn any_key_if(protected: bool) -> Guard {
+        if protected {
+            Guard::AnyKey
+        } else {
+            Guard::Open
+        }
+    }
 }
 
 /// Whether the request log takes a request that got `status`.

@@ -374,18 +374,9 @@ impl ClickHouse {
             let engine = open_embedded(config).map_err(|e| Arc::from(e.to_string()));
             return Self::with_engine(config, metrics, engine);
         }
-        let tls = config.uses_tls().then(|| {
-            crate::tls::client_config(config.ca.as_deref()).unwrap_or_else(|err| {
-                tracing::error!(error = %err, "clickhouse.ca: trusting no server certificate");
-                rustls::ClientConfig::builder_with_provider(Arc::new(
-                    rustls::crypto::ring::default_provider(),
-                ))
-                .with_safe_default_protocol_versions()
-                .expect("ring supports the default protocol versions")
-                .with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth()
-            })
-        });
+        let tls = config
+            .uses_tls()
+            .then(|| crate::tls::clickhouse_client_config(config));
         let tls = tls.as_ref();
         let upstream = Upstream::new(config, &config.query_replicas(), tls, &metrics);
         let exports = (!config.export_replicas.is_empty())

@@ -12,7 +12,8 @@
 //! were made with either way.
 //!
 //! It also makes the client config for upstreams reached over `https://`
-//! ([`client_config`]: the `ca` bundle, or the built-in Mozilla roots).
+//! ([`client_config`]: the `ca` bundle, or the built-in Mozilla roots;
+//! [`clickhouse_client_config`]: ClickHouse's, for every client that reaches it).
 //!
 //! It does not accept connections or run handshakes: the proxy's server does,
 //! with [`ServerTls::acceptor`] on each connection's own task.
@@ -240,6 +241,25 @@ pub fn client_config(ca: Option<&Path>) -> Result<rustls::ClientConfig, TlsError
     .with_root_certificates(roots)
     .with_no_client_auth();
     Ok(config)
+}
+
+/// The client config for ClickHouse servers over `https://`
+/// (`clickhouse.ca`), shared by the named API's clients and the
+/// ClickHouse-compatible endpoint's. The config check has read the file
+/// already, so a failure here means it went away since: logged, and a
+/// config that trusts no server is returned (those servers fail their
+/// handshakes until a restart) rather than one that trusts more than asked.
+pub fn clickhouse_client_config(config: &crate::config::ClickHouseConfig) -> rustls::ClientConfig {
+    client_config(config.ca.as_deref()).unwrap_or_else(|err| {
+        tracing::error!(error = %err, "clickhouse.ca: trusting no server certificate");
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(RootCertStore::empty())
+        .with_no_client_auth()
+    })
 }
 
 /// Reads and checks a listener's TLS files (blocking: for the config check

@@ -5,7 +5,9 @@
 //! hidden, [`loggable_uri`]); 401 for a missing, unknown, expired or revoked key; 403 for a key whose tier is not configured; 429 with
 //! `Retry-After` past the tier's rate. Every answer to an authenticated request
 //! carries the `RateLimit-*` headers. The tenant used in queries is the key's,
-//! never anything in the URL.
+//! never anything in the URL. The operator pages need a key of a tier with
+//! `operator = true` (the router checks [`tier::Tier::operator`]; 403 from
+//! [`not_operator`]).
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -158,6 +160,15 @@ fn unauthorized(err: KeyError) -> Response<Body> {
 /// 403 for a query or export outside the caller's tier.
 pub fn forbidden(caller: &Caller, what: &str) -> Response<Body> {
     ApiError::Forbidden.reply(format!("tier `{}` may not call {what}", caller.tier.name))
+}
+
+/// 403 for a key whose tier may not read the operator pages (`path`).
+pub fn not_operator(caller: &Caller, path: &str) -> Response<Body> {
+    ApiError::Forbidden.reply(format!(
+        "{path} is an operator page: tier `{}` may not read it; use a key of a tier with \
+         `operator = true`",
+        caller.tier.name
+    ))
 }
 
 /// The IETF `RateLimit-*` headers.

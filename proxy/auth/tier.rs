@@ -5,7 +5,8 @@
 //! once, which queries and exports the tier may call, export size limits, and
 //! a minimum TTL (a cheaper tier accepts older answers, so it costs less),
 //! and whether (and as which ClickHouse user) its keys may use the
-//! ClickHouse-compatible endpoint.
+//! ClickHouse-compatible endpoint, and whether its keys may read the
+//! operator pages (`operator`).
 //!
 //! The rules a `[tier.*]` table must follow (rates of at least 1, allowed
 //! queries and exports that exist) are checked with the rest of the config
@@ -61,6 +62,9 @@ pub struct Tier {
     pub clickhouse_http: bool,
     /// The ClickHouse user its statements there run as.
     pub clickhouse_user: String,
+    /// Whether its keys may read the operator pages (`/status.json`, and
+    /// `/metrics` when protected).
+    pub operator: bool,
 }
 
 #[cfg(test)]
@@ -82,6 +86,7 @@ impl Tier {
             min_ttl: Duration::ZERO,
             clickhouse_http: false,
             clickhouse_user: "default".into(),
+            operator: false,
         }
     }
 }
@@ -117,6 +122,7 @@ impl Tiers {
                         .clickhouse_user
                         .clone()
                         .unwrap_or_else(|| config.clickhouse.user.clone()),
+                    operator: tier.operator,
                 }),
             );
         }

@@ -38,7 +38,11 @@ impl Endpoint {
             passwords.insert(user, password);
         }
         Endpoint {
-            servers: upstream::Servers::new(urls, metrics),
+            servers: upstream::Servers::new(
+                urls,
+                dashcache::tls::clickhouse_client_config(&config.clickhouse),
+                metrics,
+            ),
             rules: rules::Rules::new(&config.clickhouse_http),
             passwords,
         }

@@ -2,7 +2,9 @@
 //!
 //! Owns the raw HTTP exchange of the ClickHouse-compatible endpoint: a POST
 //! of the SQL with the forwarded parameters (and dashcache's `readonly` and
-//! limits) as the tier's ClickHouse user, to the configured replicas in turn
+//! limits) as the tier's ClickHouse user, over `http://` or `https://` (the
+//! server's certificate checked against `clickhouse.ca`, with the same rustls
+//! client config as the named API's clients), to the configured replicas in turn
 //! when one cannot be reached before its answer starts. [`Exchange`] is a
 //! [`dashcache::fill::Upstream`] (nothing is sent before the first read), so
 //! misses go through the same `Filler` — lock, coalescing, retry once, store
@@ -25,6 +27,7 @@ use dashcache::metrics::Metrics;
 use futures_util::future::BoxFuture;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -44,17 +47,27 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 /// The HTTP client and the servers, shared by every request.
 #[derive(Clone)]
 pub struct Servers {
-    client: Client<HttpConnector, Full<Bytes>>,
+    /// `http://` and `https://` servers; over TLS, certificates are checked
+    /// as the named API's clients check them (`clickhouse.ca`).
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     urls: Arc<Vec<String>>,
     next: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
 }
 
 impl Servers {
-    pub fn new(urls: Vec<String>, metrics: Arc<Metrics>) -> Servers {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    /// `tls`: the client config for `https://` servers
+    /// (`dashcache::tls::clickhouse_client_config`).
+    pub fn new(urls: Vec<String>, tls: rustls::ClientConfig, metrics: Arc<Metrics>) -> Servers {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(5)));
+        http.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
         Servers {
             client: Client::builder(TokioExecutor::new()).build(connector),
             urls: Arc::new(urls),

@@ -9,8 +9,9 @@
 //! warm-up runs (control store) and API keys per tier. Reads of Redis and the
 //! control store are bounded by [`IO_BOUND`]; a failed one is reported in its
 //! section, never as an error of the page. The page itself is a compiled-in
-//! file ([`crate::web`]); whether a key is needed is the router's
-//! (`auth.protect_metrics`).
+//! file ([`crate::web`]); the router serves this document only to keys of
+//! a tier with `operator = true` (it names tenants, parameters and keys per
+//! tier).
 
 use std::time::Duration;
 

@@ -1,5 +1,6 @@
-// /status: renders /status.json every few seconds. With auth.protect_metrics
-// the page asks for an API key once and keeps it for this tab only
+// /status: renders /status.json every few seconds. It needs an operator's
+// API key (a tier with operator = true): the page asks for one (again after a
+// 401 or 403, showing why) and keeps it for this tab only
 // (sessionStorage), sending it as X-API-Key. Everything is drawn here: the
 // chart is inline SVG, nothing loads from elsewhere.
 'use strict';
@@ -132,7 +133,7 @@ async function refresh() {
       $('main').hidden = true;
       $('key-form').hidden = false;
       $('key-error').textContent = key ? (await r.json()).detail : '';
-      $('updated').textContent = 'needs an API key';
+      $('updated').textContent = 'needs an operator\'s API key';
       return;
     }
     if (!r.ok) throw new Error(`status ${r.status}`);

@@ -502,7 +502,8 @@ pub struct AuthConfig {
     /// revoked and expired keys take effect within this).
     #[serde(with = "humantime_serde")]
     pub reload_interval: Duration,
-    /// Whether `/metrics` needs an API key.
+    /// Whether `/metrics` needs an API key (of a tier with `operator = true`,
+    /// like `/status.json` always does).
     pub protect_metrics: bool,
     /// Whether `/healthz` needs an API key.
     pub protect_health: bool,
@@ -564,6 +565,12 @@ pub struct TierConfig {
     /// (`DASHCACHE_CLICKHOUSE_PASSWORD_<USER>`), never from the client.
     #[serde(default)]
     pub clickhouse_user: Option<String>,
+    /// Whether keys of this tier may read the operator pages: `/status.json`
+    /// (always needs such a key) and `/metrics` (with `auth.protect_metrics`).
+    /// They name tenants, API keys per tier and requested parameters, so a
+    /// tenant's key must not read them.
+    #[serde(default)]
+    pub operator: bool,
 }
 
 fn default_concurrent_misses() -> usize {

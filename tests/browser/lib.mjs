@@ -1,10 +1,13 @@
 // Shared by the browser scenarios: Debian's chromium driven headless through
 // playwright-core (never a downloaded browser), a tiny static server that
-// plays a web page's own origin, and the one JSON line a scenario reports to
-// tests/it/browser.rs, which makes the assertions.
+// plays a web page's own origin (over HTTPS when given a certificate), and
+// the one JSON line a scenario reports to tests/it/browser.rs, which makes
+// the assertions.
 import { chromium } from 'playwright-core';
+import { execFileSync } from 'node:child_process';
 import { createServer } from 'node:http';
-import { mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { createServer as createHttpsServer } from 'node:https';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { extname, join, normalize } from 'node:path';
 
@@ -25,9 +28,10 @@ const TYPES = {
 };
 
 // Serves `pages` (path -> HTML text) and, if given, the files under `dir`, on
-// 127.0.0.1:port: a page's own origin, another than the proxy's.
-export function serve(port, { pages = {}, dir = null } = {}) {
-  const server = createServer((req, res) => {
+// 127.0.0.1:port: a page's own origin, another than the proxy's. With `tls`
+// ({ cert, key }: PEM file paths) over HTTPS.
+export function serve(port, { pages = {}, dir = null, tls = null } = {}) {
+  const handler = (req, res) => {
     const path = new URL(req.url, 'http://x').pathname;
     if (pages[path] !== undefined) {
       res.writeHead(200, { 'content-type': TYPES['.html'] });
@@ -44,25 +48,52 @@ export function serve(port, { pages = {}, dir = null } = {}) {
     }
     res.writeHead(404, { 'content-type': 'text/plain' });
     res.end('not found');
-  });
+  };
+  const server = tls
+    ? createHttpsServer({ cert: readFileSync(tls.cert), key: readFileSync(tls.key) }, handler)
+    : createServer(handler);
   return new Promise((resolve, reject) => {
     server.once('error', reject);
     server.listen(port, '127.0.0.1', () => resolve(server));
   });
 }
 
+// An NSS certificate database under `home` (where Chromium on Linux reads the
+// user's trust settings: $HOME/.pki/nssdb) trusting the CA in the PEM file
+// `ca` for TLS servers: a real trust anchor, as an operator's workstation
+// would have, not an ignored certificate error. certutil comes from Debian's
+// libnss3-tools (scripts/browser-setup).
+function trustingHome(home, ca) {
+  const db = join(home, '.pki', 'nssdb');
+  mkdirSync(db, { recursive: true });
+  try {
+    execFileSync('certutil', ['-N', '--empty-password', '-d', `sql:${db}`]);
+  } catch (err) {
+    if (err.code === 'ENOENT') throw new Error('certutil is missing: run scripts/browser-setup (installs libnss3-tools)');
+    throw err;
+  }
+  execFileSync('certutil', ['-A', '-n', 'dashcache test CA', '-t', 'C,,', '-i', ca, '-d', `sql:${db}`]);
+}
+
 // Chromium with the flags that work here, a fresh profile, and a record of
 // console errors and of requests for other hosts (which cannot leave the
-// machine: every host name but localhost resolves to nothing).
-export async function launch() {
+// machine: every host name but localhost, 127.0.0.1 and the `hosts` given,
+// which resolve to 127.0.0.1, resolves to nothing). With `trust` (a CA's PEM
+// file) Chromium trusts that CA, and only the public roots otherwise.
+export async function launch({ hosts = [], trust = null } = {}) {
   const profile = mkdtempSync(join(tmpdir(), 'dashcache-chromium-'));
-  const context = await chromium.launchPersistentContext(profile, {
+  const env = { ...process.env, HOME: join(profile, 'home') };
+  mkdirSync(env.HOME);
+  if (trust) trustingHome(env.HOME, trust);
+  const mapped = hosts.map((host) => `MAP ${host} 127.0.0.1, `).join('');
+  const context = await chromium.launchPersistentContext(join(profile, 'profile'), {
     executablePath: process.env.DASHCACHE_CHROMIUM || '/usr/bin/chromium',
     headless: true,
+    env,
     args: [
       '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
       '--disable-background-networking', '--disable-component-update', '--disable-sync',
-      '--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1',
+      `--host-resolver-rules=${mapped}MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1`,
     ],
     viewport: { width: 1280, height: 900 },
   });
@@ -75,7 +106,7 @@ export async function launch() {
   // CORS preflights itself, and the test would see no real ones.
   context.on('request', (request) => {
     const url = new URL(request.url());
-    const local = ['127.0.0.1', 'localhost', '[::1]'].includes(url.hostname)
+    const local = ['127.0.0.1', 'localhost', '[::1]', ...hosts].includes(url.hostname)
       || ['data:', 'blob:', 'about:'].includes(url.protocol);
     if (!local) seen.offMachine.push(url.href);
   });

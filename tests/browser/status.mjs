@@ -1,12 +1,14 @@
-// /status in Chromium: the page asks for the API key (auth.protect_metrics),
-// then shows /status.json and refreshes itself. Saves a screenshot; reports
-// the tiles and tables as shown, console errors and requests.
+// /status in Chromium: the page asks for an operator's API key, says why a
+// tenant's key is refused (403), then with the operator's key shows
+// /status.json and refreshes itself. Saves a screenshot; reports the tiles
+// and tables as shown, console errors and requests.
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { distinctColours, env, launch, report } from './lib.mjs';
 
 const proxy = env('DASHCACHE_PROXY');
 const key = env('DASHCACHE_KEY');
+const tenantKey = env('DASHCACHE_TENANT_KEY');
 const shots = env('DASHCACHE_SCREENSHOTS');
 const { context, seen, close } = await launch();
 const findings = {};
@@ -17,6 +19,12 @@ try {
   await page.goto(`${proxy}/status`);
   await page.locator('#key-form').waitFor({ state: 'visible', timeout: 30000 });
   findings.askedForKey = true;
+  // A tenant's key: refused, and the page says why.
+  await page.locator('#key').fill(tenantKey);
+  await page.locator('#key-form button').click();
+  await page.waitForFunction(() => document.getElementById('key-error').textContent !== '', null, { timeout: 30000 });
+  findings.tenantKeyError = await page.locator('#key-error').innerText();
+  findings.tenantKeyFormShown = await page.locator('#key-form').isVisible();
   await page.locator('#key').fill(key);
   await page.locator('#key-form button').click();
   await page.waitForFunction(() => Number(document.body.dataset.updates || 0) >= 1, null, { timeout: 30000 });

@@ -16,7 +16,7 @@ use hyper_util::rt::TokioExecutor;
 use crate::harness::{Proxy, ProxyOptions, Reply, TempDir, clickhouse_url, root};
 
 /// A POST (or GET when `body` is `None`) with exactly these headers.
-async fn send(url: &str, headers: &[(&str, &str)], body: Option<&str>) -> Reply {
+pub(crate) async fn send(url: &str, headers: &[(&str, &str)], body: Option<&str>) -> Reply {
     let mut builder = match body {
         Some(_) => http::Request::post(url),
         None => http::Request::get(url),
@@ -46,7 +46,7 @@ async fn send(url: &str, headers: &[(&str, &str)], body: Option<&str>) -> Reply 
     }
 }
 
-fn basic(user: &str, password: &str) -> String {
+pub(crate) fn basic(user: &str, password: &str) -> String {
     let pair = format!("{user}:{password}");
     format!(
         "Basic {}",

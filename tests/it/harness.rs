@@ -143,6 +143,9 @@ pub struct Proxy {
     pub ch_base: String,
     /// The client of a proxy that serves HTTPS.
     https: Option<HttpsClient>,
+    /// Every key minted for this proxy: none may appear in its log (checked
+    /// when it is dropped, in every test).
+    minted: std::sync::Mutex<Vec<String>>,
 }
 
 impl Proxy {
@@ -193,9 +196,11 @@ impl Proxy {
             child,
             base: format!("{scheme}://127.0.0.1:{port}"),
             dir,
-            key,
-            ch_base: format!("http://127.0.0.1:{ch_port}"),
+            key: key.clone(),
+            // Both listeners get `[proxy.tls]`.
+            ch_base: format!("{scheme}://127.0.0.1:{ch_port}"),
             https: options.client_tls.map(https_client),
+            minted: std::sync::Mutex::new(vec![key.clone()]),
         };
         for _ in 0..200 {
             if let Ok(r) = proxy.request(&format!("{}/healthz", proxy.base), &[]).await
@@ -232,7 +237,12 @@ impl Proxy {
 
     /// Mints another key in this proxy's control store.
     pub fn add_key(&self, tier: &str, tenant: &str) -> String {
-        add_key(&self.dir.0.join("config.toml"), tier, tenant)
+        let key = add_key(&self.dir.0.join("config.toml"), tier, tenant);
+        self.minted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(key.clone());
+        key
     }
 
     /// Runs `dashcache-proxy keys ARGS` against this proxy's config.
@@ -299,9 +309,26 @@ impl Proxy {
 }
 
 impl Drop for Proxy {
+    /// Stops the process, then greps its log for every key minted for it:
+    /// a test run's logs never hold a full key (names by id only).
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            return;
+        }
+        let log = self.log();
+        let minted = self
+            .minted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for key in minted.iter() {
+            assert!(
+                !log.contains(key.as_str()),
+                "an API key is in the proxy's log ({}):\n{log}",
+                self.dir.0.join("proxy.log").display()
+            );
+        }
     }
 }
 

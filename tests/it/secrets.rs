@@ -75,3 +75,66 @@ async fn a_key_in_the_url_is_refused_and_no_log_line_holds_a_key() {
         );
     }
 }
+
+/// The ClickHouse-compatible endpoint takes the key as a password (Basic,
+/// `X-ClickHouse-Key`, or ClickHouse's own `password` URL parameter): its
+/// request log names the key by id and the path only, never the key.
+#[tokio::test]
+async fn the_clickhouse_endpoint_logs_no_key_however_it_is_sent() {
+    use crate::chhttp::{basic, send};
+    let proxy = Proxy::start_with(ProxyOptions {
+        set: vec![("proxy", "request_log", "all".into())],
+        ..Default::default()
+    })
+    .await;
+    let key = proxy.key.clone();
+    let wrong = format!("{key}x");
+    let base = format!("{}/", proxy.ch_base);
+    let select = "SELECT count() FROM demo.events WHERE tenant_id = 'acme' FORMAT TSV";
+    let as_basic = basic("", &key);
+    let replies = [
+        send(&base, &[("authorization", &as_basic)], Some(select)).await,
+        send(
+            &base,
+            &[("x-clickhouse-user", ""), ("x-clickhouse-key", &key)],
+            Some(select),
+        )
+        .await,
+        send(&format!("{base}?password={key}"), &[], Some(select)).await,
+        // Refused: a write, and a wrong key.
+        send(
+            &base,
+            &[("authorization", &as_basic)],
+            Some("DROP TABLE demo.events"),
+        )
+        .await,
+        send(&base, &[("x-clickhouse-key", &wrong)], Some(select)).await,
+    ];
+    let statuses: Vec<u16> = replies.iter().map(|r| r.status).collect();
+    assert_eq!(statuses[..3], [200, 200, 200], "{statuses:?}");
+    assert!(statuses[3] >= 400 && statuses[4] >= 400, "{statuses:?}");
+    for reply in &replies {
+        let body = reply.text();
+        assert!(
+            !body.contains(&key) && !body.contains(&wrong),
+            "a key is echoed: {body}"
+        );
+    }
+
+    let log = proxy.log();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("\"clickhouse\"") && l.contains("request"))
+        .count();
+    assert!(lines >= 5, "the endpoint's requests are not logged:\n{log}");
+    assert!(
+        log.contains("\"key_"),
+        "requests are logged with key ids:\n{log}"
+    );
+    for secret in [&key, &wrong] {
+        assert!(
+            !log.contains(secret.as_str()),
+            "a key is in the log:\n{log}"
+        );
+    }
+}

@@ -1,10 +1,12 @@
-//! TLS with certificates this test makes (rcgen). On the proxy's listener:
-//! the same answers as over plain HTTP, HTTP/2 chosen by ALPN, a certificate
+//! TLS with certificates this test makes (rcgen). On the proxy's listeners
+//! (the API's and the ClickHouse-compatible endpoint's): the same answers as
+//! over plain HTTP, HTTP/2 chosen by ALPN, a certificate
 //! replaced on disk served to new connections while a request in flight on
 //! an old one completes, a bad replacement kept out, and mutual TLS. To
 //! ClickHouse (`https://`, through a TLS relay in front of the real server)
 //! and Redis (`rediss://`, a real `redis-server --tls-port`): verified
-//! against the configured `ca`, refused without it.
+//! against the configured `ca`, refused without it; the ClickHouse-compatible
+//! endpoint's own client to ClickHouse too.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,20 +23,20 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use crate::harness::{Proxy, ProxyOptions, https_client, request_via};
 
-/// A certificate authority made for one test.
-struct Ca {
+/// A certificate authority made for one test (the browser tests use it too).
+pub(crate) struct Ca {
     issuer: CertifiedIssuer<'static, KeyPair>,
 }
 
 /// A certificate and its key, as PEM, and the certificate as DER.
-struct Issued {
-    cert_pem: String,
-    key_pem: String,
+pub(crate) struct Issued {
+    pub(crate) cert_pem: String,
+    pub(crate) key_pem: String,
     der: CertificateDer<'static>,
 }
 
 impl Ca {
-    fn new(name: &str) -> Ca {
+    pub(crate) fn new(name: &str) -> Ca {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
         params.distinguished_name.push(DnType::CommonName, name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -49,7 +51,7 @@ impl Ca {
         }
     }
 
-    fn pem(&self) -> String {
+    pub(crate) fn pem(&self) -> String {
         self.issuer.pem()
     }
 
@@ -79,6 +81,11 @@ impl Ca {
         )
     }
 
+    /// A server certificate for these names (DNS names or IP addresses).
+    pub(crate) fn server_for(&self, names: &[&str]) -> Issued {
+        self.issue(names[0], names, ExtendedKeyUsagePurpose::ServerAuth)
+    }
+
     fn client(&self, name: &str) -> Issued {
         self.issue(name, &[], ExtendedKeyUsagePurpose::ClientAuth)
     }
@@ -90,7 +97,7 @@ impl Ca {
     }
 
     /// A client trusting this CA (no client certificate).
-    fn trusting(&self) -> Arc<rustls::ClientConfig> {
+    pub(crate) fn trusting(&self) -> Arc<rustls::ClientConfig> {
         Arc::new(
             rustls::ClientConfig::builder_with_provider(provider())
                 .with_safe_default_protocol_versions()
@@ -121,7 +128,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// Writes `issued` as `cert.pem` and `key.pem` in `dir` the way certbot and
 /// editors do: each file renamed into place whole.
-fn install(dir: &Path, issued: &Issued) {
+pub(crate) fn install(dir: &Path, issued: &Issued) {
     for (name, text) in [("cert.pem", &issued.cert_pem), ("key.pem", &issued.key_pem)] {
         let temporary = dir.join(format!(".{name}.new"));
         std::fs::write(&temporary, text).expect("write PEM");
@@ -130,12 +137,12 @@ fn install(dir: &Path, issued: &Issued) {
 }
 
 /// A directory for the proxy's certificate files, outside the proxy's own.
-fn cert_dir(name: &str) -> crate::harness::TempDir {
+pub(crate) fn cert_dir(name: &str) -> crate::harness::TempDir {
     crate::harness::TempDir::new(name)
 }
 
 /// `[proxy.tls]` pointing at `dir`'s files.
-fn tls_table(dir: &Path, client_ca: Option<PathBuf>) -> toml::Value {
+pub(crate) fn tls_table(dir: &Path, client_ca: Option<PathBuf>) -> toml::Value {
     let mut table = toml::Table::new();
     table.insert(
         "cert".into(),
@@ -186,7 +193,7 @@ async fn served_certificate(
         .ok_or_else(|| "no certificate".to_string())
 }
 
-fn port_of(proxy: &Proxy) -> u16 {
+pub(crate) fn port_of(proxy: &Proxy) -> u16 {
     proxy
         .base
         .rsplit(':')
@@ -245,6 +252,19 @@ async fn https_answers_as_http_does_and_negotiates_http2() {
         rows,
         digest(export_http.body.as_ref().expect("complete export"))
     );
+
+    // The ClickHouse-compatible endpoint's listener is HTTPS too: the same
+    // answer, over HTTP/2.
+    let (endpoint_tls, endpoint_http) = (
+        endpoint(&secure, &https_client(ca.trusting())).await,
+        endpoint(&plain, &https_client(ca.trusting())).await,
+    );
+    assert!(secure.ch_base.starts_with("https://"), "{}", secure.ch_base);
+    assert_eq!(endpoint_tls.status, 200, "{}", endpoint_tls.text());
+    assert_eq!(endpoint_tls.version, http::Version::HTTP_2);
+    assert_eq!(endpoint_http.version, http::Version::HTTP_11);
+    assert_eq!(endpoint_tls.text(), endpoint_http.text());
+    assert!(endpoint_tls.text().lines().count() > 1);
 
     // A client offering only HTTP/1.1 gets HTTP/1.1 over TLS.
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
@@ -400,6 +420,21 @@ async fn with_client_ca_only_clients_with_a_certificate_from_it_are_served() {
         anonymous.map(|r| r.status).unwrap_or_default()
     );
 
+    // The ClickHouse-compatible endpoint shares the listener settings: mutual
+    // TLS there too.
+    let endpoint_served = endpoint(&proxy, &https_client(ca.trusting_as(&identity))).await;
+    assert_eq!(endpoint_served.status, 200, "{}", endpoint_served.text());
+    let endpoint_anonymous = request_via(
+        &https_client(ca.trusting()),
+        &endpoint_url(&proxy),
+        &[("authorization", &crate::chhttp::basic("", &proxy.key))],
+    )
+    .await;
+    assert!(
+        endpoint_anonymous.is_err(),
+        "the endpoint served a client without a certificate"
+    );
+
     // A certificate from another CA is refused too.
     let stranger = ca.client("stranger");
     let foreign = request_via(
@@ -409,6 +444,25 @@ async fn with_client_ca_only_clients_with_a_certificate_from_it_are_served() {
     )
     .await;
     assert!(foreign.is_err(), "a client of another CA was served");
+}
+
+/// A read-only statement on the proxy's ClickHouse-compatible endpoint (GET
+/// with `query=`, as ClickHouse's HTTP interface takes it).
+fn endpoint_url(proxy: &Proxy) -> String {
+    let sql = "SELECT country, count() FROM demo.events WHERE tenant_id = 'acme' \
+               GROUP BY country ORDER BY country FORMAT TSV";
+    let query: String = form_urlencoded::Serializer::new(String::new())
+        .append_pair("query", sql)
+        .finish();
+    format!("{}/?{query}", proxy.ch_base)
+}
+
+/// [`endpoint_url`]'s answer through `client`, with the proxy's key.
+async fn endpoint(proxy: &Proxy, client: &crate::harness::HttpsClient) -> crate::harness::Reply {
+    let auth = crate::chhttp::basic("", &proxy.key);
+    request_via(client, &endpoint_url(proxy), &[("authorization", &auth)])
+        .await
+        .unwrap_or_else(|e| panic!("the endpoint: {e}\n{}", proxy.log()))
 }
 
 /// TLS in front of the real ClickHouse: accepts with `issued` and relays
@@ -494,6 +548,69 @@ async fn clickhouse_over_https_is_verified_against_the_configured_ca() {
         "{}",
         ready.text()
     );
+}
+
+/// The ClickHouse-compatible endpoint with ClickHouse behind `https://`: its
+/// cached (MISS, then HIT) and passed-through statements reach ClickHouse
+/// over TLS, verified against `clickhouse.ca` like the named API's.
+#[tokio::test]
+async fn the_clickhouse_endpoint_reaches_clickhouse_over_https_verified_against_the_configured_ca()
+{
+    use crate::chhttp::{basic, send};
+    let ca = Ca::new("dashcache-it ClickHouse CA");
+    let relay = TlsRelay::start(&ca.server("clickhouse")).await;
+    let dir = cert_dir("tls-chhttp");
+    let ca_file = dir.0.join("clickhouse-ca.pem");
+    std::fs::write(&ca_file, ca.pem()).expect("write CA");
+    let url = format!("https://127.0.0.1:{}", relay.port);
+    let trusting = Proxy::start_with(ProxyOptions {
+        clickhouse_url: url.clone(),
+        set: vec![("clickhouse", "ca", ca_file.display().to_string().into())],
+        ..Default::default()
+    })
+    .await;
+    let plain = Proxy::start().await;
+    let ask = |proxy: &Proxy, sql: &'static str| {
+        let auth = basic("test", &proxy.key);
+        let url = format!("{}/", proxy.ch_base);
+        async move { send(&url, &[("authorization", auth.as_str())], Some(sql)).await }
+    };
+    // Cached by the default rule: computed over TLS, then a hit.
+    let cached = "SELECT country, count() AS n FROM demo.events WHERE tenant_id = 'acme' \
+                  GROUP BY country ORDER BY country FORMAT TSV";
+    // `system.` tables are passed through (ttl 0 in the shipped rules).
+    let passed = "SELECT name FROM system.databases WHERE name = 'demo' FORMAT TSV";
+    let expected = ask(&plain, cached).await;
+    assert_eq!(expected.status, 200, "{}", expected.text());
+    let first = ask(&trusting, cached).await;
+    assert_eq!(first.status, 200, "{}\n{}", first.text(), trusting.log());
+    assert_eq!(first.cache(), "MISS");
+    assert_eq!(first.text(), expected.text());
+    let again = ask(&trusting, cached).await;
+    assert_eq!(again.cache(), "HIT");
+    assert_eq!(again.text(), expected.text());
+    let through = ask(&trusting, passed).await;
+    assert_eq!(through.status, 200, "{}", through.text());
+    assert_eq!(through.cache(), "BYPASS");
+    assert_eq!(through.text(), "demo\n");
+
+    // Without `ca` the built-in public roots decide: this server is not
+    // trusted, and the endpoint answers as ClickHouse does when unreachable.
+    let untrusting = Proxy::start_with(ProxyOptions {
+        clickhouse_url: url,
+        ..Default::default()
+    })
+    .await;
+    for sql in [cached, passed] {
+        let refused = ask(&untrusting, sql).await;
+        assert_eq!(refused.status, 503, "{}", refused.text());
+        assert_eq!(
+            refused.header("x-clickhouse-exception-code"),
+            Some("210"),
+            "{}",
+            refused.text()
+        );
+    }
 }
 
 /// A Redis server that speaks only TLS (`--tls-port`), with `issued` as its
