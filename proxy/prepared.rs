@@ -29,6 +29,23 @@ pub struct Prepared {
     pub asked: Option<Arc<Asked>>,
 }
 
+thread_local! {
+    /// The memo key of the request at hand, built here so a hit allocates nothing.
+    static MEMO_KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+/// The memo's key: query, tenant, `now` step and query string (NUL-separated:
+/// none of them holds one).
+fn memo_key(out: &mut String, query: &str, tenant: Option<&str>, step: i64, raw_query: &str) {
+    use std::fmt::Write;
+    out.clear();
+    let _ = write!(
+        out,
+        "{query}\u{0}{}\u{0}{step}\u{0}{raw_query}",
+        tenant.unwrap_or("")
+    );
+}
+
 /// Recently prepared requests, by query, tenant, `now` step and query string.
 pub struct PreparedMemo {
     memo: moka::sync::Cache<String, Arc<Prepared>>,
@@ -59,15 +76,27 @@ impl PreparedMemo {
         now: chrono::DateTime<Utc>,
     ) -> Result<Arc<Prepared>, Box<Response<Body>>> {
         let step = query.now_step.as_secs().max(1) as i64;
-        let memo = format!(
-            "{}\u{0}{}\u{0}{}\u{0}{raw_query}",
-            query.name,
-            tenant.unwrap_or(""),
-            now.timestamp().div_euclid(step)
-        );
-        if let Some(prepared) = self.memo.get(&memo) {
+        let remembered = MEMO_KEY.with_borrow_mut(|memo| {
+            memo_key(
+                memo,
+                &query.name,
+                tenant,
+                now.timestamp().div_euclid(step),
+                raw_query,
+            );
+            self.memo.get(memo.as_str())
+        });
+        if let Some(prepared) = remembered {
             return Ok(prepared);
         }
+        let mut memo = String::new();
+        memo_key(
+            &mut memo,
+            &query.name,
+            tenant,
+            now.timestamp().div_euclid(step),
+            raw_query,
+        );
         let raw: Vec<RawParam> = form_urlencoded::parse(raw_query.as_bytes()).collect();
         let (format, params, mut problems) = Format::split_param(raw, &Format::ALL);
         let format = format.unwrap_or(Format::Json);

@@ -109,6 +109,40 @@ impl http_body::Body for Compressed {
     }
 }
 
+/// Numbers below this are header values made once ([`number`], [`private_max_age`]).
+const SMALL: u64 = 4096;
+
+/// Header values made once for the whole process: their text is leaked
+/// (a few hundred KiB once), so a clone is free.
+fn table(text: impl Fn(u64) -> String) -> Vec<HeaderValue> {
+    (0..SMALL)
+        .map(|n| HeaderValue::from_static(Box::leak(text(n).into_boxed_str())))
+        .collect()
+}
+
+/// A number as a header value (`Age`, `RateLimit-*`): no allocation for
+/// the small ones a hit mostly has.
+pub fn number(n: u64) -> HeaderValue {
+    static NUMBERS: std::sync::LazyLock<Vec<HeaderValue>> =
+        std::sync::LazyLock::new(|| table(|n| n.to_string()));
+    match usize::try_from(n).ok().and_then(|i| NUMBERS.get(i)) {
+        Some(value) => value.clone(),
+        None => HeaderValue::from(n),
+    }
+}
+
+/// `Cache-Control: private, max-age=N`: answers are per tenant, so browsers
+/// may keep them and shared caches may not.
+pub fn private_max_age(secs: u64) -> HeaderValue {
+    static VALUES: std::sync::LazyLock<Vec<HeaderValue>> =
+        std::sync::LazyLock::new(|| table(|n| format!("private, max-age={n}")));
+    match usize::try_from(secs).ok().and_then(|i| VALUES.get(i)) {
+        Some(value) => value.clone(),
+        None => HeaderValue::from_str(&format!("private, max-age={secs}"))
+            .unwrap_or_else(|_| HeaderValue::from_static("private, no-cache")),
+    }
+}
+
 /// Marks a response as negotiated on `Accept-Encoding`, with `encoding`.
 pub fn set_encoding(headers: &mut http::HeaderMap, encoding: Encoding) {
     headers.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
@@ -117,5 +151,21 @@ pub fn set_encoding(headers: &mut http::HeaderMap, encoding: Encoding) {
             header::CONTENT_ENCODING,
             HeaderValue::from_static(encoding.token()),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_and_max_ages_read_the_same_from_the_table_and_beyond_it() {
+        for n in [0, 1, 59, SMALL - 1, SMALL, 86_400, u64::MAX] {
+            assert_eq!(number(n).to_str().unwrap(), n.to_string());
+            assert_eq!(
+                private_max_age(n).to_str().unwrap(),
+                format!("private, max-age={n}")
+            );
+        }
     }
 }

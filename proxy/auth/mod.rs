@@ -27,10 +27,10 @@ use self::tier::Tier;
 use self::tier::Tiers;
 use dashcache::catalog::is_credential_param;
 use dashcache::outcome::RateOutcome;
-use http::{HeaderMap, HeaderValue, Request, Response, Uri, header};
+use http::{HeaderMap, Request, Response, Uri, header};
 
 use crate::error::ApiError;
-use crate::reply::Body;
+use crate::reply::{self, Body};
 
 /// An authenticated caller.
 pub struct Caller {
@@ -173,9 +173,9 @@ pub fn not_operator(caller: &Caller, path: &str) -> Response<Body> {
 
 /// The IETF `RateLimit-*` headers.
 pub fn rate_headers(headers: &mut HeaderMap, rate: &Decision) {
-    headers.insert("ratelimit-limit", HeaderValue::from(rate.limit));
-    headers.insert("ratelimit-remaining", HeaderValue::from(rate.remaining));
-    headers.insert("ratelimit-reset", HeaderValue::from(rate.reset_secs));
+    headers.insert("ratelimit-limit", reply::number(rate.limit.into()));
+    headers.insert("ratelimit-remaining", reply::number(rate.remaining.into()));
+    headers.insert("ratelimit-reset", reply::number(rate.reset_secs));
 }
 
 #[cfg(test)]

@@ -155,7 +155,11 @@ impl RateLimiter {
         let (tx, rx) = oneshot::channel();
         let lead = {
             let mut batches = self.batches.lock().unwrap_or_else(PoisonError::into_inner);
-            let batch = batches.entry(key_id.to_owned()).or_default();
+            // The key's batch exists while its checks run: no allocation then.
+            let batch = match batches.get_mut(key_id) {
+                Some(batch) => batch,
+                None => batches.entry(key_id.to_owned()).or_default(),
+            };
             batch.waiting.push((rate, tx));
             !std::mem::replace(&mut batch.running, true)
         };

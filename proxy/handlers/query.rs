@@ -11,7 +11,7 @@
 //!   another request, in this process or another one.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::Utc;
@@ -208,8 +208,8 @@ async fn stored(
     now_ms: i64,
     timing: &ServerTiming,
 ) -> Response<Body> {
-    let age = (now_ms - entry.header.created_ms).max(0) / 1000;
-    let max_age = (entry.header.fresh_until_ms - now_ms).max(0) / 1000;
+    let age = u64::try_from((now_ms - entry.header.created_ms) / 1000).unwrap_or(0);
+    let max_age = u64::try_from((entry.header.fresh_until_ms - now_ms) / 1000).unwrap_or(0);
     let not_modified = request
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -237,17 +237,20 @@ async fn stored(
         }
     };
     response.extensions_mut().insert(cache);
+    let served = entry.served();
     let headers = response.headers_mut();
     headers.insert("x-cache", HeaderValue::from_static(cache.as_str()));
-    if let Ok(etag) = HeaderValue::from_str(&entry.header.etag) {
-        headers.insert(header::ETAG, etag);
+    if let Some(etag) = &served.etag {
+        headers.insert(header::ETAG, etag.clone());
     }
-    if let Ok(content_type) = HeaderValue::from_str(&entry.header.content_type) {
-        headers.insert(header::CONTENT_TYPE, content_type);
+    if let Some(content_type) = &served.content_type {
+        headers.insert(header::CONTENT_TYPE, content_type.clone());
     }
-    headers.insert(header::AGE, HeaderValue::from(age));
-    time_range(headers, entry.header.range);
-    cache_control(headers, max_age);
+    headers.insert(header::AGE, reply::number(age));
+    if let Some(range) = &served.time_range {
+        headers.insert(X_TIME_RANGE, range.clone());
+    }
+    headers.insert(header::CACHE_CONTROL, reply::private_max_age(max_age));
     reply::set_encoding(headers, sent_encoding);
     timing.write(headers);
     response
@@ -320,7 +323,10 @@ async fn streamed(
     );
     headers.insert("x-cache", HeaderValue::from_static(cache.as_str()));
     time_range(headers, prepared.range);
-    cache_control(headers, query.ttl.as_secs() as i64);
+    headers.insert(
+        header::CACHE_CONTROL,
+        reply::private_max_age(query.ttl.as_secs()),
+    );
     reply::set_encoding(headers, encoding);
     timing.write(headers);
     response
@@ -328,40 +334,42 @@ async fn streamed(
 
 /// `X-Time-Range`: the absolute range `[from, to)` the answer covers (a
 /// relative request's moves with each refresh).
+const X_TIME_RANGE: &str = "x-time-range";
+
 fn time_range(headers: &mut HeaderMap, range: Option<TimeRange>) {
     if let Some(range) = range
         && let Ok(value) = HeaderValue::from_str(&range.header_value())
     {
-        headers.insert("x-time-range", value);
-    }
-}
-
-/// Answers are per tenant: browsers may keep them, shared caches may not.
-fn cache_control(headers: &mut HeaderMap, max_age: i64) {
-    if let Ok(value) = HeaderValue::from_str(&format!("private, max-age={max_age}")) {
-        headers.insert(header::CACHE_CONTROL, value);
+        headers.insert(X_TIME_RANGE, value);
     }
 }
 
 /// The `Server-Timing` header: where a request's time went.
 #[derive(Default)]
 struct ServerTiming {
-    entries: Vec<(&'static str, f64)>,
+    entries: Vec<(&'static str, Duration)>,
 }
 
 impl ServerTiming {
     fn add(&mut self, name: &'static str, since: Instant) {
-        self.entries
-            .push((name, since.elapsed().as_secs_f64() * 1000.0));
+        self.entries.push((name, since.elapsed()));
     }
 
+    /// `name;dur=<ms with two decimals>, …`, written in one buffer.
     fn write(&self, headers: &mut HeaderMap) {
-        let text: Vec<String> = self
-            .entries
-            .iter()
-            .map(|(name, ms)| format!("{name};dur={ms:.2}"))
-            .collect();
-        if let Ok(value) = HeaderValue::from_str(&text.join(", ")) {
+        use std::fmt::Write;
+        let mut text = String::with_capacity(24 * self.entries.len());
+        for (i, (name, took)) in self.entries.iter().enumerate() {
+            let hundredths = took.as_micros() / 10;
+            let sep = if i == 0 { "" } else { ", " };
+            let _ = write!(
+                text,
+                "{sep}{name};dur={}.{:02}",
+                hundredths / 100,
+                hundredths % 100
+            );
+        }
+        if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(text)) {
             headers.insert("server-timing", value);
         }
     }

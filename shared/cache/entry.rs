@@ -61,6 +61,19 @@ pub struct Entry {
     /// Set by the first read of this in-process copy that armed (or tried to
     /// arm) the proxy's refresh-ahead timer; later reads skip it (not stored).
     pub read_once: std::sync::OnceLock<()>,
+    /// The header values it is served with, made by the first read of this
+    /// in-process copy ([`Entry::served`]; not stored).
+    pub served: std::sync::OnceLock<ServedHeaders>,
+}
+
+/// What HTTP answers carry of a stored answer as header values: made once
+/// per in-process copy, so a hit formats no dates and validates no text.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServedHeaders {
+    pub etag: Option<http::HeaderValue>,
+    pub content_type: Option<http::HeaderValue>,
+    /// `X-Time-Range`: the absolute range the answer covers.
+    pub time_range: Option<http::HeaderValue>,
 }
 
 impl Entry {
@@ -69,6 +82,18 @@ impl Entry {
     pub fn etag_of(body: &[u8]) -> String {
         let digest = Sha256::digest(body);
         format!("W/\"{}\"", hex::encode(&digest[..12]))
+    }
+
+    /// The header values this answer is served with (made on first use).
+    pub fn served(&self) -> &ServedHeaders {
+        self.served.get_or_init(|| ServedHeaders {
+            etag: http::HeaderValue::from_str(&self.header.etag).ok(),
+            content_type: http::HeaderValue::from_str(&self.header.content_type).ok(),
+            time_range: self
+                .header
+                .range
+                .and_then(|range| http::HeaderValue::from_str(&range.header_value()).ok()),
+        })
     }
 
     /// The stored body's content encoding.
@@ -107,6 +132,7 @@ impl Entry {
             body: bytes.slice(body_start..),
             identity: Default::default(),
             read_once: Default::default(),
+            served: Default::default(),
         })
     }
 }
@@ -132,6 +158,7 @@ mod tests {
             body,
             identity: Default::default(),
             read_once: Default::default(),
+            served: Default::default(),
         }
     }
 

@@ -137,6 +137,7 @@ mod tests {
             body: Bytes::from_static(b"a\n"),
             identity: Default::default(),
             read_once: Default::default(),
+            served: Default::default(),
         })
     }
 

@@ -17,7 +17,7 @@ mod redis;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use self::entry::{Entry, EntryError, EntryHeader};
+pub use self::entry::{Entry, EntryError, EntryHeader, ServedHeaders};
 pub use self::key::CacheKey;
 pub use self::l1::L1;
 pub use self::redis::{Fetched, LockOutcome, RedisCache};

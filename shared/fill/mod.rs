@@ -546,6 +546,7 @@ fn new_entry(
         body,
         identity: Default::default(),
         read_once: Default::default(),
+        served: Default::default(),
     }
 }
 
