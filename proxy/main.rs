@@ -112,6 +112,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     cli.config.display(),
                     checked.catalog.iter().count()
                 );
+                println!("{}", dashcache::check::mode(&checked.config));
                 ExitCode::SUCCESS
             }
             Err(rejected) => {

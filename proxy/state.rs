@@ -85,7 +85,7 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let cache = Arc::new(Cache::new(
             &config.cache,
-            &config.redis,
+            config.redis.as_ref(),
             config.min_retention(),
             metrics.clone(),
             true,
@@ -107,12 +107,21 @@ impl App {
             admission: Admission::of(&config.clickhouse, metrics.clone()),
         });
         // Its own connection: a flush is one big pipeline, allowed more time
-        // than the cache's round trips.
-        let popularity = Recorder::new(
-            RedisConn::open(&config.redis, Timeouts::relaxed(Duration::from_secs(5)))?,
-            &config.cache.key_prefix,
-            &config.popularity,
-        )?;
+        // than the cache's round trips. Without Redis, counts stay in memory.
+        let popularity = match &config.redis {
+            Some(redis) => Recorder::new(
+                RedisConn::open(redis, Timeouts::relaxed(Duration::from_secs(5)))?,
+                &config.cache.key_prefix,
+                &config.popularity,
+            )?,
+            None => {
+                tracing::info!(
+                    max_bytes = config.cache.memory_max_bytes,
+                    "no [redis]: answers, locks, rate limits and request counts are kept in this process"
+                );
+                Recorder::in_memory(&config.cache.key_prefix, &config.popularity)
+            }
+        };
         popularity.spawn_flusher();
         Ok(Arc::new(App {
             cors: Cors::new(&config.cors, &metrics),

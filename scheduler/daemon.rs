@@ -304,7 +304,7 @@ impl Daemon {
 /// Why a reload kept the running schedule.
 enum ReloadError {
     Rejected(dashcache::check::Rejected),
-    Redis(dashcache::redis_conn::RedisConnError),
+    Redis(crate::runner::RunnerError),
 }
 
 /// Sends a reload when the config file changes. Watches its directory:

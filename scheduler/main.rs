@@ -114,6 +114,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 catalog.iter().count(),
                 jobs.len()
             );
+            println!("{}", dashcache::check::mode(&config));
             Ok(ExitCode::SUCCESS)
         }
         Command::Targets { job } => {

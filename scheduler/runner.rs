@@ -53,6 +53,17 @@ pub struct Runner {
     redis: RedisConn,
 }
 
+/// Why a runner cannot be built from a checked config.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error(transparent)]
+    Redis(#[from] RedisConnError),
+    #[error(
+        "dashcache-scheduler shares warmed answers with the proxies through Redis, and this config has no [redis]: add one, or let the proxy run the warm-up jobs (README \"Single host\")"
+    )]
+    NoRedis,
+}
+
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -108,20 +119,20 @@ impl Runner {
         jobs: Vec<WarmupJob>,
         store: Store,
         metrics: Arc<Metrics>,
-    ) -> Result<Runner, RedisConnError> {
-        let mut redis_config = config.redis.clone();
-        redis_config.timeout = config.redis.timeout.max(config.scheduler.redis_timeout);
+    ) -> Result<Runner, RunnerError> {
+        let Some(redis) = &config.redis else {
+            return Err(RunnerError::NoRedis);
+        };
+        let mut redis_config = redis.clone();
+        redis_config.timeout = redis.timeout.max(config.scheduler.redis_timeout);
         let cache = Arc::new(Cache::new(
             &config.cache,
-            &redis_config,
+            Some(&redis_config),
             config.min_retention(),
             metrics.clone(),
             false,
         )?);
-        let redis = RedisConn::open(
-            &config.redis,
-            Timeouts::relaxed(config.scheduler.redis_timeout),
-        )?;
+        let redis = RedisConn::open(redis, Timeouts::relaxed(config.scheduler.redis_timeout))?;
         let host = config.scheduler.host.clone().unwrap_or_else(hostname);
         Ok(Runner {
             clickhouse: ClickHouse::new(&config.clickhouse, metrics.clone()),
@@ -176,7 +187,8 @@ impl Runner {
             self.config.scheduler.lease_ttl,
             self.config
                 .redis
-                .timeout
+                .as_ref()
+                .map_or(self.config.scheduler.redis_timeout, |r| r.timeout)
                 .max(self.config.scheduler.redis_timeout),
         )
         .await

@@ -93,6 +93,44 @@ pub fn compile(config: Config) -> Result<Checked, Rejected> {
     }
 }
 
+/// How a checked config runs, in one line for `check`: where answers, locks,
+/// rate limits and request counts are shared (Redis, or this process's
+/// memory without `[redis]`) and which ClickHouse computes them. No secrets.
+pub fn mode(config: &Config) -> String {
+    let clickhouse = match config.clickhouse.engine {
+        crate::config::Engine::Embedded => format!(
+            "ClickHouse's engine in process (data_path {})",
+            config
+                .clickhouse
+                .data_path
+                .as_deref()
+                .map_or_else(|| "-".to_owned(), |p| p.display().to_string())
+        ),
+        crate::config::Engine::Server if config.clickhouse.replicas.is_empty() => {
+            "a ClickHouse server".to_owned()
+        }
+        crate::config::Engine::Server => {
+            format!("{} ClickHouse replicas", config.clickhouse.replicas.len())
+        }
+    };
+    match &config.redis {
+        None => format!(
+            "mode: single host (no [redis]): answers (up to {} bytes), computation locks, rate limits and request counts in this process's memory; answers computed by {clickhouse}",
+            config.cache.memory_max_bytes
+        ),
+        Some(redis) => {
+            let topology = match Topology::of(redis) {
+                Ok(Topology::Cluster) => "a Redis Cluster",
+                Ok(Topology::Sentinel) => "Redis found through Sentinel",
+                Ok(Topology::Single) | Err(_) => "a Redis server",
+            };
+            format!(
+                "mode: servers: answers, computation locks, rate limits and request counts shared through {topology}; answers computed by {clickhouse}"
+            )
+        }
+    }
+}
+
 /// Every problem of a parsed config (empty: it is usable).
 pub fn validate(config: &Config) -> Vec<Diagnostic> {
     run(config).2
@@ -179,22 +217,27 @@ fn run(config: &Config) -> (Catalog, Vec<Warmup>, Vec<Diagnostic>) {
     {
         diagnostics.push(config.diagnostic(&["clickhouse", "ca"], format!("clickhouse.ca: {err}")));
     }
-    if let Some(ca) = &config.redis.ca {
-        let problem = if config.redis.sentinel_master.is_some() {
-            Some("redis.ca is not supported with Sentinel (rediss:// there uses the system's trust store)".to_owned())
-        } else {
-            crate::tls::read_ca(ca)
-                .err()
-                .map(|err| format!("redis.ca: {err}"))
-        };
-        if let Some(problem) = problem {
-            diagnostics.push(config.diagnostic(&["redis", "ca"], problem));
+    if let Some(redis) = &config.redis {
+        if let Some(ca) = &redis.ca {
+            let problem = if redis.sentinel_master.is_some() {
+                Some("redis.ca is not supported with Sentinel (rediss:// there uses the system's trust store)".to_owned())
+            } else {
+                crate::tls::read_ca(ca)
+                    .err()
+                    .map(|err| format!("redis.ca: {err}"))
+            };
+            if let Some(problem) = problem {
+                diagnostics.push(config.diagnostic(&["redis", "ca"], problem));
+            }
         }
-    }
-    if let Err(err) = Topology::of(&config.redis) {
+        if let Err(err) = Topology::of(redis) {
+            diagnostics
+                .push(config.diagnostic(&["redis", err.key(redis)], format!("[redis]: {err}")));
+        }
+    } else if config.cache.memory_max_bytes == 0 {
         diagnostics.push(config.diagnostic(
-            &["redis", err.key(&config.redis)],
-            format!("[redis]: {err}"),
+            &["cache", "memory_max_bytes"],
+            "cache.memory_max_bytes: without [redis] answers are kept in process memory; it must be above 0".to_owned(),
         ));
     }
     let (catalog, errors) = Catalog::compile_partial(config);

@@ -113,6 +113,9 @@ pub struct ProxyOptions {
     /// For a proxy that serves HTTPS (`[proxy.tls]` among `set`): how the
     /// harness's client connects to it (which CA it trusts, its certificate).
     pub client_tls: Option<Arc<rustls::ClientConfig>>,
+    /// Sections left out of the config (e.g. `redis`: the single-host mode),
+    /// after `set` is applied.
+    pub without: Vec<&'static str>,
 }
 
 impl Default for ProxyOptions {
@@ -128,6 +131,7 @@ impl Default for ProxyOptions {
             tenant: "acme",
             env: Vec::new(),
             client_tls: None,
+            without: Vec::new(),
         }
     }
 }
@@ -358,6 +362,9 @@ fn test_config(options: &ProxyOptions, dir: &Path) -> String {
     set(&mut config, "auth", "reload_interval", "200ms".into());
     for (section, key, value) in &options.set {
         set(&mut config, section, key, value.clone());
+    }
+    for section in &options.without {
+        config.remove(*section);
     }
     for section in ["query", "export"] {
         let Some(tables) = config.get_mut(section).and_then(|q| q.as_table_mut()) else {

@@ -1,0 +1,252 @@
+//! The single-host mode: a proxy whose config has no `[redis]` keeps answers,
+//! computation locks, rate limits and request counts in its own memory.
+//!
+//! Each proxy here runs on the test ClickHouse server with the `[redis]`
+//! section removed from its config (and `DASHCACHE_REDIS_URL` unset): it
+//! must never need, nor report as down, a Redis it was not given.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::harness::{Proxy, ProxyOptions, Relay};
+
+/// Options of a proxy without `[redis]`.
+pub fn single_host(options: ProxyOptions) -> ProxyOptions {
+    let mut without = options.without.clone();
+    without.push("redis");
+    ProxyOptions { without, ..options }
+}
+
+const REVENUE: &str = "/v1/query/revenue?from=today-3d&to=today&granularity=day&format=csv";
+
+async fn until(proxy: &Proxy, url: &str, cache: &str) -> crate::harness::Reply {
+    for _ in 0..200 {
+        let reply = proxy.get(url).await;
+        if reply.cache() == cache {
+            return reply;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{url} never answered {cache}; log:\n{}", proxy.log());
+}
+
+#[tokio::test]
+async fn without_redis_answers_live_in_the_proxy_and_nothing_reports_redis_down() {
+    let proxy = Proxy::start_with(single_host(ProxyOptions::default())).await;
+    let first = proxy.get(REVENUE).await;
+    assert_eq!(
+        (first.status, first.cache()),
+        (200, "MISS"),
+        "{}",
+        proxy.log()
+    );
+    let second = proxy.get(REVENUE).await;
+    assert_eq!(second.cache(), "HIT");
+    assert_eq!(second.text(), first.text());
+    assert!(proxy.log().contains("no [redis]"), "{}", proxy.log());
+
+    let ready = proxy.get("/readyz").await;
+    assert_eq!(ready.status, 200, "{}", ready.text());
+    let ready = ready.json();
+    assert_eq!(ready["checks"]["redis"]["ok"], true);
+    assert_eq!(ready["checks"]["redis"]["configured"], false);
+    let status = proxy.get("/status.json").await.json();
+    assert_eq!(status["redis"]["ok"], true, "{status}");
+    assert_eq!(status["redis"]["configured"], false);
+    assert!(
+        status["redis"]["memory_bytes"].as_u64() > Some(0),
+        "{status}"
+    );
+    assert_eq!(proxy.metric("dashcache_redis_errors_total").await, 0.0);
+    assert!(proxy.metric("dashcache_memory_answers_bytes").await > 0.0);
+    // Request counts are kept too: /status lists the answer just read.
+    let mut listed = false;
+    for _ in 0..200 {
+        let status = proxy.get("/status.json").await.json();
+        if status["popular"]["answers"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|d| d["query"] == "revenue"))
+        {
+            listed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(listed, "revenue never among the popular answers");
+}
+
+#[tokio::test]
+async fn without_redis_stale_answers_are_served_within_grace_and_while_clickhouse_fails() {
+    let mut relay = Relay::start().await;
+    let proxy = Proxy::start_with(single_host(ProxyOptions {
+        clickhouse_url: relay.url(),
+        extra_queries: vec![(
+            "brief".into(),
+            "SELECT count() AS n FROM demo.events WHERE ts < now()".into(),
+            "ttl = \"1s\"\ngrace = \"1h\"".into(),
+        )],
+        // No early or ahead-of-expiry refresh: the answer goes stale.
+        set: vec![
+            ("cache", "xfetch_beta", 0.0.into()),
+            ("cache", "early_refresh", 0.0.into()),
+            ("cache", "refresh_ahead_keys", 0.into()),
+        ],
+        ..Default::default()
+    }))
+    .await;
+    let first = proxy.get("/v1/query/brief?format=csv").await;
+    assert_eq!(first.cache(), "MISS");
+    // Past its TTL, within grace: STALE, refreshed in the background.
+    let stale = until(&proxy, "/v1/query/brief?format=csv", "STALE").await;
+    assert_eq!(stale.text(), first.text());
+    until(&proxy, "/v1/query/brief?format=csv", "HIT").await;
+
+    // ClickHouse unreachable: the kept answer is served STALE, not an error.
+    relay.cut();
+    let stale = until(&proxy, "/v1/query/brief?format=csv", "STALE").await;
+    assert_eq!((stale.status, stale.text()), (200, first.text()));
+    for _ in 0..3 {
+        let reply = proxy.get("/v1/query/brief?format=csv").await;
+        assert_eq!((reply.status, reply.cache()), (200, "STALE"));
+    }
+    relay.restore().await;
+    until(&proxy, "/v1/query/brief?format=csv", "HIT").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_redis_a_hundred_concurrent_cold_requests_are_one_clickhouse_query() {
+    let proxy = Arc::new(Proxy::start_with(single_host(ProxyOptions::default())).await);
+    let url = "/v1/query/revenue?from=today-1d&to=today&granularity=minute&format=csv";
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let proxy = proxy.clone();
+            tokio::spawn(async move { proxy.get(url).await })
+        })
+        .collect();
+    let mut results: HashMap<String, usize> = HashMap::new();
+    let mut bodies = std::collections::HashSet::new();
+    for task in tasks {
+        let reply = task.await.expect("request task");
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        *results.entry(reply.cache().to_owned()).or_default() += 1;
+        bodies.insert(reply.text());
+    }
+    assert_eq!(bodies.len(), 1);
+    assert_eq!(
+        proxy.metric("dashcache_clickhouse_queries_total").await,
+        1.0,
+        "{results:?}"
+    );
+}
+
+#[tokio::test]
+async fn without_redis_rate_limits_hold_in_the_process() {
+    let tiny: toml::Table =
+        toml::from_str("requests_per_minute = 1\nburst = 3\nqueries = [\"*\"]\n").expect("tier");
+    let proxy = Proxy::start_with(single_host(ProxyOptions {
+        set: vec![("tier", "tiny", toml::Value::Table(tiny))],
+        ..Default::default()
+    }))
+    .await;
+    let key = proxy.add_key("tiny", "acme");
+    let bearer = format!("Bearer {key}");
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let reply = proxy
+            .get_with(REVENUE, &[("authorization", bearer.as_str())])
+            .await;
+        if reply.status == 429 {
+            assert_eq!(reply.json()["type"], "rate_limited");
+            assert!(reply.header("retry-after").is_some());
+        }
+        statuses.push(reply.status);
+    }
+    // A burst of 3 at 1 a minute: the 4th and 5th within the minute are refused.
+    assert_eq!(statuses, vec![200, 200, 200, 429, 429], "{}", proxy.log());
+    assert_eq!(proxy.metric("dashcache_redis_errors_total").await, 0.0);
+}
+
+#[tokio::test]
+async fn without_redis_answers_in_memory_stay_within_their_byte_bound() {
+    const BOUND: u64 = 200_000;
+    let proxy = Proxy::start_with(single_host(ProxyOptions {
+        extra_queries: vec![(
+            "wide".into(),
+            "SELECT user_id, cityHash64(user_id, {seed}) AS h FROM demo.events LIMIT 1500".into(),
+            "ttl = \"1h\"\n[query.wide.params.seed]\ntype = \"int\"\nmin = 0\nmax = 1000\nrequired = true"
+                .into(),
+        )],
+        set: vec![("cache", "memory_max_bytes", (BOUND as i64).into())],
+        ..Default::default()
+    }))
+    .await;
+    let mut stored = 0usize;
+    for seed in 0..30 {
+        let reply = proxy
+            .get(&format!("/v1/query/wide?seed={seed}&format=ndjson"))
+            .await;
+        assert_eq!(
+            (reply.status, reply.cache()),
+            (200, "MISS"),
+            "{}",
+            proxy.log()
+        );
+        stored += reply.body.as_ref().map_or(0, |b| b.len());
+        let held = proxy.metric("dashcache_memory_answers_bytes").await;
+        assert!(held > 0.0 && held <= BOUND as f64, "{held} bytes held");
+    }
+    assert!(stored as u64 > 2 * BOUND, "the answers outweigh the bound");
+    let status = proxy.get("/status.json").await.json();
+    let held = status["redis"]["memory_bytes"].as_u64().expect("bytes");
+    assert!(held <= BOUND, "{status}");
+    // Not all of them could be kept: some are computed again.
+    let mut again = 0;
+    for seed in 0..30 {
+        let reply = proxy
+            .get(&format!("/v1/query/wide?seed={seed}&format=ndjson"))
+            .await;
+        assert_eq!(reply.status, 200);
+        if reply.cache() == "MISS" {
+            again += 1;
+        }
+    }
+    assert!(
+        again > 0,
+        "30 answers of {stored} bytes all kept in {BOUND}"
+    );
+}
+
+#[test]
+fn check_accepts_a_config_without_redis_and_says_it_runs_on_one_host() {
+    let dir = crate::harness::TempDir::new("single-check");
+    let path = dir.0.join("config.toml");
+    let text = crate::harness::config_text(&single_host(ProxyOptions::default()), &dir.0);
+    assert!(!text.contains("[redis]"), "{text}");
+    std::fs::write(&path, text).expect("write config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dashcache-proxy"))
+        .arg("--config")
+        .arg(&path)
+        .arg("check")
+        .env_remove("DASHCACHE_REDIS_URL")
+        .output()
+        .expect("run check");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout.contains("mode: single host (no [redis])"),
+        "{stdout}"
+    );
+    // The environment still gives Redis to a file that names none.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dashcache-proxy"))
+        .arg("--config")
+        .arg(&path)
+        .arg("check")
+        .env("DASHCACHE_REDIS_URL", crate::harness::redis_url())
+        .output()
+        .expect("run check");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("mode: servers: "),
+        "{out:?}"
+    );
+}
