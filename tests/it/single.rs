@@ -250,3 +250,117 @@ fn check_accepts_a_config_without_redis_and_says_it_runs_on_one_host() {
         "{out:?}"
     );
 }
+
+/// `scripts/demo --embedded` run as a newcomer would, with every ClickHouse
+/// and Redis binary on PATH replaced by a stub that records being called: the
+/// demo's printed curl lines answer (MISS then HIT, a 422, a 401, a streamed
+/// export), and no stub was ever called.
+#[tokio::test]
+async fn scripts_demo_embedded_serves_its_curl_lines_without_any_server() {
+    let Some(library) = crate::compat::library() else {
+        eprintln!("SKIPPED single::scripts_demo_embedded…: no chDB library (run scripts/chdb)");
+        return;
+    };
+    let dir = crate::harness::TempDir::new("demo-embedded");
+    let stubs = dir.0.join("bin");
+    std::fs::create_dir_all(&stubs).expect("stub dir");
+    let called = dir.0.join("called");
+    for name in [
+        "clickhouse",
+        "clickhouse-server",
+        "clickhouse-client",
+        "redis-server",
+        "redis-cli",
+    ] {
+        let stub = stubs.join(name);
+        std::fs::write(
+            &stub,
+            format!("#!/bin/sh\necho {name} >>'{}'\nexit 1\n", called.display()),
+        )
+        .expect("write stub");
+        let mut perms = std::fs::metadata(&stub).expect("stub").permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+        std::fs::set_permissions(&stub, perms).expect("chmod stub");
+    }
+    let path = format!(
+        "{}:{}",
+        stubs.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let listen = format!("127.0.0.1:{}", crate::harness::free_port());
+    let out = dir.0.join("demo.out");
+    let mut demo = std::process::Command::new(crate::harness::root().join("scripts/demo"))
+        .arg("--embedded")
+        .env("PATH", &path)
+        .env("DASHCACHE_PROXY_BIN", env!("CARGO_BIN_EXE_dashcache-proxy"))
+        .env("DASHCACHE_CHDB_LIB", &library)
+        .env("DASHCACHE_DEMO_DIR", dir.0.join("single"))
+        .env("DASHCACHE_DEMO_ROWS", "20000")
+        .env("DASHCACHE_DEMO_LISTEN", &listen)
+        .env("DASHCACHE_DEMO_PAGES", "off")
+        .env_remove("DASHCACHE_REDIS_URL")
+        .env_remove("DASHCACHE_CLICKHOUSE_URL")
+        .stdout(std::fs::File::create(&out).expect("demo output"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run scripts/demo --embedded");
+    let mut printed = String::new();
+    for _ in 0..1200 {
+        printed = std::fs::read_to_string(&out).unwrap_or_default();
+        if printed.contains("/status") || demo.try_wait().ok().flatten().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let key = printed
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("KEY="))
+        .unwrap_or_else(|| panic!("no key printed:\n{printed}"))
+        .to_owned();
+    let lines: Vec<&str> = printed
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("curl "))
+        .collect();
+    assert!(lines.len() >= 9, "{printed}");
+    let run = |line: &str| {
+        let out = std::process::Command::new("bash")
+            .args(["-c", line])
+            .env("KEY", &key)
+            .output()
+            .expect("run a curl line");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let answers: Vec<String> = lines.iter().map(|l| run(l)).collect();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &demo.id().to_string()])
+        .status();
+    let _ = demo.wait();
+    let lower = |i: usize| answers[i].to_ascii_lowercase();
+    assert!(
+        lower(0).contains("200 ok") && lower(0).contains("x-cache: miss"),
+        "{}",
+        answers[0]
+    );
+    assert!(lower(1).contains("x-cache: hit"), "{}", answers[1]);
+    assert!(
+        answers[2].starts_with("\"t\",\"revenue\""),
+        "{}",
+        answers[2]
+    );
+    assert!(answers[3].lines().count() == 5, "{}", answers[3]);
+    assert!(answers[4].contains("\"users\""), "{}", answers[4]);
+    assert!(answers[5].contains("range_too_wide"), "{}", answers[5]);
+    assert!(answers[6].contains("unauthorized"), "{}", answers[6]);
+    assert_eq!(answers[7].lines().count(), 3, "{}", answers[7]);
+    assert!(
+        answers[8].contains("dashcache_memory_answers_bytes"),
+        "{}",
+        answers[8]
+    );
+    assert!(
+        !called.exists(),
+        "a server binary was called: {}",
+        std::fs::read_to_string(&called).unwrap_or_default()
+    );
+}
