@@ -23,6 +23,7 @@ use dashcache::metrics::Metrics;
 use dashcache::popularity::{PopularityError, Recorder};
 use dashcache::redis_conn::{RedisConn, RedisConnError, Timeouts};
 use dashcache::store::{Store, StoreError};
+use dashcache::warmup::runner::Parts;
 
 use crate::ahead::RefreshAhead;
 use crate::auth::Auth;
@@ -58,6 +59,8 @@ pub struct App {
     pub history: Arc<History>,
     /// The ClickHouse-compatible endpoint's servers, TTL rules and passwords.
     pub clickhouse_http: crate::chhttp::endpoint::Endpoint,
+    /// The warm-up jobs, when this proxy runs them (`[scheduler] in_proxy`).
+    pub warmup: Option<crate::warmup::InProxy>,
 }
 
 /// Why the proxy could not start with a config that passed the check.
@@ -73,13 +76,17 @@ pub enum StartError {
     Popularity(#[from] PopularityError),
     #[error(transparent)]
     Engine(#[from] dashcache::engine::chdb::ChdbError),
+    #[error("warm-up jobs: {0}")]
+    Warmup(#[from] dashcache::warmup::runner::RunnerError),
 }
 
 impl App {
     /// Builds the state of a checked config: tiers, the control store, the keys.
     pub async fn new(checked: Checked) -> Result<Arc<App>, StartError> {
         let Checked {
-            config, catalog, ..
+            config,
+            catalog,
+            warmups,
         } = checked;
         let tiers = Tiers::new(&config);
         let metrics = Arc::new(Metrics::new());
@@ -123,7 +130,23 @@ impl App {
             }
         };
         popularity.spawn_flusher();
+        let coalescer = Coalescer::new();
+        let warmup = crate::warmup::InProxy::start(
+            &config,
+            &catalog,
+            warmups,
+            Parts {
+                cache: cache.clone(),
+                clickhouse: clickhouse.clone(),
+                coalescer: coalescer.clone(),
+                admission: filler.admission.clone(),
+                popularity: popularity.clone(),
+                metrics: metrics.clone(),
+                store: store.clone(),
+            },
+        )?;
         Ok(Arc::new(App {
+            warmup,
             cors: Cors::new(&config.cors, &metrics),
             store,
             history: History::spawn(metrics.clone()),
@@ -143,7 +166,7 @@ impl App {
             catalog,
             cache,
             clickhouse,
-            coalescer: Coalescer::new(),
+            coalescer,
             filler,
             metrics,
             config,

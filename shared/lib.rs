@@ -36,3 +36,4 @@ pub mod telemetry;
 pub mod timeexpr;
 pub mod tls;
 pub(crate) mod upstream;
+pub mod warmup;

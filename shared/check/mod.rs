@@ -113,9 +113,17 @@ pub fn mode(config: &Config) -> String {
             format!("{} ClickHouse replicas", config.clickhouse.replicas.len())
         }
     };
+    let warmup = match (
+        config.warmup.is_empty(),
+        config.scheduler.runs_in_proxy(config.redis.is_some()),
+    ) {
+        (true, _) => "no warm-up jobs",
+        (false, true) => "warm-up jobs run by dashcache-proxy itself",
+        (false, false) => "warm-up jobs run by dashcache-scheduler",
+    };
     match &config.redis {
         None => format!(
-            "mode: single host (no [redis]): answers (up to {} bytes), computation locks, rate limits and request counts in this process's memory; answers computed by {clickhouse}",
+            "mode: single host (no [redis]): answers (up to {} bytes), computation locks, rate limits and request counts in this process's memory; answers computed by {clickhouse}; {warmup}",
             config.cache.memory_max_bytes
         ),
         Some(redis) => {
@@ -125,7 +133,7 @@ pub fn mode(config: &Config) -> String {
                 Ok(Topology::Single) | Err(_) => "a Redis server",
             };
             format!(
-                "mode: servers: answers, computation locks, rate limits and request counts shared through {topology}; answers computed by {clickhouse}"
+                "mode: servers: answers, computation locks, rate limits and request counts shared through {topology}; answers computed by {clickhouse}; {warmup}"
             )
         }
     }

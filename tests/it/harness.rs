@@ -116,6 +116,8 @@ pub struct ProxyOptions {
     /// Sections left out of the config (e.g. `redis`: the single-host mode),
     /// after `set` is applied.
     pub without: Vec<&'static str>,
+    /// TOML appended to the config as written (e.g. `[[warmup]]` entries).
+    pub extra: String,
 }
 
 impl Default for ProxyOptions {
@@ -132,6 +134,7 @@ impl Default for ProxyOptions {
             env: Vec::new(),
             client_tls: None,
             without: Vec::new(),
+            extra: String::new(),
         }
     }
 }
@@ -377,6 +380,8 @@ fn test_config(options: &ProxyOptions, dir: &Path) -> String {
         }
     }
     let mut text = toml::to_string(&config).expect("config serializes");
+    text.push('\n');
+    text.push_str(&options.extra);
     for (name, sql, body) in &options.extra_queries {
         let file = dir.join(format!("{name}.sql"));
         std::fs::write(&file, sql).expect("write sql");

@@ -11,10 +11,12 @@ use std::time::Duration;
 
 use crate::harness::{Proxy, ProxyOptions, Relay};
 
-/// Options of a proxy without `[redis]`.
+/// Options of a proxy without `[redis]`, and without the shipped warm-up
+/// jobs (without Redis the proxy would run them: their queries would be
+/// counted with the test's).
 pub fn single_host(options: ProxyOptions) -> ProxyOptions {
     let mut without = options.without.clone();
-    without.push("redis");
+    without.extend(["redis", "warmup"]);
     ProxyOptions { without, ..options }
 }
 
@@ -322,7 +324,24 @@ async fn scripts_demo_embedded_serves_its_curl_lines_without_any_server() {
         .map(str::trim)
         .filter(|l| l.starts_with("curl "))
         .collect();
-    assert!(lines.len() >= 9, "{printed}");
+    assert!(lines.len() >= 10, "{printed}");
+    // The demo's warm-up job runs in the proxy every 15 s: wait for its first
+    // run before the line that shows it.
+    let base = format!("http://{listen}");
+    let mut warmed = false;
+    for _ in 0..600 {
+        let metrics = crate::harness::get(&format!("{base}/metrics"))
+            .await
+            .map(|r| r.text())
+            .unwrap_or_default();
+        let runs = "dashcache_warmup_runs_total{job=\"demo-warmup\",outcome=\"ok\"}";
+        if crate::harness::metric(&metrics, runs) >= 1.0 {
+            warmed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(warmed, "the demo's warm-up job never ran:\n{printed}");
     let run = |line: &str| {
         let out = std::process::Command::new("bash")
             .args(["-c", line])
@@ -363,4 +382,82 @@ async fn scripts_demo_embedded_serves_its_curl_lines_without_any_server() {
         "a server binary was called: {}",
         std::fs::read_to_string(&called).unwrap_or_default()
     );
+}
+
+/// Waits (bounded) until the proxy's metric `series` reaches `at_least`.
+async fn metric_at_least(proxy: &Proxy, series: &str, at_least: f64) {
+    for _ in 0..300 {
+        if proxy.metric(series).await >= at_least {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{series} never reached {at_least}; log:\n{}", proxy.log());
+}
+
+#[tokio::test]
+async fn without_redis_the_proxy_runs_a_warm_up_job_that_fills_its_cache() {
+    let proxy = Proxy::start_with(single_host(ProxyOptions {
+        extra: "[[warmup]]\nname = \"soon\"\ncron = \"*/2 * * * * *\"\nquery = \"revenue\"\n\
+                tenants = [\"acme\"]\nparams = [{ from = \"today-7d\", to = \"today\", granularity = \"day\" }]\n"
+            .into(),
+        ..Default::default()
+    }))
+    .await;
+    assert!(
+        proxy.log().contains("warm-up jobs run in this proxy"),
+        "{}",
+        proxy.log()
+    );
+    // No request has asked for it: only the job can have computed it.
+    metric_at_least(
+        &proxy,
+        "dashcache_warmup_runs_total{job=\"soon\",outcome=\"ok\"}",
+        1.0,
+    )
+    .await;
+    assert!(
+        proxy
+            .metric("dashcache_warmup_keys_total{job=\"soon\",outcome=\"warmed\"}")
+            .await
+            >= 1.0
+    );
+    let reply = proxy
+        .get("/v1/query/revenue?from=today-7d&to=today&granularity=day")
+        .await;
+    assert_eq!(
+        (reply.status, reply.cache()),
+        (200, "HIT"),
+        "{}",
+        proxy.log()
+    );
+    // The run is in the history /status reads.
+    let status = proxy.get("/status.json").await.json();
+    let runs = status["warmup"]["runs"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(runs.iter().any(|r| r["job"] == "soon"), "{status}");
+}
+
+#[tokio::test]
+async fn without_redis_a_popular_job_reads_the_counts_kept_in_memory() {
+    let proxy = Proxy::start_with(single_host(ProxyOptions {
+        set: vec![("popularity", "flush_interval", "100ms".into())],
+        // Longer than the answer's TTL: every popular answer is refreshed.
+        extra: "[[warmup]]\nname = \"popular\"\ncron = \"*/2 * * * * *\"\n\
+                popular = { top = 10, hours = 1 }\nrefresh_ahead = \"1h\"\n"
+            .into(),
+        ..Default::default()
+    }))
+    .await;
+    let first = proxy.get(REVENUE).await;
+    assert_eq!(first.cache(), "MISS");
+    metric_at_least(
+        &proxy,
+        "dashcache_warmup_keys_total{job=\"popular\",outcome=\"warmed\"}",
+        1.0,
+    )
+    .await;
+    assert_eq!(proxy.get(REVENUE).await.cache(), "HIT");
 }
