@@ -99,8 +99,9 @@ impl MemoryStore {
         (now_ms() < held.until_ms).then_some(held.entry)
     }
 
-    /// Keeps `entry` under `key`; false when it alone is larger than the
-    /// bound (it is not kept) or its retention has already ended.
+    /// Keeps `entry` under `key`; false when it was not kept: larger than the
+    /// bound alone, its retention already ended, or, the store being full,
+    /// judged less worth keeping than what it holds (moka's TinyLFU admission).
     pub fn keep(&self, key: &CacheKey, entry: Arc<Entry>) -> bool {
         let until_ms = entry.header.stale_until_ms.max(
             entry
@@ -116,7 +117,7 @@ impl MemoryStore {
         // Evict now rather than on some later call, so the bound holds at
         // every moment a reader could look (puts are computations: rare).
         self.entries.run_pending_tasks();
-        true
+        self.entries.contains_key(key)
     }
 
     /// Bytes the kept answers weigh (what `max_bytes` bounds).
@@ -217,11 +218,19 @@ mod tests {
     #[test]
     fn the_byte_bound_holds_and_an_answer_larger_than_it_is_not_kept() {
         let store = MemoryStore::new(64 << 10);
+        let mut kept = 0;
         for i in 0..100 {
             let key = CacheKey::new("t", "q", None, Format::Csv, &i.to_string());
-            assert!(store.keep(&key, entry(4 << 10, 60_000)));
+            // Until it is full every answer is kept; then some are, some not.
+            if store.keep(&key, entry(4 << 10, 60_000)) {
+                kept += 1;
+                assert!(store.get(&key).is_some());
+            } else {
+                assert!(store.get(&key).is_none());
+            }
             assert!(store.weighted_bytes() <= store.max_bytes());
         }
+        assert!((10..100).contains(&kept), "{kept}");
         let big = CacheKey::new("t", "q", None, Format::Csv, "big");
         assert!(!store.keep(&big, entry(65 << 10, 60_000)));
         assert!(store.get(&big).is_none());
