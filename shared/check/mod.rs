@@ -116,10 +116,14 @@ pub fn mode(config: &Config) -> String {
     let warmup = match (
         config.warmup.is_empty(),
         config.scheduler.runs_in_proxy(config.redis.is_some()),
+        config.redis.is_some(),
     ) {
-        (true, _) => "no warm-up jobs",
-        (false, true) => "warm-up jobs run by dashcache-proxy itself",
-        (false, false) => "warm-up jobs run by dashcache-scheduler",
+        (true, _, _) => "no warm-up jobs",
+        (false, true, _) => "warm-up jobs run by dashcache-proxy itself",
+        (false, false, true) => "warm-up jobs run by dashcache-scheduler",
+        (false, false, false) => {
+            "warm-up jobs not run ([scheduler] in_proxy = false, and dashcache-scheduler needs [redis])"
+        }
     };
     match &config.redis {
         None => format!(
@@ -348,6 +352,34 @@ fn tiers(config: &Config) -> Vec<Diagnostic> {
 mod tests {
     use super::*;
     use std::path::PathBuf;
+
+    #[test]
+    fn the_mode_says_where_answers_and_warm_ups_live() {
+        let parse = |text: &str| Config::parse(text, Path::new("c.toml")).unwrap();
+        let job = "[[warmup]]\nname = \"a\"\ncron = \"* * * * *\"\nquery = \"q\"\n";
+        let single = mode(&parse(job));
+        assert!(
+            single.starts_with("mode: single host (no [redis])"),
+            "{single}"
+        );
+        assert!(
+            single.ends_with("warm-up jobs run by dashcache-proxy itself"),
+            "{single}"
+        );
+        let servers = mode(&parse(&format!("[redis]\n{job}")));
+        assert!(servers.starts_with("mode: servers: "), "{servers}");
+        assert!(servers.ends_with("run by dashcache-scheduler"), "{servers}");
+        let off = mode(&parse(&format!("[scheduler]\nin_proxy = false\n{job}")));
+        assert!(off.ends_with("needs [redis])"), "{off}");
+        let in_proxy = mode(&parse(&format!(
+            "[redis]\n[scheduler]\nin_proxy = true\n{job}"
+        )));
+        assert!(
+            in_proxy.ends_with("run by dashcache-proxy itself"),
+            "{in_proxy}"
+        );
+        assert!(mode(&parse("")).ends_with("no warm-up jobs"));
+    }
 
     /// The shipped config with `extra` appended, written beside its SQL.
     struct Shipped {
