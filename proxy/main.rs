@@ -18,6 +18,7 @@ mod routes;
 mod server;
 mod sqlcmd;
 mod state;
+mod warmup;
 mod web;
 
 use std::net::SocketAddr;
@@ -112,6 +113,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     cli.config.display(),
                     checked.catalog.iter().count()
                 );
+                println!("{}", dashcache::check::mode(&checked.config));
                 ExitCode::SUCCESS
             }
             Err(rejected) => {
@@ -135,7 +137,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
             let served = runtime.block_on(async {
                 let app = state::App::new(checked).await?;
-                server::run(app, cli.listen).await?;
+                server::run(app.clone(), cli.listen).await?;
+                if let Some(warmup) = &app.warmup {
+                    warmup.stop(app.config.scheduler.shutdown_grace).await;
+                }
                 anyhow::Ok(())
             });
             // Engine queries still on blocking threads get a bounded wait;

@@ -23,6 +23,7 @@ use dashcache::metrics::Metrics;
 use dashcache::popularity::{PopularityError, Recorder};
 use dashcache::redis_conn::{RedisConn, RedisConnError, Timeouts};
 use dashcache::store::{Store, StoreError};
+use dashcache::warmup::runner::Parts;
 
 use crate::ahead::RefreshAhead;
 use crate::auth::Auth;
@@ -58,6 +59,8 @@ pub struct App {
     pub history: Arc<History>,
     /// The ClickHouse-compatible endpoint's servers, TTL rules and passwords.
     pub clickhouse_http: crate::chhttp::endpoint::Endpoint,
+    /// The warm-up jobs, when this proxy runs them (`[scheduler] in_proxy`).
+    pub warmup: Option<crate::warmup::InProxy>,
 }
 
 /// Why the proxy could not start with a config that passed the check.
@@ -73,19 +76,23 @@ pub enum StartError {
     Popularity(#[from] PopularityError),
     #[error(transparent)]
     Engine(#[from] dashcache::engine::chdb::ChdbError),
+    #[error("warm-up jobs: {0}")]
+    Warmup(#[from] dashcache::warmup::runner::RunnerError),
 }
 
 impl App {
     /// Builds the state of a checked config: tiers, the control store, the keys.
     pub async fn new(checked: Checked) -> Result<Arc<App>, StartError> {
         let Checked {
-            config, catalog, ..
+            config,
+            catalog,
+            warmups,
         } = checked;
         let tiers = Tiers::new(&config);
         let metrics = Arc::new(Metrics::new());
         let cache = Arc::new(Cache::new(
             &config.cache,
-            &config.redis,
+            config.redis.as_ref(),
             config.min_retention(),
             metrics.clone(),
             true,
@@ -107,14 +114,39 @@ impl App {
             admission: Admission::of(&config.clickhouse, metrics.clone()),
         });
         // Its own connection: a flush is one big pipeline, allowed more time
-        // than the cache's round trips.
-        let popularity = Recorder::new(
-            RedisConn::open(&config.redis, Timeouts::relaxed(Duration::from_secs(5)))?,
-            &config.cache.key_prefix,
-            &config.popularity,
-        )?;
+        // than the cache's round trips. Without Redis, counts stay in memory.
+        let popularity = match &config.redis {
+            Some(redis) => Recorder::new(
+                RedisConn::open(redis, Timeouts::relaxed(Duration::from_secs(5)))?,
+                &config.cache.key_prefix,
+                &config.popularity,
+            )?,
+            None => {
+                tracing::info!(
+                    max_bytes = config.cache.memory_max_bytes,
+                    "no [redis]: answers, locks, rate limits and request counts are kept in this process"
+                );
+                Recorder::in_memory(&config.cache.key_prefix, &config.popularity)
+            }
+        };
         popularity.spawn_flusher();
+        let coalescer = Coalescer::new();
+        let warmup = crate::warmup::InProxy::start(
+            &config,
+            &catalog,
+            warmups,
+            Parts {
+                cache: cache.clone(),
+                clickhouse: clickhouse.clone(),
+                coalescer: coalescer.clone(),
+                admission: filler.admission.clone(),
+                popularity: popularity.clone(),
+                metrics: metrics.clone(),
+                store: store.clone(),
+            },
+        )?;
         Ok(Arc::new(App {
+            warmup,
             cors: Cors::new(&config.cors, &metrics),
             store,
             history: History::spawn(metrics.clone()),
@@ -134,7 +166,7 @@ impl App {
             catalog,
             cache,
             clickhouse,
-            coalescer: Coalescer::new(),
+            coalescer,
             filler,
             metrics,
             config,

@@ -1,7 +1,7 @@
 //! The long-running scheduler: fires jobs on their cron schedule, reloads, stops gracefully.
 //!
 //! Owns the schedule. Jobs are one-shot jobs of tokio-cron-scheduler at the
-//! next fire time, computed by [`crate::jobs::Schedule`] in the job's
+//! next fire time, computed by [`dashcache::warmup::jobs::Schedule`] in the job's
 //! time zone (so daylight-saving changes are followed: tokio-cron-scheduler's
 //! own time zone support fixes the UTC offset when a job is created); each
 //! fire schedules the next one. A reload (SIGHUP, or the config file
@@ -9,19 +9,19 @@
 //! schedule; a bad edit is logged with file, line and reason and the running
 //! schedule stays. SIGTERM stops firing, lets running jobs finish for
 //! `scheduler.shutdown_grace`, then cuts them (the history says so).
-//! What one run does is [`crate::runner`]'s.
+//! What one run does is [`dashcache::warmup::runner`]'s.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::jobs;
 use chrono::{DateTime, Utc};
 use dashcache::check::Checked;
 use dashcache::metrics::{Metrics, ResultLabels};
 use dashcache::service;
 use dashcache::store::Store;
+use dashcache::warmup::jobs;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -29,7 +29,7 @@ use tokio_cron_scheduler::{Job, JobScheduler, JobSchedulerError};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::runner::Runner;
+use dashcache::warmup::runner::{Parts, Runner, RunnerError};
 
 /// Why the scheduler could not start serving.
 #[derive(Debug, thiserror::Error)]
@@ -242,14 +242,9 @@ impl Daemon {
                     catalog,
                     warmups,
                 } = checked;
-                Runner::new(
-                    config,
-                    catalog,
-                    jobs::compile(warmups),
-                    self.store.clone(),
-                    self.metrics.clone(),
-                )
-                .map_err(ReloadError::Redis)
+                Parts::own(&config, self.store.clone(), self.metrics.clone())
+                    .and_then(|parts| Runner::new(config, catalog, jobs::compile(warmups), parts))
+                    .map_err(ReloadError::Redis)
             });
         match result {
             Ok(runner) => {
@@ -304,7 +299,7 @@ impl Daemon {
 /// Why a reload kept the running schedule.
 enum ReloadError {
     Rejected(dashcache::check::Rejected),
-    Redis(dashcache::redis_conn::RedisConnError),
+    Redis(RunnerError),
 }
 
 /// Sends a reload when the config file changes. Watches its directory:

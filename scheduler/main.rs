@@ -2,15 +2,12 @@
 //!
 //! Owns only the command line: `serve` (run the schedule), `run JOB` (one
 //! job now), `targets JOB` (what it would warm), `check` (validate like
-//! `nginx -t`) and `history`. Scheduling,
-//! runs, leases and history live in the modules below; everything about keys,
-//! entries and ClickHouse is shared with the proxy (`dashcache`).
+//! `nginx -t`) and `history`. The schedule, reloads and signals are
+//! `daemon`'s; jobs, runs, leases and history are the library's
+//! (`dashcache::warmup`, shared with a proxy that runs the jobs itself), as is
+//! everything about keys, entries and ClickHouse.
 
 mod daemon;
-mod history;
-mod jobs;
-mod lease;
-mod runner;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,6 +18,8 @@ use dashcache::check::{Checked, Rejected};
 use dashcache::metrics::Metrics;
 use dashcache::store::Store;
 use dashcache::telemetry::{self, LogFormat};
+use dashcache::warmup::runner::{self, Parts};
+use dashcache::warmup::{history, jobs};
 use tokio_util::sync::CancellationToken;
 
 /// mimalloc: the request path allocates small, short-lived buffers; glibc's
@@ -114,6 +113,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 catalog.iter().count(),
                 jobs.len()
             );
+            println!("{}", dashcache::check::mode(&config));
             Ok(ExitCode::SUCCESS)
         }
         Command::Targets { job } => {
@@ -151,7 +151,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run { job } => {
             let store = Store::from_config(&config).await?;
             let metrics = Arc::new(Metrics::new());
-            let runner = runner::Runner::new(config, catalog, jobs, store, metrics)?;
+            let parts = Parts::own(&config, store, metrics)?;
+            let runner = runner::Runner::new(config, catalog, jobs, parts)?;
             let Some(job) = runner.job(&job) else {
                 let names: Vec<&str> = runner.jobs.iter().map(|j| j.name.as_str()).collect();
                 anyhow::bail!("no warm-up job `{job}`; jobs: {}", names.join(", "));
@@ -184,8 +185,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve => {
             let store = Store::from_config(&config).await?;
             let metrics = Arc::new(Metrics::new());
-            let runner =
-                runner::Runner::new(config, catalog, jobs, store.clone(), metrics.clone())?;
+            let runner = {
+                let parts = Parts::own(&config, store.clone(), metrics.clone())?;
+                runner::Runner::new(config, catalog, jobs, parts)?
+            };
             daemon::serve(cli.config, runner, store, metrics).await?;
             Ok(ExitCode::SUCCESS)
         }

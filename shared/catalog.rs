@@ -186,8 +186,8 @@ pub enum ResolveError {
     Render(#[from] RenderError),
 }
 
-/// All queries of a config, by name.
-#[derive(Debug, Default)]
+/// All queries of a config, by name (cheap to clone: the queries are shared).
+#[derive(Debug, Default, Clone)]
 pub struct Catalog {
     queries: BTreeMap<String, Arc<QueryDef>>,
     exports: BTreeMap<String, Arc<QueryDef>>,

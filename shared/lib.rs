@@ -38,3 +38,4 @@ pub mod telemetry;
 pub mod timeexpr;
 pub mod tls;
 pub(crate) mod upstream;
+pub mod warmup;

@@ -76,6 +76,8 @@ pub struct Metrics {
     pub l1_hits: Counter,
     /// Answers served from L1 because Redis was unreachable or had lost them.
     pub l1_fallbacks: Counter,
+    /// Without `[redis]`: bytes of the answers kept in process memory (as of the last store).
+    pub memory_answers_bytes: Gauge,
     pub early_refreshes: Counter,
     pub ahead_refreshes: Counter,
     pub refresh_failures: Counter,
@@ -174,6 +176,12 @@ impl Metrics {
             "l1_fallbacks",
             "Answers served from process memory because Redis was unreachable or had lost them",
             l1_fallbacks.clone(),
+        );
+        let memory_answers_bytes = Gauge::default();
+        registry.register(
+            "memory_answers_bytes",
+            "Without [redis]: bytes of the answers kept in process memory (bounded by cache.memory_max_bytes)",
+            memory_answers_bytes.clone(),
         );
         let early_refreshes = Counter::default();
         registry.register(
@@ -329,6 +337,7 @@ impl Metrics {
             cache_stores,
             l1_hits,
             l1_fallbacks,
+            memory_answers_bytes,
             early_refreshes,
             ahead_refreshes,
             refresh_failures,

@@ -4,14 +4,17 @@
 //! only bumps a counter in an in-process map; a background flusher sends the
 //! counts to Redis every `flush_interval` as one pipeline of `ZINCRBY` into a
 //! sorted set per UTC hour (with an `EXPIRE` of `retention`), so requests never
-//! wait on Redis for this. And the reader, [`top`], the scheduler's `popular`
-//! jobs use: the most requested keys of the last N hours.
+//! wait on Redis for this. Without Redis (one host) the flusher adds them to
+//! hourly counts in process memory instead (bounded: at most `max_pending`
+//! answers an hour, hours older than `retention` dropped). And the readers
+//! `popular` jobs use: the most requested keys of the last N hours,
+//! [`Recorder::top`] (either place) and [`top`] (Redis).
 //!
 //! A member is `query \t tenant \t format \t canonical query` (the bound
 //! parameters without the tenant, times absolute), which binds again to the
 //! same cache key. It does not decide what to refresh: that is the scheduler's.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use chrono::{DateTime, Utc};
@@ -74,15 +77,23 @@ impl Demand {
     }
 }
 
-/// Counts requests in memory; [`Recorder::flush`] sends them to Redis.
+/// Counts requests in memory; [`Recorder::flush`] sends them to Redis, or
+/// to the hourly counts it keeps itself without Redis.
 pub struct Recorder {
     /// Counts by cache key, with the member each count goes to.
     pending: Mutex<HashMap<String, (String, u64)>>,
     config: PopularityConfig,
     prefix: String,
-    conn: RedisConn,
+    sink: Sink,
     /// Requests not counted because `max_pending` was reached.
     dropped: std::sync::atomic::AtomicU64,
+}
+
+/// Where flushed counts go.
+enum Sink {
+    Redis(RedisConn),
+    /// Per UTC hour (hours since the epoch): count per member.
+    Memory(Mutex<BTreeMap<i64, HashMap<String, u64>>>),
 }
 
 impl Recorder {
@@ -94,18 +105,52 @@ impl Recorder {
         prefix: &str,
         config: &PopularityConfig,
     ) -> Result<Arc<Recorder>, PopularityError> {
-        Ok(Arc::new(Recorder {
+        Ok(Recorder::with_sink(Sink::Redis(conn), prefix, config))
+    }
+
+    /// A recorder keeping its hourly counts in this process (no Redis).
+    pub fn in_memory(prefix: &str, config: &PopularityConfig) -> Arc<Recorder> {
+        Recorder::with_sink(Sink::Memory(Mutex::default()), prefix, config)
+    }
+
+    fn with_sink(sink: Sink, prefix: &str, config: &PopularityConfig) -> Arc<Recorder> {
+        Arc::new(Recorder {
             pending: Mutex::new(HashMap::new()),
             config: config.clone(),
             prefix: prefix.to_owned(),
-            conn,
+            sink,
             dropped: Default::default(),
-        }))
+        })
     }
 
-    /// The `k` most requested answers of the last `hours` hours (for `/status`).
+    /// The `k` most requested answers of the last `hours` hours (the current
+    /// one included), most requested first: what `popular` jobs warm and
+    /// `/status` shows.
     pub async fn top(&self, hours: u32, k: usize) -> Result<Vec<(Demand, u64)>, PopularityError> {
-        top(&mut self.conn.clone(), &self.prefix, hours, k, Utc::now()).await
+        let now = Utc::now();
+        let counts = match &self.sink {
+            Sink::Redis(conn) => return top(&mut conn.clone(), &self.prefix, hours, k, now).await,
+            Sink::Memory(counts) => counts,
+        };
+        if k == 0 || hours == 0 {
+            return Ok(Vec::new());
+        }
+        let this_hour = hour_of(now);
+        let mut sums: HashMap<&str, u64> = HashMap::new();
+        let counts = counts.lock().unwrap_or_else(PoisonError::into_inner);
+        for (_, members) in counts.range(this_hour - i64::from(hours) + 1..=this_hour) {
+            for (member, n) in members {
+                *sums.entry(member).or_default() += n;
+            }
+        }
+        let mut ranked: Vec<(&str, u64)> = sums.into_iter().collect();
+        // Most requested first; ties in a stable order.
+        ranked.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        Ok(ranked
+            .into_iter()
+            .take(k)
+            .filter_map(|(m, n)| Demand::parse(m).map(|d| (d, n)))
+            .collect())
     }
 
     /// Counts one request for a bound query. Never blocks on I/O; a key
@@ -150,6 +195,33 @@ impl Recorder {
         if batch.is_empty() {
             return Ok(0);
         }
+        let conn = match &self.sink {
+            Sink::Redis(conn) => conn,
+            Sink::Memory(counts) => {
+                let now = Utc::now();
+                let keep_hours = i64::try_from(self.config.retention.as_secs() / 3600)
+                    .unwrap_or(i64::MAX)
+                    .max(1);
+                let mut counts = counts.lock().unwrap_or_else(PoisonError::into_inner);
+                let this_hour = hour_of(now);
+                counts.retain(|hour, _| *hour > this_hour.saturating_sub(keep_hours));
+                let members = counts.entry(this_hour).or_default();
+                for (member, count) in batch.into_values() {
+                    let len = members.len();
+                    match members.get_mut(&member) {
+                        Some(n) => *n += count,
+                        None if len < self.config.max_pending => {
+                            members.insert(member, count);
+                        }
+                        None => {
+                            self.dropped
+                                .fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                }
+                return Ok(members.len());
+            }
+        };
         let key = hour_key(&self.prefix, Utc::now());
         let mut pipe = redis::pipe();
         for (member, count) in batch.values() {
@@ -157,7 +229,7 @@ impl Recorder {
         }
         let retention = i64::try_from(self.config.retention.as_secs()).unwrap_or(i64::MAX);
         pipe.expire(&key, retention).ignore();
-        let mut conn = self.conn.clone();
+        let mut conn = conn.clone();
         pipe.query_async::<()>(&mut conn).await?;
         Ok(batch.len())
     }
@@ -181,6 +253,11 @@ impl Recorder {
             }
         })
     }
+}
+
+/// Hours since the epoch (UTC) of `at`.
+fn hour_of(at: DateTime<Utc>) -> i64 {
+    at.timestamp().div_euclid(3600)
 }
 
 /// The sorted set of one UTC hour. All share one Redis Cluster hash tag so
@@ -267,5 +344,35 @@ mod tests {
             .unwrap()
             .with_timezone(&Utc);
         assert_eq!(hour_key("dc", t), "dc:popular:{popular}:2026110108");
+    }
+
+    #[tokio::test]
+    async fn without_redis_counts_are_kept_in_memory_and_ranked() {
+        let recorder = Recorder::in_memory("dc", &PopularityConfig::default());
+        let record = |name: &str, times: usize| {
+            let mut bound = Bound::default();
+            bound.push("country", Value::Str(name.into()));
+            let key = CacheKey::new("dc", "revenue", None, Format::Csv, name);
+            for _ in 0..times {
+                recorder.record(&key, "revenue", Some("acme"), Format::Csv, &bound);
+            }
+        };
+        record("DE", 3);
+        record("FR", 5);
+        assert!(
+            recorder.top(1, 10).await.unwrap().is_empty(),
+            "not flushed yet"
+        );
+        recorder.flush().await.unwrap();
+        record("DE", 4);
+        recorder.flush().await.unwrap();
+        let top = recorder.top(3, 10).await.unwrap();
+        let got: Vec<(String, u64)> = top.iter().map(|(d, n)| (d.params.clone(), *n)).collect();
+        assert_eq!(
+            got,
+            vec![("country=DE".to_owned(), 7), ("country=FR".to_owned(), 5)]
+        );
+        assert_eq!(top[0].0.tenant.as_deref(), Some("acme"));
+        assert_eq!(recorder.top(3, 1).await.unwrap().len(), 1);
     }
 }

@@ -337,7 +337,7 @@ mod tests {
     fn config(text: &str) -> RedisConfig {
         let config = crate::config::Config::parse(text, std::path::Path::new("c.toml"))
             .unwrap_or_else(|e| panic!("{e}"));
-        config.redis
+        config.redis.unwrap_or_default()
     }
 
     #[test]

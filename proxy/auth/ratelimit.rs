@@ -4,8 +4,9 @@
 //! arrival time (TAT): a request is allowed when `TAT - now <= tau` (tau = the
 //! burst's worth of intervals), and then pushes TAT one interval further. The
 //! check-and-update is one Lua script in Redis, so every proxy sharing Redis
-//! sees one limit. While Redis is unreachable the same algorithm runs in
-//! process memory, so limits still hold per process. Answers carry what the
+//! sees one limit. While Redis is unreachable, and always when there is no
+//! Redis (one host, no `[redis]`), the same algorithm runs in process memory,
+//! so limits still hold per process. Answers carry what the
 //! IETF `RateLimit-*` headers need.
 //!
 //! Checks of one key that arrive while a script for that key is in flight
@@ -152,6 +153,9 @@ impl RateLimiter {
     /// Counts one request of `key_id` against its tier's rate.
     pub async fn check(self: &Arc<Self>, key_id: &str, tier: &Tier, now_us: i64) -> Decision {
         let rate = Rate::of(tier);
+        if self.cache.redis().is_none() {
+            return self.local_step(key_id, rate, now_us);
+        }
         let (tx, rx) = oneshot::channel();
         let lead = {
             let mut batches = self.batches.lock().unwrap_or_else(PoisonError::into_inner);
@@ -201,7 +205,12 @@ impl RateLimiter {
                 .arg(rate.interval_us)
                 .arg(rate.tau_us)
                 .arg(n);
-            let decisions = match self.cache.redis().invoke::<(i64, i64)>(invocation).await {
+            let redis = self.cache.redis();
+            let decided = match redis {
+                Some(redis) => redis.invoke::<(i64, i64)>(invocation).await,
+                None => None,
+            };
+            let decisions = match decided {
                 Some((allowed, tat)) => {
                     rate.decide_batch(n, usize::try_from(allowed).unwrap_or(0), tat, now_us)
                 }

@@ -104,9 +104,16 @@ function render(s) {
   $('computations').textContent = `${num(s.computations.in_flight)} / ${num(s.computations.waiting)}`;
   $('queue').textContent = num(s.computations.miss_queue_waiting);
   const redis = $('redis');
-  redis.textContent = s.redis.ok ? 'up' : 'down';
-  redis.className = `value ${s.redis.ok ? 'ok' : 'bad'}`;
-  redis.title = s.redis.error || `${s.redis_errors} errors since start`;
+  if (s.redis.configured === false) {
+    // One host, no [redis]: answers live in the proxy's memory.
+    redis.textContent = 'none (in process)';
+    redis.className = 'value ok';
+    redis.title = `answers in memory: ${s.redis.memory_bytes} of ${s.redis.memory_max_bytes} bytes`;
+  } else {
+    redis.textContent = s.redis.ok ? 'up' : 'down';
+    redis.className = `value ${s.redis.ok ? 'ok' : 'bad'}`;
+    redis.title = s.redis.error || `${s.redis_errors} errors since start`;
+  }
   chart(s.series);
   fill('by-cache', Object.entries(s.cache.by_cache).map(([k, v]) => [k, v, minute.byCache[k]]), 'none');
   fill('replicas', s.clickhouse.replicas.map((r) => [r.url, r.up ? ['up', 'ok'] : ['ejected', 'bad'], r.in_flight]), 'none');

@@ -93,6 +93,56 @@ pub fn compile(config: Config) -> Result<Checked, Rejected> {
     }
 }
 
+/// How a checked config runs, in one line for `check`: where answers, locks,
+/// rate limits and request counts are shared (Redis, or this process's
+/// memory without `[redis]`) and which ClickHouse computes them. No secrets.
+pub fn mode(config: &Config) -> String {
+    let clickhouse = match config.clickhouse.engine {
+        crate::config::Engine::Embedded => format!(
+            "ClickHouse's engine in process (data_path {})",
+            config
+                .clickhouse
+                .data_path
+                .as_deref()
+                .map_or_else(|| "-".to_owned(), |p| p.display().to_string())
+        ),
+        crate::config::Engine::Server if config.clickhouse.replicas.is_empty() => {
+            "a ClickHouse server".to_owned()
+        }
+        crate::config::Engine::Server => {
+            format!("{} ClickHouse replicas", config.clickhouse.replicas.len())
+        }
+    };
+    let warmup = match (
+        config.warmup.is_empty(),
+        config.scheduler.runs_in_proxy(config.redis.is_some()),
+        config.redis.is_some(),
+    ) {
+        (true, _, _) => "no warm-up jobs",
+        (false, true, _) => "warm-up jobs run by dashcache-proxy itself",
+        (false, false, true) => "warm-up jobs run by dashcache-scheduler",
+        (false, false, false) => {
+            "warm-up jobs not run ([scheduler] in_proxy = false, and dashcache-scheduler needs [redis])"
+        }
+    };
+    match &config.redis {
+        None => format!(
+            "mode: single host (no [redis]): answers (up to {} bytes), computation locks, rate limits and request counts in this process's memory; answers computed by {clickhouse}; {warmup}",
+            config.cache.memory_max_bytes
+        ),
+        Some(redis) => {
+            let topology = match Topology::of(redis) {
+                Ok(Topology::Cluster) => "a Redis Cluster",
+                Ok(Topology::Sentinel) => "Redis found through Sentinel",
+                Ok(Topology::Single) | Err(_) => "a Redis server",
+            };
+            format!(
+                "mode: servers: answers, computation locks, rate limits and request counts shared through {topology}; answers computed by {clickhouse}; {warmup}"
+            )
+        }
+    }
+}
+
 /// Every problem of a parsed config (empty: it is usable).
 pub fn validate(config: &Config) -> Vec<Diagnostic> {
     run(config).2
@@ -179,22 +229,27 @@ fn run(config: &Config) -> (Catalog, Vec<Warmup>, Vec<Diagnostic>) {
     {
         diagnostics.push(config.diagnostic(&["clickhouse", "ca"], format!("clickhouse.ca: {err}")));
     }
-    if let Some(ca) = &config.redis.ca {
-        let problem = if config.redis.sentinel_master.is_some() {
-            Some("redis.ca is not supported with Sentinel (rediss:// there uses the system's trust store)".to_owned())
-        } else {
-            crate::tls::read_ca(ca)
-                .err()
-                .map(|err| format!("redis.ca: {err}"))
-        };
-        if let Some(problem) = problem {
-            diagnostics.push(config.diagnostic(&["redis", "ca"], problem));
+    if let Some(redis) = &config.redis {
+        if let Some(ca) = &redis.ca {
+            let problem = if redis.sentinel_master.is_some() {
+                Some("redis.ca is not supported with Sentinel (rediss:// there uses the system's trust store)".to_owned())
+            } else {
+                crate::tls::read_ca(ca)
+                    .err()
+                    .map(|err| format!("redis.ca: {err}"))
+            };
+            if let Some(problem) = problem {
+                diagnostics.push(config.diagnostic(&["redis", "ca"], problem));
+            }
         }
-    }
-    if let Err(err) = Topology::of(&config.redis) {
+        if let Err(err) = Topology::of(redis) {
+            diagnostics
+                .push(config.diagnostic(&["redis", err.key(redis)], format!("[redis]: {err}")));
+        }
+    } else if config.cache.memory_max_bytes == 0 {
         diagnostics.push(config.diagnostic(
-            &["redis", err.key(&config.redis)],
-            format!("[redis]: {err}"),
+            &["cache", "memory_max_bytes"],
+            "cache.memory_max_bytes: without [redis] answers are kept in process memory; it must be above 0".to_owned(),
         ));
     }
     let (catalog, errors) = Catalog::compile_partial(config);
@@ -297,6 +352,34 @@ fn tiers(config: &Config) -> Vec<Diagnostic> {
 mod tests {
     use super::*;
     use std::path::PathBuf;
+
+    #[test]
+    fn the_mode_says_where_answers_and_warm_ups_live() {
+        let parse = |text: &str| Config::parse(text, Path::new("c.toml")).unwrap();
+        let job = "[[warmup]]\nname = \"a\"\ncron = \"* * * * *\"\nquery = \"q\"\n";
+        let single = mode(&parse(job));
+        assert!(
+            single.starts_with("mode: single host (no [redis])"),
+            "{single}"
+        );
+        assert!(
+            single.ends_with("warm-up jobs run by dashcache-proxy itself"),
+            "{single}"
+        );
+        let servers = mode(&parse(&format!("[redis]\n{job}")));
+        assert!(servers.starts_with("mode: servers: "), "{servers}");
+        assert!(servers.ends_with("run by dashcache-scheduler"), "{servers}");
+        let off = mode(&parse(&format!("[scheduler]\nin_proxy = false\n{job}")));
+        assert!(off.ends_with("needs [redis])"), "{off}");
+        let in_proxy = mode(&parse(&format!(
+            "[redis]\n[scheduler]\nin_proxy = true\n{job}"
+        )));
+        assert!(
+            in_proxy.ends_with("run by dashcache-proxy itself"),
+            "{in_proxy}"
+        );
+        assert!(mode(&parse("")).ends_with("no warm-up jobs"));
+    }
 
     /// The shipped config with `extra` appended, written beside its SQL.
     struct Shipped {

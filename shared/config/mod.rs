@@ -163,8 +163,13 @@ pub struct Config {
     pub proxy: ProxyConfig,
     #[serde(default)]
     pub clickhouse: ClickHouseConfig,
+    /// `[redis]`: answers, locks, rate limits and request counts shared by
+    /// every process. `None` when the file has no `[redis]` table and
+    /// `DASHCACHE_REDIS_URL` is unset: one process keeps all of it in its
+    /// own memory (the single-host mode, README "Single host"). An empty
+    /// `[redis]` table is Redis at its defaults, as before.
     #[serde(default)]
-    pub redis: RedisConfig,
+    pub redis: Option<RedisConfig>,
     #[serde(default)]
     pub cache: CacheConfig,
     #[serde(default)]
@@ -457,6 +462,9 @@ pub struct CacheConfig {
     /// How long an answer stays in the in-process cache (never past its freshness).
     #[serde(with = "humantime_serde")]
     pub l1_ttl: Duration,
+    /// Without `[redis]`: the bytes of answers (bodies as stored, headers and
+    /// keys) the process keeps in memory, through their stale window.
+    pub memory_max_bytes: u64,
 }
 
 impl Default for CacheConfig {
@@ -472,6 +480,7 @@ impl Default for CacheConfig {
             now_step: Duration::from_secs(60),
             l1_max_bytes: 64 << 20,
             l1_ttl: Duration::from_secs(2),
+            memory_max_bytes: 256 << 20,
         }
     }
 }
@@ -887,7 +896,11 @@ impl Config {
         if let Some(tls) = &mut config.proxy.tls {
             tls.resolve_against(&base);
         }
-        for ca in [&mut config.clickhouse.ca, &mut config.redis.ca] {
+        let redis_ca = config.redis.as_mut().map(|r| &mut r.ca);
+        for ca in [Some(&mut config.clickhouse.ca), redis_ca]
+            .into_iter()
+            .flatten()
+        {
             if let Some(ca) = ca
                 && ca.is_relative()
             {
@@ -909,7 +922,7 @@ impl Config {
             self.clickhouse.library = Some(PathBuf::from(library));
         }
         if let Some(url) = var("DASHCACHE_REDIS_URL") {
-            self.redis.url = url;
+            self.redis.get_or_insert_with(RedisConfig::default).url = url;
         }
         if let Some(url) = var("DASHCACHE_STORE_URL") {
             self.store.url = url;
@@ -1074,7 +1087,31 @@ mod tests {
             "DASHCACHE_CLICKHOUSE_PASSWORD" => Some("secret".into()),
             _ => None,
         });
-        assert_eq!(config.redis.url, "redis://:pw@10.0.0.1:6380");
+        assert_eq!(
+            config.redis.as_ref().map(|r| r.url.as_str()),
+            Some("redis://:pw@10.0.0.1:6380")
+        );
         assert_eq!(config.clickhouse.password.as_deref(), Some("secret"));
+    }
+
+    #[test]
+    fn redis_is_absent_only_without_a_table_and_without_the_environment() {
+        let path = Path::new("c.toml");
+        let none = Config::parse("[cache]\nkey_prefix = \"x\"\n", path).unwrap();
+        assert!(none.redis.is_none());
+        // An empty table is Redis at its defaults, as it always was.
+        let empty = Config::parse("[redis]\n", path).unwrap();
+        assert_eq!(
+            empty.redis.map(|r| r.url),
+            Some("redis://127.0.0.1:6379".to_owned())
+        );
+        let mut from_env = Config::parse("", path).unwrap();
+        from_env.apply_env(|name| {
+            (name == "DASHCACHE_REDIS_URL").then(|| "redis://10.0.0.2:6379".to_owned())
+        });
+        assert_eq!(
+            from_env.redis.map(|r| r.timeout),
+            Some(Duration::from_millis(250))
+        );
     }
 }

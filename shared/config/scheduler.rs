@@ -46,6 +46,18 @@ pub struct SchedulerConfig {
     /// ClickHouse settings of every warm-up query (jobs may add their own),
     /// e.g. `{ max_threads = 2, priority = 10 }`.
     pub settings: BTreeMap<String, DefaultValue>,
+    /// Whether `dashcache-proxy` runs the `[[warmup]]` jobs itself (see
+    /// [`SchedulerConfig::runs_in_proxy`]); unset: yes without `[redis]`, no with it.
+    pub in_proxy: Option<bool>,
+}
+
+impl SchedulerConfig {
+    /// Whether the proxy runs the warm-up jobs: `in_proxy` if set, else
+    /// when there is no Redis (`has_redis: false`) to share warmed answers
+    /// with a `dashcache-scheduler`.
+    pub fn runs_in_proxy(&self, has_redis: bool) -> bool {
+        self.in_proxy.unwrap_or(!has_redis)
+    }
 }
 
 impl Default for SchedulerConfig {
@@ -57,6 +69,7 @@ impl Default for SchedulerConfig {
             refresh_ahead: Duration::from_secs(60),
             lease_ttl: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
+            in_proxy: None,
             watch: true,
             host: None,
             redis_timeout: Duration::from_secs(2),

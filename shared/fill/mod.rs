@@ -140,9 +140,15 @@ impl AnswerStore for Cache {
     }
 
     fn lock(&self, key: &CacheKey, ttl: Duration) -> BoxFuture<'_, LockOutcome> {
+        let Some(redis) = self.redis() else {
+            return match self.memory() {
+                Some(memory) => AnswerStore::lock(memory, key, ttl),
+                None => Box::pin(async { LockOutcome::Unavailable }),
+            };
+        };
         let key = key.clone();
         Box::pin(async move {
-            match self.redis().lock(&key, ttl).await {
+            match redis.lock(&key, ttl).await {
                 crate::cache::LockOutcome::Acquired(guard) => {
                     LockOutcome::Acquired(Box::new(guard))
                 }
@@ -153,8 +159,14 @@ impl AnswerStore for Cache {
     }
 
     fn is_locked(&self, key: &CacheKey) -> BoxFuture<'_, Option<bool>> {
+        let Some(redis) = self.redis() else {
+            return match self.memory() {
+                Some(memory) => AnswerStore::is_locked(memory, key),
+                None => Box::pin(async { None }),
+            };
+        };
         let key = key.clone();
-        Box::pin(async move { self.redis().is_locked(&key).await })
+        Box::pin(async move { redis.is_locked(&key).await })
     }
 }
 

@@ -108,7 +108,19 @@ fn both_checks_accept_the_shipped_config() {
     let (config, _) = write_config(&dir, &[], "");
     let proxy = run(PROXY, &config, &["check"]);
     let scheduler = run(SCHEDULER, &config, &["check"]);
-    let stdout = |out: &Output| String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    // The first line; the second says how it runs (`mode: …`).
+    let stdout = |out: &Output| {
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut lines = text.lines();
+        let first = lines.next().unwrap_or("").to_owned();
+        assert!(
+            lines
+                .next()
+                .is_some_and(|l| l.starts_with("mode: servers: ")),
+            "{text}"
+        );
+        first
+    };
     assert!(proxy.status.success(), "{:?}", proxy);
     assert!(scheduler.status.success(), "{:?}", scheduler);
     // `FILE: ok (N queries)`, and the scheduler adds its jobs.

@@ -113,6 +113,11 @@ pub struct ProxyOptions {
     /// For a proxy that serves HTTPS (`[proxy.tls]` among `set`): how the
     /// harness's client connects to it (which CA it trusts, its certificate).
     pub client_tls: Option<Arc<rustls::ClientConfig>>,
+    /// Sections left out of the config (e.g. `redis`: the single-host mode),
+    /// after `set` is applied.
+    pub without: Vec<&'static str>,
+    /// TOML appended to the config as written (e.g. `[[warmup]]` entries).
+    pub extra: String,
 }
 
 impl Default for ProxyOptions {
@@ -128,6 +133,8 @@ impl Default for ProxyOptions {
             tenant: "acme",
             env: Vec::new(),
             client_tls: None,
+            without: Vec::new(),
+            extra: String::new(),
         }
     }
 }
@@ -386,6 +393,9 @@ fn test_config(options: &ProxyOptions, dir: &Path) -> String {
     for (section, key, value) in &options.set {
         set(&mut config, section, key, value.clone());
     }
+    for section in &options.without {
+        config.remove(*section);
+    }
     for section in ["query", "export"] {
         let Some(tables) = config.get_mut(section).and_then(|q| q.as_table_mut()) else {
             continue;
@@ -397,6 +407,8 @@ fn test_config(options: &ProxyOptions, dir: &Path) -> String {
         }
     }
     let mut text = toml::to_string(&config).expect("config serializes");
+    text.push('\n');
+    text.push_str(&options.extra);
     for (name, sql, body) in &options.extra_queries {
         let file = dir.join(format!("{name}.sql"));
         std::fs::write(&file, sql).expect("write sql");

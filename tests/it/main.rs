@@ -26,6 +26,7 @@ mod scale;
 mod scheduler;
 mod secrets;
 mod service;
+mod single;
 mod startup;
 mod tenancy;
 mod tls;

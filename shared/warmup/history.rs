@@ -3,10 +3,10 @@
 //! Owns writing one row per run (inserted as `running` when the run starts,
 //! completed when it ends, so a run cut by a crash still shows) and reading
 //! rows back for `dashcache-scheduler history`. Connecting and migrating the
-//! store is [`dashcache::store`]'s job.
+//! store is [`crate::store`]'s job.
 
+use crate::store::{Store, StoreError};
 use chrono::{TimeZone, Utc};
-use dashcache::store::{Store, StoreError};
 
 /// Counts of one run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -6,36 +6,94 @@
 //! `refresh_ahead` (XFetch-adjusted), compute the others through the same
 //! coalescer and [`Filler`] as the proxy with the job's concurrency limit and
 //! ClickHouse settings, and record the run in the history and the metrics.
-//! When to run is [`crate::daemon`]'s business.
+//! When to run is the caller's business: `dashcache-scheduler`'s daemon, or
+//! [`super::schedule`] inside the proxy.
+//!
+//! What it runs with ([`Parts`]) comes from the process: a scheduler of its
+//! own builds its cache client, ClickHouse client and coalescer
+//! ([`Parts::own`]); a proxy hands over its own, so a warmed answer lands in
+//! the very cache its requests read (without Redis, its memory) and a warm-up
+//! and a request for the same key are one computation.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::jobs::{Target, WarmupJob};
+use super::jobs::{Target, WarmupJob};
+use crate::admission::Admission;
+use crate::backoff::Backoff;
+use crate::cache::Cache;
+use crate::catalog::Catalog;
+use crate::check::warmup::WarmupKind;
+use crate::clickhouse::ClickHouse;
+use crate::clock::now_ms;
+use crate::coalesce::{Coalescer, FlightError, Role, Subscriber};
+use crate::config::Config;
+use crate::fill::{FillJob, Filler};
+use crate::freshness::{self, Freshness};
+use crate::metrics::{JobLabels, JobOutcomeLabels, Metrics};
+use crate::outcome::StoreOutcome;
+use crate::params::Clock;
+use crate::popularity::{PopularityError, Recorder};
+use crate::redis_conn::{RedisConn, RedisConnError, Timeouts};
+use crate::store::Store;
 use chrono::Utc;
-use dashcache::admission::Admission;
-use dashcache::backoff::Backoff;
-use dashcache::cache::Cache;
-use dashcache::catalog::Catalog;
-use dashcache::check::warmup::WarmupKind;
-use dashcache::clickhouse::ClickHouse;
-use dashcache::clock::now_ms;
-use dashcache::coalesce::{Coalescer, FlightError, Role, Subscriber};
-use dashcache::config::Config;
-use dashcache::fill::{FillJob, Filler};
-use dashcache::freshness::{self, Freshness};
-use dashcache::metrics::{JobLabels, JobOutcomeLabels, Metrics};
-use dashcache::outcome::StoreOutcome;
-use dashcache::params::Clock;
-use dashcache::popularity;
-use dashcache::redis_conn::{RedisConn, RedisConnError, Timeouts};
-use dashcache::store::Store;
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::history::{self, Counts};
-use crate::lease;
-use dashcache::lock::Acquire;
+use super::history::{self, Counts};
+use super::lease::{LeaseOutcome, Leases};
+
+/// What runs use, from the process that runs them.
+#[derive(Clone)]
+pub struct Parts {
+    /// Where warmed answers go (and what `refresh_ahead` reads).
+    pub cache: Arc<Cache>,
+    pub clickhouse: ClickHouse,
+    pub coalescer: Arc<Coalescer>,
+    /// Computations at ClickHouse at once (`[clickhouse] max_in_flight`).
+    pub admission: Arc<Admission>,
+    /// The demand `popular` jobs read.
+    pub popularity: Arc<Recorder>,
+    pub metrics: Arc<Metrics>,
+    /// The run history.
+    pub store: Store,
+}
+
+impl Parts {
+    /// The parts of a process of its own (`dashcache-scheduler`): a Redis
+    /// cache client with the scheduler's patience and no L1, its own
+    /// ClickHouse client (health checks for as long as the parts live) and
+    /// coalescer, and a popularity reader. Needs `[redis]`: warmed answers
+    /// reach the proxies only through it.
+    pub fn own(config: &Config, store: Store, metrics: Arc<Metrics>) -> Result<Parts, RunnerError> {
+        let Some(redis) = &config.redis else {
+            return Err(RunnerError::NoRedis);
+        };
+        let mut redis_config = redis.clone();
+        redis_config.timeout = redis.timeout.max(config.scheduler.redis_timeout);
+        let cache = Arc::new(Cache::new(
+            &config.cache,
+            Some(&redis_config),
+            config.min_retention(),
+            metrics.clone(),
+            false,
+        )?);
+        let popularity = Recorder::new(
+            RedisConn::open(redis, Timeouts::relaxed(config.scheduler.redis_timeout))?,
+            &config.cache.key_prefix,
+            &config.popularity,
+        )?;
+        Ok(Parts {
+            cache,
+            clickhouse: ClickHouse::new(&config.clickhouse, metrics.clone()),
+            coalescer: Coalescer::new(),
+            admission: Admission::of(&config.clickhouse, metrics.clone()),
+            popularity,
+            metrics,
+            store,
+        })
+    }
+}
 
 /// Everything runs need, built from one version of the config.
 pub struct Runner {
@@ -43,14 +101,21 @@ pub struct Runner {
     pub catalog: Catalog,
     pub jobs: Vec<WarmupJob>,
     pub host: String,
-    cache: Arc<Cache>,
-    /// Built once per config: its health checks and replica state live as
-    /// long as the runner, not one run.
-    clickhouse: ClickHouse,
-    coalescer: Arc<Coalescer>,
-    metrics: Arc<Metrics>,
-    store: Store,
-    redis: RedisConn,
+    parts: Parts,
+    leases: Leases,
+}
+
+/// Why a runner cannot be built from a checked config.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error(transparent)]
+    Redis(#[from] RedisConnError),
+    #[error(transparent)]
+    Popularity(#[from] PopularityError),
+    #[error(
+        "dashcache-scheduler shares warmed answers with the proxies through Redis, and this config has no [redis]: add one, or let the proxy run the warm-up jobs ([scheduler] in_proxy, README \"Single host: no Redis\")"
+    )]
+    NoRedis,
 }
 
 /// How a run ended.
@@ -102,38 +167,29 @@ enum KeyResult {
 }
 
 impl Runner {
+    /// A runner of `jobs` with `parts`: slots and leases in Redis with
+    /// `[redis]`, else in this process.
     pub fn new(
         config: Config,
         catalog: Catalog,
         jobs: Vec<WarmupJob>,
-        store: Store,
-        metrics: Arc<Metrics>,
-    ) -> Result<Runner, RedisConnError> {
-        let mut redis_config = config.redis.clone();
-        redis_config.timeout = config.redis.timeout.max(config.scheduler.redis_timeout);
-        let cache = Arc::new(Cache::new(
-            &config.cache,
-            &redis_config,
-            config.min_retention(),
-            metrics.clone(),
-            false,
-        )?);
-        let redis = RedisConn::open(
-            &config.redis,
-            Timeouts::relaxed(config.scheduler.redis_timeout),
-        )?;
+        parts: Parts,
+    ) -> Result<Runner, RunnerError> {
+        let leases = match &config.redis {
+            Some(redis) => Leases::Redis {
+                conn: RedisConn::open(redis, Timeouts::relaxed(config.scheduler.redis_timeout))?,
+                timeout: redis.timeout.max(config.scheduler.redis_timeout),
+            },
+            None => Leases::local(),
+        };
         let host = config.scheduler.host.clone().unwrap_or_else(hostname);
         Ok(Runner {
-            clickhouse: ClickHouse::new(&config.clickhouse, metrics.clone()),
             config,
             catalog,
             jobs,
             host,
-            cache,
-            coalescer: Coalescer::new(),
-            metrics,
-            store,
-            redis,
+            parts,
+            leases,
         })
     }
 
@@ -152,9 +208,8 @@ impl Runner {
     ) -> Report {
         let prefix = &self.config.cache.key_prefix;
         let holder = format!("{}/{}", self.host, std::process::id());
-        let mut redis = self.redis.clone();
         if let Some(at) = scheduled {
-            match lease::claim_slot(&mut redis, prefix, &job.name, at, &holder).await {
+            match self.leases.claim_slot(prefix, &job.name, at, &holder).await {
                 Ok(true) => {}
                 Ok(false) => {
                     tracing::info!(job = %job.name, "this scheduled run was claimed by another scheduler");
@@ -168,21 +223,13 @@ impl Runner {
                 }
             }
         }
-        let lease = match lease::acquire(
-            &self.redis,
-            prefix,
-            &job.name,
-            &holder,
-            self.config.scheduler.lease_ttl,
-            self.config
-                .redis
-                .timeout
-                .max(self.config.scheduler.redis_timeout),
-        )
-        .await
+        let lease = match self
+            .leases
+            .acquire(prefix, &job.name, &holder, self.config.scheduler.lease_ttl)
+            .await
         {
-            Ok(Acquire::Held(lease)) => lease,
-            Ok(Acquire::Busy { holder }) => {
+            Ok(LeaseOutcome::Held(lease)) => lease,
+            Ok(LeaseOutcome::Busy { holder }) => {
                 let other = holder.unwrap_or_else(|| "another scheduler".into());
                 let msg = format!("still running on {other}");
                 return self
@@ -208,7 +255,14 @@ impl Runner {
         stop: CancellationToken,
     ) -> Report {
         let started = Instant::now();
-        let id = match history::start(&self.store, &job.name, &self.host, scheduled, now_ms()).await
+        let id = match history::start(
+            &self.parts.store,
+            &job.name,
+            &self.host,
+            scheduled,
+            now_ms(),
+        )
+        .await
         {
             Ok(id) => Some(id),
             Err(err) => {
@@ -246,16 +300,17 @@ impl Runner {
         };
         let filler = Arc::new(Filler {
             upstream: Arc::new(
-                self.clickhouse
+                self.parts
+                    .clickhouse
                     .clone()
                     .with_settings(job.settings.iter().map(|(n, v)| (n.as_str(), v.as_str()))),
             ),
-            store: self.cache.clone(),
-            metrics: self.metrics.clone(),
+            store: self.parts.cache.clone(),
+            metrics: self.parts.metrics.clone(),
             max_entry_bytes: self.config.cache.max_entry_bytes,
             coalesce: self.config.coalesce.clone(),
             backoff: Arc::new(Backoff::of(&self.config.coalesce)),
-            admission: Admission::of(&self.config.clickhouse, self.metrics.clone()),
+            admission: self.parts.admission.clone(),
         });
         let mut results = futures_util::stream::iter(targets.into_iter().map(|t| {
             let filler = filler.clone();
@@ -298,20 +353,29 @@ impl Runner {
     ) {
         let counts = run.counts;
         if let Some(id) = id
-            && let Err(err) =
-                history::finish(&self.store, id, now_ms(), outcome.as_str(), counts, error).await
+            && let Err(err) = history::finish(
+                &self.parts.store,
+                id,
+                now_ms(),
+                outcome.as_str(),
+                counts,
+                error,
+            )
+            .await
         {
             tracing::error!(job = %job.name, error = %err, "cannot record the end of the run in the history");
         }
         let labels = JobLabels {
             job: job.name.clone(),
         };
-        self.metrics
+        self.parts
+            .metrics
             .warmup
             .duration
             .get_or_create(&labels)
             .observe(started.elapsed().as_secs_f64());
-        self.metrics
+        self.parts
+            .metrics
             .warmup
             .bytes
             .get_or_create(&labels)
@@ -321,7 +385,8 @@ impl Runner {
             ("skipped", counts.skipped),
             ("failed", counts.failed),
         ] {
-            self.metrics
+            self.parts
+                .metrics
                 .warmup
                 .keys
                 .get_or_create(&JobOutcomeLabels {
@@ -363,10 +428,10 @@ impl Runner {
     ) -> Report {
         let now = now_ms();
         let recorded =
-            match history::start(&self.store, &job.name, &self.host, scheduled, now).await {
+            match history::start(&self.parts.store, &job.name, &self.host, scheduled, now).await {
                 Ok(id) => {
                     history::finish(
-                        &self.store,
+                        &self.parts.store,
                         &id,
                         now,
                         outcome.as_str(),
@@ -399,9 +464,10 @@ impl Runner {
                 job: job.name.clone(),
                 outcome: outcome.as_str(),
             };
-            self.metrics.warmup.runs.get_or_create(&labels).inc();
+            self.parts.metrics.warmup.runs.get_or_create(&labels).inc();
             if outcome == Outcome::Ok {
-                self.metrics
+                self.parts
+                    .metrics
                     .warmup
                     .last_success
                     .get_or_create(&JobLabels {
@@ -430,9 +496,7 @@ impl Runner {
                 (targets, problems.iter().map(ToString::to_string).collect())
             }
             WarmupKind::Popular { top, hours } => {
-                let mut redis = self.redis.clone();
-                let demand = match popularity::top(&mut redis, prefix, hours, top, Utc::now()).await
-                {
+                let demand = match self.parts.popularity.top(hours, top).await {
                     Ok(demand) => demand,
                     Err(err) => return (Vec::new(), vec![err.to_string()]),
                 };
@@ -471,7 +535,7 @@ impl Runner {
     ) -> KeyResult {
         let now = now_ms();
         let beta = self.config.cache.xfetch_beta;
-        let existing = self.cache.get(&target.key, now).await;
+        let existing = self.parts.cache.get(&target.key, now).await;
         if let Some(entry) = &existing {
             let ahead = now.saturating_add(refresh_ahead.as_millis() as i64);
             let r = freshness::sample();
@@ -503,7 +567,7 @@ impl Runner {
             grace: target.query.grace,
             replaces,
         };
-        let subscriber = match self.coalescer.join(&target.key, usize::MAX) {
+        let subscriber = match self.parts.coalescer.join(&target.key, usize::MAX) {
             Role::Leader(producer, subscriber) => {
                 filler.spawn(job, producer);
                 subscriber
@@ -523,7 +587,7 @@ impl Runner {
                 "computed ({bytes} bytes) but not stored: larger than cache.max_entry_bytes"
             )),
             Some(StoreOutcome::Failed) | None => KeyResult::Failed(format!(
-                "computed ({bytes} bytes) but not stored: Redis refused it or did not answer"
+                "computed ({bytes} bytes) but not stored: the cache refused it (Redis did not answer, or larger than cache.memory_max_bytes)"
             )),
         }
     }

@@ -1,6 +1,6 @@
 //! Warm-up jobs, runnable: schedules and the keys a run warms.
 //!
-//! Owns turning a checked `[[warmup]]` entry (`dashcache::check::Warmup`:
+//! Owns turning a checked `[[warmup]]` entry (`crate::check::Warmup`:
 //! every rule — cron, time zone, query, tenants, parameter sets that bind —
 //! is the library's, so `dashcache-proxy check` says the same) into a
 //! [`WarmupJob`]: its cron schedule in a time zone that is followed across
@@ -8,8 +8,8 @@
 //! cache keys the proxy would use for the same requests.
 //!
 //! It does not run anything: executing jobs, leases, run history and reloads
-//! are [`crate::runner`], [`crate::lease`], [`crate::history`] and
-//! [`crate::daemon`]; demand counting is `dashcache::popularity`.
+//! are [`super::runner`], [`super::lease`], [`super::history`] and
+//! [`crate::daemon`]; demand counting is `crate::popularity`.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -19,11 +19,11 @@ use chrono::{DateTime, SubsecRound, Utc};
 use chrono_tz::Tz;
 use croner::Cron;
 
-use dashcache::cache::CacheKey;
-use dashcache::catalog::{Asked, QueryDef, ResolveError, TimeRange};
-use dashcache::check::warmup::{SetProblem, Warmup, WarmupKind};
-use dashcache::format::Format;
-use dashcache::params::Clock;
+use crate::cache::CacheKey;
+use crate::catalog::{Asked, QueryDef, ResolveError, TimeRange};
+use crate::check::warmup::{SetProblem, Warmup, WarmupKind};
+use crate::format::Format;
+use crate::params::Clock;
 
 /// A cron expression in a time zone.
 #[derive(Debug, Clone)]
@@ -35,11 +35,11 @@ pub struct Schedule {
 
 impl Schedule {
     /// Parses a 5-field (minute first) or 6-field (seconds first)
-    /// expression, by the rules `dashcache::check` applies to the config.
+    /// expression, by the rules `crate::check` applies to the config.
     /// (Jobs are built from checked entries; this is for the tests below.)
     #[cfg(test)]
-    pub fn parse(expr: &str, tz: &str) -> Result<Schedule, dashcache::check::warmup::WarmupError> {
-        use dashcache::check::warmup;
+    pub fn parse(expr: &str, tz: &str) -> Result<Schedule, crate::check::warmup::WarmupError> {
+        use crate::check::warmup;
         Ok(Schedule {
             tz: warmup::time_zone(tz)?,
             cron: warmup::cron(expr)?,
@@ -136,7 +136,7 @@ impl Target {
 }
 
 impl WarmupJob {
-    /// The runnable job of an entry `dashcache::check` passed.
+    /// The runnable job of an entry `crate::check` passed.
     pub fn new(warmup: Warmup) -> WarmupJob {
         WarmupJob {
             name: warmup.name,
