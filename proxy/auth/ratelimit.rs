@@ -13,6 +13,16 @@
 //! wait and go to Redis together, as one script call deciding `n` requests in
 //! arrival order: a busy key costs one Redis round trip per batch, not per
 //! request, and the decisions are the same as one by one.
+//!
+//! A busy key (a batch of two or more) also takes a *lease*: the script call
+//! asks for up to [`Rate::lease`] requests more than the batch holds — at
+//! most 1/64 of the burst and 100 ms of the rate — and this process allows
+//! that many of the key's next requests without asking Redis, within
+//! [`LEASE_US`]; what is not used by then is dropped. Redis counted them when
+//! they were taken, so across every proxy a key is never allowed more than
+//! its rate; a proxy holding an unused lease can make another one refuse up to
+//! that many requests early. Tiers with a burst under 64 have no leases: their
+//! decisions are exact, one by one.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -54,21 +64,29 @@ pub struct Decision {
     pub retry_after_secs: u64,
 }
 
+/// How long a lease's requests may be allowed without asking Redis.
+const LEASE_US: i64 = 1_000_000;
+
 /// A tier's rate in the algorithm's units.
 #[derive(Debug, Clone, Copy)]
 struct Rate {
     interval_us: i64,
     tau_us: i64,
     burst: u32,
+    /// Requests a busy key takes ahead: min(burst / 64, the rate's 100 ms).
+    lease: usize,
 }
 
 impl Rate {
     fn of(tier: &Tier) -> Rate {
         let interval_us = (60_000_000 / i64::from(tier.requests_per_minute.max(1))).max(1);
+        let burst = tier.burst.max(1);
+        let per_100ms = u64::from(tier.requests_per_minute) / 600;
         Rate {
             interval_us,
-            tau_us: interval_us * i64::from(tier.burst.max(1) - 1),
-            burst: tier.burst.max(1),
+            tau_us: interval_us * i64::from(burst - 1),
+            burst,
+            lease: usize::try_from((u64::from(burst) / 64).min(per_100ms)).unwrap_or(0),
         }
     }
 
@@ -137,6 +155,11 @@ pub struct RateLimiter {
 struct Batch {
     waiting: Vec<(Rate, oneshot::Sender<Decision>)>,
     running: bool,
+    /// Requests taken from Redis ahead of time, left to allow (see the module doc).
+    leased: usize,
+    lease_until_us: i64,
+    /// The TAT the next leased request is decided with (for its headers).
+    lease_tat_us: i64,
 }
 
 impl RateLimiter {
@@ -164,6 +187,12 @@ impl RateLimiter {
                 Some(batch) => batch,
                 None => batches.entry(key_id.to_owned()).or_default(),
             };
+            if batch.leased > 0 && now_us < batch.lease_until_us {
+                batch.leased -= 1;
+                batch.lease_tat_us += rate.interval_us;
+                return rate.decide(true, batch.lease_tat_us, now_us);
+            }
+            batch.leased = 0;
             batch.waiting.push((rate, tx));
             !std::mem::replace(&mut batch.running, true)
         };
@@ -188,7 +217,11 @@ impl RateLimiter {
                     return;
                 };
                 if batch.waiting.is_empty() {
-                    batches.remove(key_id);
+                    if batch.leased == 0 {
+                        batches.remove(key_id);
+                    } else {
+                        batch.running = false;
+                    }
                     return;
                 }
                 std::mem::take(&mut batch.waiting)
@@ -199,12 +232,13 @@ impl RateLimiter {
             };
             let now_us = chrono::Utc::now().timestamp_micros();
             let n = waiting.len();
+            let ahead = if n >= 2 { rate.lease } else { 0 };
             let mut invocation = self.script.key(format!("{}{key_id}", self.prefix));
             invocation
                 .arg(now_us)
                 .arg(rate.interval_us)
                 .arg(rate.tau_us)
-                .arg(n);
+                .arg(n + ahead);
             let redis = self.cache.redis();
             let decided = match redis {
                 Some(redis) => redis.invoke::<(i64, i64)>(invocation).await,
@@ -212,7 +246,16 @@ impl RateLimiter {
             };
             let decisions = match decided {
                 Some((allowed, tat)) => {
-                    rate.decide_batch(n, usize::try_from(allowed).unwrap_or(0), tat, now_us)
+                    let allowed = usize::try_from(allowed).unwrap_or(0);
+                    if allowed > n {
+                        self.lease(
+                            key_id,
+                            allowed - n,
+                            tat.max(now_us) + n as i64 * rate.interval_us,
+                            now_us,
+                        );
+                    }
+                    rate.decide_batch(n, allowed.min(n), tat, now_us)
                 }
                 None => (0..n)
                     .map(|_| self.local_step(key_id, rate, now_us))
@@ -221,6 +264,17 @@ impl RateLimiter {
             for ((_, tx), decision) in waiting.into_iter().zip(decisions) {
                 let _ = tx.send(decision);
             }
+        }
+    }
+
+    /// Keeps `count` requests Redis allowed ahead of time for the key's next
+    /// checks; `tat_us`: the TAT after the batch that took them.
+    fn lease(&self, key_id: &str, count: usize, tat_us: i64, now_us: i64) {
+        let mut batches = self.batches.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(batch) = batches.get_mut(key_id) {
+            batch.leased = count;
+            batch.lease_until_us = now_us + LEASE_US;
+            batch.lease_tat_us = tat_us;
         }
     }
 
@@ -243,6 +297,17 @@ mod tests {
             burst,
             ..Tier::for_tests()
         }
+    }
+
+    #[test]
+    fn leases_are_a_64th_of_the_burst_and_100_ms_of_the_rate_at_most() {
+        // Small bursts (the tests' 10, the shipped free tier's 20): exact.
+        assert_eq!(Rate::of(&tier(60, 10)).lease, 0);
+        assert_eq!(Rate::of(&tier(60, 20)).lease, 0);
+        // The shipped enterprise tier: 6000/min = 10 per 100 ms, burst 1000 / 64 = 15.
+        assert_eq!(Rate::of(&tier(6000, 1000)).lease, 10);
+        assert_eq!(Rate::of(&tier(600, 100)).lease, 1);
+        assert_eq!(Rate::of(&tier(60_000_000, 1_000_000_000)).lease, 100_000);
     }
 
     #[test]
