@@ -14,10 +14,25 @@ use crate::harness::{Proxy, ProxyOptions, Relay};
 /// Options of a proxy without `[redis]`, and without the shipped warm-up
 /// jobs (without Redis the proxy would run them: their queries would be
 /// counted with the test's).
+/// The operator tier's rate is lifted: the tests poll `/status.json`.
 pub fn single_host(options: ProxyOptions) -> ProxyOptions {
     let mut without = options.without.clone();
     without.extend(["redis", "warmup"]);
-    ProxyOptions { without, ..options }
+    let mut set = options.set.clone();
+    set.push((
+        "tier",
+        "operator",
+        toml::Value::Table(
+            "requests_per_minute = 600000\nburst = 100000\nqueries = []\nexports = []\noperator = true"
+                .parse()
+                .expect("tier table"),
+        ),
+    ));
+    ProxyOptions {
+        without,
+        set,
+        ..options
+    }
 }
 
 const REVENUE: &str = "/v1/query/revenue?from=today-3d&to=today&granularity=day&format=csv";
