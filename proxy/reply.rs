@@ -109,6 +109,19 @@ impl http_body::Body for Compressed {
     }
 }
 
+/// Names of the headers dashcache's own answers carry, as constants: a
+/// `&str` name is parsed and checked on every insert.
+pub mod names {
+    use http::HeaderName;
+
+    pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+    pub const X_TIME_RANGE: HeaderName = HeaderName::from_static("x-time-range");
+    pub const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
+    pub const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+    pub const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+    pub const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+}
+
 /// Numbers below this are header values made once ([`number`], [`private_max_age`]).
 const SMALL: u64 = 4096;
 

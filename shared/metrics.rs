@@ -65,6 +65,10 @@ fn latency_histogram() -> Histogram {
 /// Every metric of a process.
 pub struct Metrics {
     registry: Registry,
+    /// The per-request counters, found once: `[CacheStatus::ALL]` and
+    /// `[RateOutcome::ALL]` in order (a family lookup hashes its labels).
+    hot_cache: Vec<Counter>,
+    hot_rate: Vec<Counter>,
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_duration: HistogramFamily<RouteLabels>,
     pub http_in_flight: Gauge,
@@ -322,7 +326,29 @@ impl Metrics {
             cors_requests.clone(),
         );
         let warmup = WarmupMetrics::register(&mut registry);
+        let hot_cache = CacheStatus::ALL
+            .iter()
+            .map(|status| {
+                cache_requests
+                    .get_or_create(&ResultLabels {
+                        result: status.as_str(),
+                    })
+                    .clone()
+            })
+            .collect();
+        let hot_rate = RateOutcome::ALL
+            .iter()
+            .map(|outcome| {
+                rate_limit
+                    .get_or_create(&OutcomeLabels {
+                        outcome: outcome.as_str(),
+                    })
+                    .clone()
+            })
+            .collect();
         let metrics = Metrics {
+            hot_cache,
+            hot_rate,
             cors_requests,
             miss_queue,
             miss_queue_waiting,
@@ -418,11 +444,13 @@ impl Metrics {
 
     /// Counts one cache result.
     pub fn cache_result(&self, status: CacheStatus) {
-        self.cache_requests
-            .get_or_create(&ResultLabels {
-                result: status.as_str(),
-            })
-            .inc();
+        if let Some(counter) = CacheStatus::ALL
+            .iter()
+            .position(|s| *s == status)
+            .and_then(|i| self.hot_cache.get(i))
+        {
+            counter.inc();
+        }
     }
 
     pub fn admission(&self, outcome: AdmissionOutcome) {
@@ -466,11 +494,13 @@ impl Metrics {
     }
 
     pub fn rate_outcome(&self, outcome: RateOutcome) {
-        self.rate_limit
-            .get_or_create(&OutcomeLabels {
-                outcome: outcome.as_str(),
-            })
-            .inc();
+        if let Some(counter) = RateOutcome::ALL
+            .iter()
+            .position(|o| *o == outcome)
+            .and_then(|i| self.hot_rate.get(i))
+        {
+            counter.inc();
+        }
     }
 
     pub fn cors_outcome(&self, kind: CorsKind, result: CorsOutcome) {

@@ -173,9 +173,13 @@ pub fn not_operator(caller: &Caller, path: &str) -> Response<Body> {
 
 /// The IETF `RateLimit-*` headers.
 pub fn rate_headers(headers: &mut HeaderMap, rate: &Decision) {
-    headers.insert("ratelimit-limit", reply::number(rate.limit.into()));
-    headers.insert("ratelimit-remaining", reply::number(rate.remaining.into()));
-    headers.insert("ratelimit-reset", reply::number(rate.reset_secs));
+    use crate::reply::names;
+    headers.insert(names::RATELIMIT_LIMIT, reply::number(rate.limit.into()));
+    headers.insert(
+        names::RATELIMIT_REMAINING,
+        reply::number(rate.remaining.into()),
+    );
+    headers.insert(names::RATELIMIT_RESET, reply::number(rate.reset_secs));
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use crate::auth::{self, Caller};
 use crate::error::ApiError;
 use crate::prepared::Prepared;
-use crate::reply::{self, Body};
+use crate::reply::{self, Body, names};
 use crate::state::App;
 
 pub async fn handle<B>(
@@ -239,7 +239,7 @@ async fn stored(
     response.extensions_mut().insert(cache);
     let served = entry.served();
     let headers = response.headers_mut();
-    headers.insert("x-cache", HeaderValue::from_static(cache.as_str()));
+    headers.insert(names::X_CACHE, HeaderValue::from_static(cache.as_str()));
     if let Some(etag) = &served.etag {
         headers.insert(header::ETAG, etag.clone());
     }
@@ -248,7 +248,7 @@ async fn stored(
     }
     headers.insert(header::AGE, reply::number(age));
     if let Some(range) = &served.time_range {
-        headers.insert(X_TIME_RANGE, range.clone());
+        headers.insert(names::X_TIME_RANGE, range.clone());
     }
     headers.insert(header::CACHE_CONTROL, reply::private_max_age(max_age));
     reply::set_encoding(headers, sent_encoding);
@@ -321,7 +321,7 @@ async fn streamed(
         header::CONTENT_TYPE,
         HeaderValue::from_static(prepared.format.content_type()),
     );
-    headers.insert("x-cache", HeaderValue::from_static(cache.as_str()));
+    headers.insert(names::X_CACHE, HeaderValue::from_static(cache.as_str()));
     time_range(headers, prepared.range);
     headers.insert(
         header::CACHE_CONTROL,
@@ -334,13 +334,11 @@ async fn streamed(
 
 /// `X-Time-Range`: the absolute range `[from, to)` the answer covers (a
 /// relative request's moves with each refresh).
-const X_TIME_RANGE: &str = "x-time-range";
-
 fn time_range(headers: &mut HeaderMap, range: Option<TimeRange>) {
     if let Some(range) = range
         && let Ok(value) = HeaderValue::from_str(&range.header_value())
     {
-        headers.insert(X_TIME_RANGE, value);
+        headers.insert(names::X_TIME_RANGE, value);
     }
 }
 
@@ -370,7 +368,7 @@ impl ServerTiming {
             );
         }
         if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(text)) {
-            headers.insert("server-timing", value);
+            headers.insert(names::SERVER_TIMING, value);
         }
     }
 }
