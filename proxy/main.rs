@@ -134,7 +134,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         None => {
             let checked = dashcache::check::load(&cli.config)?;
-            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            runtime.enable_all();
+            if checked.config.proxy.worker_threads > 0 {
+                runtime.worker_threads(checked.config.proxy.worker_threads);
+            }
+            let runtime = runtime.build().context("starting the runtime")?;
             let served = runtime.block_on(async {
                 let app = state::App::new(checked).await?;
                 server::run(app.clone(), cli.listen).await?;

@@ -31,11 +31,10 @@ use crate::engine::chdb::ChdbError;
 use crate::engine::embedded::{Embedded, EmbeddedAnswer};
 pub use crate::exception::error_code;
 use crate::format::Format;
-use crate::holdback::Holdback;
 pub use crate::holdback::TAIL_HOLDBACK;
+use crate::holdback::{GATHER, Holdback};
 use crate::metrics::{KindLabels, Metrics};
 use crate::outcome::AttemptOutcome;
-use crate::pump::{Pump, PumpError};
 use crate::upstream::{InFlight, Pool};
 
 /// ClickHouse error code for "timeout exceeded" (`max_execution_time`).
@@ -566,7 +565,7 @@ impl ClickHouse {
             metrics: self.metrics.clone(),
         };
         Ok(Answer::new(
-            Feed::Starting(Some(Box::new((cursor, source)))),
+            Feed::Server { cursor, source },
             format,
             read_timeout,
             self.metrics.clone(),
@@ -700,66 +699,25 @@ impl Source {
     }
 }
 
-/// Where an answer's chunks come from.
+/// Where an answer's chunks come from. (One per answer, inside it: the
+/// server variant's size is not worth a box per query.)
+#[allow(clippy::large_enum_variant)]
 enum Feed {
-    /// A server over HTTP, through the replica that runs the query: read by
-    /// a [`Pump`] from the first read on (`Starting` until then).
-    Starting(Option<Box<(BytesCursor, Source)>>),
-    Server(Pump<UpstreamError>),
-    /// The embedded engine's blocking thread (its chunks queue already).
+    /// A server over HTTP, through the replica that runs the query.
+    Server { cursor: BytesCursor, source: Source },
+    /// The embedded engine's blocking thread.
     Embedded(EmbeddedAnswer),
 }
-
-/// How far a server's answer is read ahead of its reader.
-const READ_AHEAD: usize = crate::holdback::PASS_BATCH;
 
 impl Feed {
     /// The next chunk, waiting for it. Cancel-safe.
     async fn next(&mut self) -> Result<Option<Bytes>, UpstreamError> {
-        match self.started() {
-            Feed::Server(pump) => pump.next().await.map_err(pumped),
-            Feed::Embedded(answer) => answer.next().await.map_err(embedded_error),
-            Feed::Starting(_) => Ok(None),
-        }
-    }
-
-    /// The next chunk if it has arrived (`None`: not yet).
-    fn arrived(&mut self) -> Option<Result<Option<Bytes>, UpstreamError>> {
         match self {
-            Feed::Server(pump) => pump.arrived().map(|read| read.map_err(pumped)),
-            Feed::Embedded(answer) => futures_util::FutureExt::now_or_never(answer.next())
-                .map(|read| read.map_err(embedded_error)),
-            Feed::Starting(_) => None,
+            Feed::Server { cursor, source } => {
+                source.next(cursor).await.map_err(UpstreamError::from_crate)
+            }
+            Feed::Embedded(answer) => answer.next().await.map_err(embedded_error),
         }
-    }
-
-    /// Hands a server's answer to its pump (on the first read: a task needs
-    /// the runtime, and nothing is sent before the first read).
-    fn started(&mut self) -> &mut Feed {
-        if let Feed::Starting(start) = self
-            && let Some(start) = start.take()
-        {
-            let body = futures_util::stream::unfold(Some(*start), |state| async move {
-                let (mut cursor, mut source) = state?;
-                match source.next(&mut cursor).await {
-                    Ok(Some(chunk)) => Some((Ok(chunk), Some((cursor, source)))),
-                    Ok(None) => None,
-                    Err(err) => Some((Err(UpstreamError::from_crate(err)), None)),
-                }
-            });
-            *self = Feed::Server(Pump::spawn(body, READ_AHEAD));
-        }
-        self
-    }
-}
-
-fn pumped(err: PumpError<UpstreamError>) -> UpstreamError {
-    match err {
-        PumpError::Body(err) => err,
-        PumpError::Stopped => UpstreamError::Body {
-            code: None,
-            message: "reading the answer stopped before its end".into(),
-        },
     }
 }
 
@@ -830,11 +788,12 @@ impl Answer {
                     ));
                 }
             }
-            // What has arrived meanwhile goes along.
+            // What arrives right after goes along (reading a chunk is
+            // cancel-safe: one that is not there yet stays unread).
             while self.tail.wants_more() {
-                match self.feed.arrived() {
-                    Some(read) => self.take(read)?,
-                    None => break,
+                match tokio::time::timeout(GATHER, self.feed.next()).await {
+                    Ok(read) => self.take(read)?,
+                    Err(_) => break,
                 }
             }
         }

@@ -5,8 +5,9 @@
 //! exception to a `200 OK` body, so the last [`TAIL_HOLDBACK`] bytes of every
 //! answer are held until the answer is complete and its tail was checked
 //! ([`crate::clickhouse::exception_start`]). [`Holdback`] owns that tail:
-//! chunks go in as they arrive ([`Holdback::push`]); what lies before the
-//! tail comes out merged into pieces of up to [`PASS_BATCH`] bytes
+//! chunks go in as they arrive ([`Holdback::push`]), the reader taking those
+//! that follow within [`GATHER`] of each other; what lies before the tail
+//! comes out merged into pieces of up to [`PASS_BATCH`] bytes
 //! ([`Holdback::pass`]), so a server that sends small chunks (a few KiB each)
 //! costs the client one write per batch rather than one per chunk.
 //!
@@ -25,6 +26,12 @@ pub const TAIL_HOLDBACK: usize = 64 * 1024;
 /// The most bytes one [`Holdback::pass`] merges (and how far past the tail a
 /// reader reads ahead without waiting, [`Holdback::wants_more`]).
 pub const PASS_BATCH: usize = 256 * 1024;
+
+/// How long a reader waits for more chunks before passing on what it has
+/// ([`Holdback::wants_more`]): ClickHouse streams in chunks of a few KiB
+/// (18.16: 4 KiB) that hyper's client hands over one at a time, so without
+/// waiting a little each would cost the client its own write.
+pub const GATHER: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// An answer's chunks between arriving and being passed on.
 #[derive(Debug, Default)]

@@ -29,7 +29,6 @@ pub mod metrics;
 pub mod outcome;
 pub mod params;
 pub mod popularity;
-pub mod pump;
 pub mod redis_conn;
 pub mod service;
 pub(crate) mod sql;

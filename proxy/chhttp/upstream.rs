@@ -22,7 +22,7 @@ use bytes::Bytes;
 use dashcache::clickhouse::{UpstreamError, error_code, exception_start};
 use dashcache::fill::{AnswerStream, Upstream};
 use dashcache::format::Format;
-use dashcache::holdback::Holdback;
+use dashcache::holdback::{GATHER, Holdback};
 use dashcache::metrics::Metrics;
 use futures_util::future::BoxFuture;
 use http_body_util::{BodyExt, Full};
@@ -204,11 +204,11 @@ impl RawAnswer {
                 Ok(frame) => self.take(frame)?,
                 Err(_) => return Err(UpstreamError::Timeout(self.exchange.read_timeout)),
             }
-            // What has arrived meanwhile goes along without waiting (a frame
-            // that is not there yet stays unread).
+            // What arrives right after goes along (a frame that is not
+            // there yet stays unread).
             while self.tail.wants_more()
                 && let Some(body) = self.body.as_mut()
-                && let Some(frame) = futures_util::FutureExt::now_or_never(body.frame())
+                && let Ok(frame) = tokio::time::timeout(GATHER, body.frame()).await
             {
                 self.take(frame)?;
             }

@@ -1,12 +1,12 @@
 //! `GET /v1/export/{name}`: raw data streamed from ClickHouse, never cached.
 //!
 //! The body is ClickHouse's own HTTP response (JSONEachRow, CSVWithNames,
-//! TSVWithNames), passed through as it arrives, the chunks that arrived
+//! TSVWithNames), passed through as it arrives, the chunks that arrive
 //! together merged ([`dashcache::holdback`]): hyper asks for the next piece
 //! only when the client has taken the last one, so a slow client slows the
 //! read from ClickHouse instead of filling memory (the only buffer is
 //! [`dashcache::holdback::TAIL_HOLDBACK`] plus at most
-//! [`dashcache::holdback::PASS_BATCH`] read ahead, and the piece in hand). Each
+//! [`dashcache::holdback::PASS_BATCH`] gathered, and the piece in hand). Each
 //! export has its own ClickHouse `query_id`; if the client goes away before
 //! the end, the upstream connection is dropped and `KILL QUERY` is sent.
 //!

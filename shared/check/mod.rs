@@ -157,6 +157,13 @@ fn run(config: &Config) -> (Catalog, Vec<Warmup>, Vec<Diagnostic>) {
             format!("proxy.request_log_sample = {sample} must be between 0.0 and 1.0"),
         ));
     }
+    let workers = config.proxy.worker_threads;
+    if workers > 1024 {
+        diagnostics.push(config.diagnostic(
+            &["proxy", "worker_threads"],
+            format!("proxy.worker_threads = {workers} must be at most 1024 (0: one per core)"),
+        ));
+    }
     let early = config.cache.early_refresh;
     if !(0.0..=1.0).contains(&early) {
         diagnostics.push(config.diagnostic(

@@ -227,6 +227,10 @@ pub struct ProxyConfig {
     /// `[proxy.tls]`: serve HTTPS (HTTP/2 and HTTP/1.1 by ALPN) instead of
     /// plain HTTP.
     pub tls: Option<ListenerTls>,
+    /// Threads serving requests; 0: one per core. Fewer cost less CPU per
+    /// request (fewer hand-offs between threads) where the proxy shares a
+    /// small host with ClickHouse (BENCHMARKS.md).
+    pub worker_threads: usize,
 }
 
 impl Default for ProxyConfig {
@@ -237,6 +241,7 @@ impl Default for ProxyConfig {
             request_log: RequestLog::default(),
             request_log_sample: 0.01,
             tls: None,
+            worker_threads: 0,
         }
     }
 }
