@@ -10,6 +10,8 @@ use dashcache::metrics::{HttpLabels, Metrics, RouteLabels};
 use dashcache::outcome::CacheStatus;
 use http::Response;
 
+use crate::reply::names::X_CACHE;
+
 /// The routes, for metric labels and the log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
@@ -91,8 +93,8 @@ impl Route {
     }
 
     /// Counts one answer of this route: `dashcache_http_requests_total` by
-    /// status and the duration histogram by `X-Cache` (the response's
-    /// `CacheStatus` extension, `-` without one). Returns that cache label.
+    /// status and the duration histogram by the response's `X-Cache` (`-`
+    /// without one). Returns that cache label.
     pub fn count<B>(
         self,
         metrics: &Metrics,
@@ -107,8 +109,9 @@ impl Route {
             })
             .inc();
         let cache = response
-            .extensions()
-            .get::<CacheStatus>()
+            .headers()
+            .get(X_CACHE)
+            .and_then(|value| CacheStatus::from_header(value.as_bytes()))
             .map_or("-", |status| status.as_str());
         metrics
             .http_duration

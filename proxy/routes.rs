@@ -96,9 +96,11 @@ async fn route(app: &Arc<App>, req: &Request<Incoming>) -> (Route, Response<Body
                     export::handle(app, name, req, &caller).await
                 };
                 auth::rate_headers(response.headers_mut(), &caller.rate);
-                response
-                    .extensions_mut()
-                    .insert(KeyId(caller.key.id.clone()));
+                if may_log(&app.config.proxy, response.status()) {
+                    response
+                        .extensions_mut()
+                        .insert(KeyId(caller.key.id.clone()));
+                }
                 response
             }
             Err(response) => response,
@@ -182,6 +184,16 @@ pub(crate) fn logged(config: &ProxyConfig, status: StatusCode) -> bool {
         RequestLog::Errors => error,
         RequestLog::Sampled => error || rand::random::<f64>() < config.request_log_sample,
         RequestLog::All => true,
+    }
+}
+
+/// Whether the request log may take a request that got `status` (its key
+/// id is kept for the line only then: no work for the hits it never logs).
+pub(crate) fn may_log(config: &ProxyConfig, status: StatusCode) -> bool {
+    match config.request_log {
+        RequestLog::Off => false,
+        RequestLog::Errors => status.as_u16() >= 400,
+        RequestLog::Sampled | RequestLog::All => true,
     }
 }
 

@@ -31,6 +31,13 @@ impl CacheStatus {
         CacheStatus::Bypass,
     ];
 
+    /// The status an `X-Cache` header value names (`None`: none of them).
+    pub fn from_header(value: &[u8]) -> Option<CacheStatus> {
+        CacheStatus::ALL
+            .into_iter()
+            .find(|status| status.as_str().as_bytes() == value)
+    }
+
     pub const fn as_str(self) -> &'static str {
         match self {
             CacheStatus::Hit => "HIT",

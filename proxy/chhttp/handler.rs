@@ -47,9 +47,11 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
     };
     let mut response = run(app, &parts, body, asked, query_param, &caller).await;
     crate::auth::rate_headers(response.headers_mut(), &caller.rate);
-    response
-        .extensions_mut()
-        .insert(crate::routes::KeyId(caller.key.id.clone()));
+    if crate::routes::may_log(&app.config.proxy, response.status()) {
+        response
+            .extensions_mut()
+            .insert(crate::routes::KeyId(caller.key.id.clone()));
+    }
     response
 }
 
@@ -344,10 +346,12 @@ impl Cached<'_> {
             body
         };
         let mut response = Response::new(body);
-        response.extensions_mut().insert(status);
         let out = response.headers_mut();
         replay(out, headers);
-        out.insert("x-cache", HeaderValue::from_static(status.as_str()));
+        out.insert(
+            reply::names::X_CACHE,
+            HeaderValue::from_static(status.as_str()),
+        );
         if encoding != Encoding::Identity {
             out.insert(
                 header::CONTENT_ENCODING,
@@ -446,11 +450,10 @@ async fn bypass(
     };
     let encoding = encoding::negotiate(accept_encoding(request), offered);
     let mut response = Response::new(reply::compressed(body, encoding));
-    response.extensions_mut().insert(CacheStatus::Bypass);
     let out = response.headers_mut();
     replay(out, &headers);
     out.insert(
-        "x-cache",
+        reply::names::X_CACHE,
         HeaderValue::from_static(CacheStatus::Bypass.as_str()),
     );
     if encoding != Encoding::Identity {

@@ -236,7 +236,6 @@ async fn stored(
             }
         }
     };
-    response.extensions_mut().insert(cache);
     let served = entry.served();
     let headers = response.headers_mut();
     headers.insert(names::X_CACHE, HeaderValue::from_static(cache.as_str()));
@@ -315,7 +314,6 @@ async fn streamed(
     app.metrics.cache_result(cache);
     let encoding = encoding::negotiate(accept_encoding(request), &[Encoding::Zstd, Encoding::Gzip]);
     let mut response = Response::new(reply::compressed(body, encoding));
-    response.extensions_mut().insert(cache);
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
