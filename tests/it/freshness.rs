@@ -82,17 +82,6 @@ async fn a_steadily_read_entry_is_refreshed_before_it_expires() {
     assert!(proxy.metric("dashcache_clickhouse_queries_total").await >= 3.0);
 }
 
-async fn until(proxy: &Proxy, url: &str, cache: &str) -> crate::harness::Reply {
-    for _ in 0..100 {
-        let reply = proxy.get(url).await;
-        if reply.cache() == cache {
-            return reply;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{url} never answered {cache}; log:\n{}", proxy.log());
-}
-
 #[tokio::test]
 async fn with_clickhouse_unreachable_stale_answers_are_served_and_fresh_ones_resume_after() {
     let mut relay = Relay::start().await;
@@ -111,7 +100,7 @@ async fn with_clickhouse_unreachable_stale_answers_are_served_and_fresh_ones_res
     assert_eq!(first.cache(), "MISS");
 
     relay.cut();
-    let stale = until(&proxy, "/v1/query/brief", "STALE").await;
+    let stale = proxy.until("/v1/query/brief", "STALE").await;
     assert_eq!(stale.status, 200);
     assert_eq!(stale.text(), first.text());
     // Keeps serving stale while every background refresh fails.
@@ -144,7 +133,7 @@ async fn with_clickhouse_unreachable_stale_answers_are_served_and_fresh_ones_res
     assert_eq!(uncached.json()["type"], "upstream_unavailable");
 
     relay.restore().await;
-    let fresh = until(&proxy, "/v1/query/brief", "HIT").await;
+    let fresh = proxy.until("/v1/query/brief", "HIT").await;
     assert_eq!(fresh.status, 200);
     // The uncached key failed moments ago: it backs off (503) until its
     // backoff ends, then it is computed.

@@ -220,6 +220,19 @@ impl Proxy {
         panic!("proxy did not become healthy; log:\n{}", proxy.log());
     }
 
+    /// GETs `path` (with this proxy's API key) until its `X-Cache` is
+    /// `cache` (bounded: 200 tries 100 ms apart), and returns that answer.
+    pub async fn until(&self, path: &str, cache: &str) -> Reply {
+        for _ in 0..200 {
+            let reply = self.get(path).await;
+            if reply.cache() == cache {
+                return reply;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{path} never answered {cache}; log:\n{}", self.log());
+    }
+
     /// GET with this proxy's API key.
     pub async fn get(&self, path: &str) -> Reply {
         let auth = format!("Bearer {}", self.key);

@@ -37,17 +37,6 @@ pub fn single_host(options: ProxyOptions) -> ProxyOptions {
 
 const REVENUE: &str = "/v1/query/revenue?from=today-3d&to=today&granularity=day&format=csv";
 
-async fn until(proxy: &Proxy, url: &str, cache: &str) -> crate::harness::Reply {
-    for _ in 0..200 {
-        let reply = proxy.get(url).await;
-        if reply.cache() == cache {
-            return reply;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{url} never answered {cache}; log:\n{}", proxy.log());
-}
-
 #[tokio::test]
 async fn without_redis_answers_live_in_the_proxy_and_nothing_reports_redis_down() {
     let proxy = Proxy::start_with(single_host(ProxyOptions::default())).await;
@@ -116,20 +105,20 @@ async fn without_redis_stale_answers_are_served_within_grace_and_while_clickhous
     let first = proxy.get("/v1/query/brief?format=csv").await;
     assert_eq!(first.cache(), "MISS");
     // Past its TTL, within grace: STALE, refreshed in the background.
-    let stale = until(&proxy, "/v1/query/brief?format=csv", "STALE").await;
+    let stale = proxy.until("/v1/query/brief?format=csv", "STALE").await;
     assert_eq!(stale.text(), first.text());
-    until(&proxy, "/v1/query/brief?format=csv", "HIT").await;
+    proxy.until("/v1/query/brief?format=csv", "HIT").await;
 
     // ClickHouse unreachable: the kept answer is served STALE, not an error.
     relay.cut();
-    let stale = until(&proxy, "/v1/query/brief?format=csv", "STALE").await;
+    let stale = proxy.until("/v1/query/brief?format=csv", "STALE").await;
     assert_eq!((stale.status, stale.text()), (200, first.text()));
     for _ in 0..3 {
         let reply = proxy.get("/v1/query/brief?format=csv").await;
         assert_eq!((reply.status, reply.cache()), (200, "STALE"));
     }
     relay.restore().await;
-    until(&proxy, "/v1/query/brief?format=csv", "HIT").await;
+    proxy.until("/v1/query/brief?format=csv", "HIT").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
