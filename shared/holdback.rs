@@ -57,10 +57,17 @@ impl Holdback {
         }
     }
 
-    /// Whether a reader should take what has already arrived before passing
-    /// on: the body goes on and less than a batch waits beyond the tail.
+    /// Whether a reader should take what arrives next before passing on: the
+    /// body goes on, less than a batch waits beyond the tail, and it is not
+    /// the answer's first piece that could go (first bytes go as soon as they
+    /// may: time to first byte).
     pub fn wants_more(&self) -> bool {
-        !self.finished && self.held_len < TAIL_HOLDBACK + PASS_BATCH
+        let first_ready = self.passed_last.is_none()
+            && self
+                .held
+                .front()
+                .is_some_and(|front| self.held_len - front.len() >= TAIL_HOLDBACK);
+        !self.finished && !first_ready && self.held_len < TAIL_HOLDBACK + PASS_BATCH
     }
 
     pub fn is_finished(&self) -> bool {
@@ -158,6 +165,24 @@ mod tests {
         holdback.keep(tail.slice(..10));
         assert_eq!(drain(&mut holdback), vec![tail.slice(..10)]);
         assert!(holdback.pass().is_none());
+    }
+
+    #[test]
+    fn the_first_piece_goes_as_soon_as_it_may() {
+        let mut holdback = Holdback::new();
+        let chunk = Bytes::from(vec![b'x'; 4096]);
+        for _ in 0..16 {
+            holdback.push(chunk.clone());
+            assert!(holdback.wants_more(), "all of it is still the tail");
+        }
+        holdback.push(chunk.clone());
+        assert!(
+            !holdback.wants_more(),
+            "the first 4 KiB may go: no gathering"
+        );
+        assert_eq!(holdback.pass().map(|p| p.len()), Some(4096));
+        holdback.push(chunk.clone());
+        assert!(holdback.wants_more(), "later pieces are gathered");
     }
 
     #[test]
