@@ -135,36 +135,19 @@ pub async fn json(app: &App) -> Response<Body> {
     response
 }
 
-/// The last [`TOP`] warm-up runs, newest first.
-async fn warmup_runs(app: &App) -> Result<Vec<Value>, sqlx::Error> {
-    type Row = (
-        String,
-        String,
-        i64,
-        Option<i64>,
-        String,
-        i64,
-        i64,
-        i64,
-        i64,
-        Option<String>,
-    );
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT job, host, started_ms, ended_ms, outcome, keys_warmed, keys_skipped, \
-         keys_failed, bytes, error FROM warmup_runs ORDER BY started_ms DESC LIMIT 10",
-    )
-    .fetch_all(app.store.pool())
-    .await?;
-    Ok(rows
+/// The last 10 warm-up runs, newest first (the control store's history, as
+/// `dashcache-scheduler history` reads it).
+async fn warmup_runs(app: &App) -> Result<Vec<Value>, dashcache::store::StoreError> {
+    let runs = dashcache::warmup::history::list(&app.store, None, 10).await?;
+    Ok(runs
         .into_iter()
-        .map(
-            |(job, host, started_ms, ended_ms, outcome, warmed, skipped, failed, bytes, error)| {
-                json!({
-                    "job": job, "host": host, "started_ms": started_ms, "ended_ms": ended_ms,
-                    "outcome": outcome, "keys_warmed": warmed, "keys_skipped": skipped,
-                    "keys_failed": failed, "bytes": bytes, "error": error,
-                })
-            },
-        )
+        .map(|run| {
+            json!({
+                "job": run.job, "host": run.host, "started_ms": run.started_ms,
+                "ended_ms": run.ended_ms, "outcome": run.outcome,
+                "keys_warmed": run.counts.warmed, "keys_skipped": run.counts.skipped,
+                "keys_failed": run.counts.failed, "bytes": run.counts.bytes, "error": run.error,
+            })
+        })
         .collect())
 }

@@ -12,7 +12,7 @@
 //! Which of its entries are fresh or stale is [`crate::freshness`]'s call.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{CacheKey, Entry};
 use crate::clock::now_ms;
@@ -28,27 +28,10 @@ struct Kept {
 }
 
 /// Entries leave when their stale window ends.
-struct UntilStale;
-
-impl moka::Expiry<CacheKey, Kept> for UntilStale {
-    fn expire_after_create(&self, _key: &CacheKey, kept: &Kept, _at: Instant) -> Option<Duration> {
-        Some(left(kept))
+impl super::Deadline for Kept {
+    fn until_ms(&self) -> i64 {
+        self.entry.header.stale_until_ms
     }
-
-    fn expire_after_update(
-        &self,
-        _key: &CacheKey,
-        kept: &Kept,
-        _at: Instant,
-        _left: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(left(kept))
-    }
-}
-
-fn left(kept: &Kept) -> Duration {
-    let ms = kept.entry.header.stale_until_ms.saturating_sub(now_ms());
-    Duration::from_millis(u64::try_from(ms).unwrap_or(0))
 }
 
 pub struct L1 {
@@ -63,7 +46,7 @@ impl L1 {
             .weigher(|_key: &CacheKey, kept: &Kept| {
                 u32::try_from(kept.entry.body.len() + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
             })
-            .expire_after(UntilStale)
+            .expire_after(super::AtDeadline)
             .build();
         L1 {
             entries,
@@ -147,9 +130,11 @@ mod tests {
         let key = CacheKey::new("t", "q", None, Format::Csv, "k");
         let now = now_ms();
         l1.insert(key.clone(), entry(now, 60_000, 3_600_000));
+        // (The put time is read by `insert`, at or before this reading.)
+        let put = now_ms();
         assert!(l1.get(&key, now).is_some());
         // Past the L1 TTL but fresh: not on the hot path (Redis may have a newer one)...
-        assert!(l1.get(&key, now + 2_000).is_none());
+        assert!(l1.get(&key, put + 2_000).is_none());
         // ...but kept for when Redis cannot answer, through freshness and grace.
         assert!(l1.kept(&key, now + 2_000).is_some());
         assert!(l1.kept(&key, now + 3_599_999).is_some());

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{CacheKey, Entry};
 use crate::clock::now_ms;
@@ -32,27 +32,10 @@ struct Held {
 }
 
 /// Entries leave when their retention ends.
-struct UntilRetained;
-
-impl moka::Expiry<CacheKey, Held> for UntilRetained {
-    fn expire_after_create(&self, _key: &CacheKey, held: &Held, _at: Instant) -> Option<Duration> {
-        Some(left(held))
+impl super::Deadline for Held {
+    fn until_ms(&self) -> i64 {
+        self.until_ms
     }
-
-    fn expire_after_update(
-        &self,
-        _key: &CacheKey,
-        held: &Held,
-        _at: Instant,
-        _left: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(left(held))
-    }
-}
-
-fn left(held: &Held) -> Duration {
-    let ms = held.until_ms.saturating_sub(now_ms());
-    Duration::from_millis(u64::try_from(ms).unwrap_or(0))
 }
 
 /// The locks table: per key, the holder's token and when the lock expires.
@@ -83,7 +66,7 @@ impl MemoryStore {
                 .weigher(|key: &CacheKey, held: &Held| {
                     u32::try_from(weight(key, &held.entry)).unwrap_or(u32::MAX)
                 })
-                .expire_after(UntilRetained)
+                .expire_after(super::AtDeadline)
                 .build(),
             max_bytes,
             min_retention_ms: i64::try_from(min_retention.as_millis()).unwrap_or(i64::MAX),

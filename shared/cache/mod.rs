@@ -32,6 +32,41 @@ use crate::config::Config;
 use crate::config::{CacheConfig, RedisConfig};
 use crate::metrics::Metrics;
 
+/// What an in-process store keeps until a deadline of its own (Unix ms).
+trait Deadline {
+    fn until_ms(&self) -> i64;
+}
+
+/// moka's expiry for values that leave at their own [`Deadline`] (L1 and the
+/// memory store).
+struct AtDeadline;
+
+impl<V: Deadline> moka::Expiry<CacheKey, V> for AtDeadline {
+    fn expire_after_create(
+        &self,
+        _key: &CacheKey,
+        value: &V,
+        _at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(left(value))
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &CacheKey,
+        value: &V,
+        _at: std::time::Instant,
+        _left: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(left(value))
+    }
+}
+
+fn left(value: &impl Deadline) -> Duration {
+    let ms = value.until_ms().saturating_sub(now_ms());
+    Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
 /// Version of the key scheme and the entry format. Bump it on any incompatible
 /// change to either: old entries then simply become misses and expire.
 pub const VERSION: u8 = 3;
