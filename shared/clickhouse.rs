@@ -25,8 +25,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clickhouse::query::BytesCursor;
+use futures_util::FutureExt as _;
 
 use crate::config::{ClickHouseConfig, Engine, ReplicaConfig, is_https};
+use crate::direct::{DirectCursor, Target};
 use crate::engine::chdb::ChdbError;
 use crate::engine::embedded::{Embedded, EmbeddedAnswer};
 pub use crate::exception::error_code;
@@ -167,6 +169,9 @@ struct Upstream {
     pool: Arc<Pool>,
     /// One per replica, in the pool's order, with every query setting.
     clients: Vec<clickhouse::Client>,
+    /// The same replicas for queries on a connection of their own (exports;
+    /// `None`: a URL the direct client cannot use, so the pooled one is).
+    direct: Vec<Option<Target>>,
     /// The replica of each running query, by query id (for `kill`).
     running: Arc<Mutex<HashMap<String, usize>>>,
 }
@@ -186,6 +191,28 @@ impl Upstream {
             .iter()
             .map(|r| client(config, &r.url, tls))
             .collect();
+        let direct_tls = (!replicas.is_empty()).then(|| {
+            Arc::new(match tls {
+                Some(tls) => tls.clone(),
+                None => crate::tls::clickhouse_client_config(config),
+            })
+        });
+        let settings: Vec<(String, String)> = query_settings(config)
+            .into_iter()
+            .map(|(n, v)| (n.to_owned(), v))
+            .collect();
+        let direct = replicas
+            .iter()
+            .map(|r| {
+                Target::new(
+                    &r.url,
+                    &config.user,
+                    config.password.as_deref(),
+                    settings.clone(),
+                    direct_tls.clone()?,
+                )
+            })
+            .collect();
         let pool = Pool::new(replicas, config.eject_after, metrics.clone());
         let probes = clients.clone();
         let timeout = config.health_timeout;
@@ -197,6 +224,7 @@ impl Upstream {
             health_timeout: timeout,
             pool,
             clients,
+            direct,
             running: Arc::default(),
         }
     }
@@ -206,20 +234,30 @@ impl Upstream {
     }
 
     /// Starts `query` on `replica` (nothing is sent until the cursor is read).
-    fn start(
-        &self,
-        replica: usize,
-        query: &Pending,
-    ) -> Result<(BytesCursor, InFlight), UpstreamError> {
-        let mut request = self.clients[replica]
-            .query_raw(&query.sql)
-            .with_setting("query_id", query.query_id.as_str());
-        for (name, value) in &query.settings {
-            request = request.with_setting(name.as_str(), value.as_str());
-        }
-        let cursor = request
-            .fetch_bytes(query.format.clickhouse())
-            .map_err(UpstreamError::from_crate)?;
+    fn start(&self, replica: usize, query: &Pending) -> Result<(Cursor, InFlight), UpstreamError> {
+        let settings = query
+            .settings
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .chain([("query_id", query.query_id.as_str())]);
+        let cursor = match self.direct.get(replica).and_then(Option::as_ref) {
+            Some(target) if query.direct => Cursor::Direct(
+                target
+                    .query(&query.sql, query.format.clickhouse(), settings)
+                    .map_err(UpstreamError::from_crate)?,
+            ),
+            _ => {
+                let mut request = self.clients[replica].query_raw(&query.sql);
+                for (name, value) in settings {
+                    request = request.with_setting(name, value);
+                }
+                Cursor::Pooled(
+                    request
+                        .fetch_bytes(query.format.clickhouse())
+                        .map_err(UpstreamError::from_crate)?,
+                )
+            }
+        };
         let mut running = self.running();
         if running.len() >= MAX_RUNNING {
             running.clear();
@@ -327,6 +365,25 @@ struct Pending {
     format: Format,
     query_id: String,
     settings: Vec<(String, String)>,
+    /// On a connection of its own ([`crate::direct`]): exports.
+    direct: bool,
+}
+
+/// A query's answer as it arrives from its server.
+enum Cursor {
+    /// Through the replica's pooled client (the `clickhouse` crate).
+    Pooled(BytesCursor),
+    /// On a connection of its own, driven by the reader.
+    Direct(DirectCursor),
+}
+
+impl Cursor {
+    async fn next(&mut self) -> Result<Option<Bytes>, clickhouse::error::Error> {
+        match self {
+            Cursor::Pooled(cursor) => cursor.next().await,
+            Cursor::Direct(cursor) => cursor.next().await,
+        }
+    }
 }
 
 impl ClickHouse {
@@ -485,6 +542,9 @@ impl ClickHouse {
                 for client in &mut upstream.clients {
                     *client = client.clone().with_setting(name, value);
                 }
+                for target in upstream.direct.iter_mut().flatten() {
+                    target.set(name, value);
+                }
             }
         }
         self
@@ -497,17 +557,30 @@ impl ClickHouse {
         format: Format,
         query_id: &str,
     ) -> Result<Answer, UpstreamError> {
-        self.query_with(sql, format, query_id, &[])
+        self.start(sql, format, query_id, &[], false)
     }
 
-    /// Like [`ClickHouse::query`], with settings for this query only (an
-    /// export's limits); a `max_execution_time` also bounds the read timeout.
-    pub fn query_with(
+    /// An export: like [`ClickHouse::query`], with settings for this query
+    /// only (the tier's limits; a `max_execution_time` also bounds the read
+    /// timeout), on a connection of its own that the answer's reader drives
+    /// ([`crate::direct`]: no hand-off per chunk).
+    pub fn export(
         &self,
         sql: &str,
         format: Format,
         query_id: &str,
         settings: &[(&str, String)],
+    ) -> Result<Answer, UpstreamError> {
+        self.start(sql, format, query_id, settings, true)
+    }
+
+    fn start(
+        &self,
+        sql: &str,
+        format: Format,
+        query_id: &str,
+        settings: &[(&str, String)],
+        direct: bool,
     ) -> Result<Answer, UpstreamError> {
         self.metrics.clickhouse_queries.inc();
         let mut read_timeout = self.read_timeout;
@@ -546,6 +619,7 @@ impl ClickHouse {
                 .iter()
                 .map(|(n, v)| ((*n).to_owned(), v.clone()))
                 .collect(),
+            direct,
         };
         let replica = self
             .upstream
@@ -633,7 +707,7 @@ impl Source {
     /// error ejects the replica and starts the query on an untried one.
     async fn next(
         &mut self,
-        cursor: &mut BytesCursor,
+        cursor: &mut Cursor,
     ) -> Result<Option<Bytes>, clickhouse::error::Error> {
         // At most one attempt per replica.
         for _ in 0..=self.upstream.pool.len() {
@@ -704,7 +778,7 @@ impl Source {
 #[allow(clippy::large_enum_variant)]
 enum Feed {
     /// A server over HTTP, through the replica that runs the query.
-    Server { cursor: BytesCursor, source: Source },
+    Server { cursor: Cursor, source: Source },
     /// The embedded engine's blocking thread.
     Embedded(EmbeddedAnswer),
 }
@@ -789,8 +863,14 @@ impl Answer {
                 }
             }
             // What arrives right after goes along (reading a chunk is
-            // cancel-safe: one that is not there yet stays unread).
+            // cancel-safe: one that is not there yet stays unread): first
+            // what has arrived already, then what comes within `GATHER` (a
+            // timer only when the reader would wait).
             while self.tail.wants_more() {
+                if let Some(read) = self.feed.next().now_or_never() {
+                    self.take(read)?;
+                    continue;
+                }
                 match tokio::time::timeout(GATHER, self.feed.next()).await {
                     Ok(read) => self.take(read)?,
                     Err(_) => break,

@@ -17,6 +17,7 @@ pub mod clock;
 pub mod coalesce;
 pub mod config;
 pub mod cors;
+pub mod direct;
 pub mod encoding;
 pub mod engine;
 pub(crate) mod exception;

@@ -101,7 +101,7 @@ pub async fn handle<B>(
     );
     let clickhouse = &app.clickhouse.for_exports();
     let mut kill = KillOnDrop::new(clickhouse.clone(), query_id.clone());
-    let mut answer = match clickhouse.query_with(&sql, format, &query_id, &settings) {
+    let mut answer = match clickhouse.export(&sql, format, &query_id, &settings) {
         Ok(answer) => answer.salvaging(),
         Err(err) => {
             kill.disarm();

@@ -141,6 +141,52 @@ async fn abandon_after_first_chunk(proxy: &Proxy, path: &str) -> String {
     query_id
 }
 
+/// Exports read ClickHouse on a connection of their own (`direct`): one
+/// whose replica cannot be reached moves to another before its first byte,
+/// like every query.
+#[tokio::test]
+async fn an_export_whose_replica_is_down_moves_to_another() {
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("address").port()
+    };
+    let replica = |url: String| {
+        let mut table = toml::Table::new();
+        table.insert("url".into(), url.into());
+        toml::Value::Table(table)
+    };
+    let proxy = Proxy::start_with(ProxyOptions {
+        set: vec![
+            (
+                "clickhouse",
+                "export_replicas",
+                toml::Value::Array(vec![
+                    replica(format!("http://127.0.0.1:{dead}")),
+                    replica(crate::harness::clickhouse_url()),
+                ]),
+            ),
+            // Only a query that finds it unreachable ejects the dead one.
+            ("clickhouse", "eject_after", 1_000_000.into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let path = "/v1/export/events?from=today-2d&to=today&format=ndjson";
+    // Replicas are taken in turn: of two exports, one goes to the dead one first.
+    let mut digests = Vec::new();
+    for _ in 0..2 {
+        let reply = proxy.get(path).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        digests.push(digest(reply.body.as_ref().expect("complete export")));
+    }
+    assert!(digests[0].0 > 1000, "{} rows", digests[0].0);
+    assert_eq!(digests[0], digests[1]);
+    assert!(
+        proxy.metric("dashcache_clickhouse_failovers_total").await >= 1.0,
+        "no export was moved"
+    );
+}
+
 #[tokio::test]
 async fn a_client_that_hangs_up_leaves_no_query_running() {
     let proxy = Proxy::start().await;

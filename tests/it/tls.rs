@@ -532,6 +532,22 @@ async fn clickhouse_over_https_is_verified_against_the_configured_ca() {
     assert_eq!(over_tls.status, 200, "{}", over_tls.text());
     assert_eq!(answer(&over_tls), answer(&plain.get(QUERY).await));
     assert_eq!(trusting.get("/readyz").await.status, 200);
+    // Exports go on a connection of their own (`direct`), over TLS as well.
+    let export_tls = trusting.get(EXPORT).await;
+    assert_eq!(export_tls.status, 200, "{}", export_tls.text());
+    let rows = digest(export_tls.body.as_ref().expect("complete export"));
+    assert!(rows.0 > 1000, "{} rows", rows.0);
+    assert_eq!(
+        rows,
+        digest(
+            plain
+                .get(EXPORT)
+                .await
+                .body
+                .as_ref()
+                .expect("complete export")
+        )
+    );
 
     // Without `ca` only the built-in public roots are trusted: this server is not.
     let untrusting = Proxy::start_with(ProxyOptions {
@@ -540,6 +556,8 @@ async fn clickhouse_over_https_is_verified_against_the_configured_ca() {
     })
     .await;
     let refused = untrusting.get(QUERY).await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    let refused = untrusting.get(EXPORT).await;
     assert_eq!(refused.status, 503, "{}", refused.text());
     let ready = untrusting.get("/readyz").await;
     assert_eq!(
