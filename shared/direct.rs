@@ -52,7 +52,7 @@ pub struct Target {
     /// The URL's path (`/` when it has none), the query string goes after it.
     path: String,
     host: HeaderValue,
-    user: Option<HeaderValue>,
+    user: HeaderValue,
     password: Option<HeaderValue>,
     settings: Vec<(String, String)>,
     connector: HttpsConnector<HttpConnector>,
@@ -60,7 +60,8 @@ pub struct Target {
 
 impl Target {
     /// `url`: the server's `http://` or `https://` URL (`tls` checks the
-    /// certificate of the latter); `None` when it is not one.
+    /// certificate of the latter); `None` when it is not one, or the user or
+    /// password cannot be a header value (the pooled client is used then).
     pub fn new(
         url: &str,
         user: &str,
@@ -89,8 +90,15 @@ impl Target {
             server,
             path: uri.path().to_owned(),
             host: HeaderValue::from_str(authority.as_str()).ok()?,
-            user: HeaderValue::from_str(user).ok(),
-            password: password.and_then(|p| HeaderValue::from_str(p).ok()),
+            user: HeaderValue::from_str(user).ok()?,
+            password: match password {
+                Some(password) => {
+                    let mut value = HeaderValue::from_str(password).ok()?;
+                    value.set_sensitive(true);
+                    Some(value)
+                }
+                None => None,
+            },
             settings,
             connector,
         })
@@ -126,10 +134,8 @@ impl Target {
             .uri(format!("{}?{}", self.path, query.finish()))
             .header(header::HOST, self.host.clone())
             .header(header::CONTENT_LENGTH, sql.len())
-            .header(header::USER_AGENT, "dashcache");
-        if let Some(user) = &self.user {
-            request = request.header("x-clickhouse-user", user.clone());
-        }
+            .header(header::USER_AGENT, "dashcache")
+            .header("x-clickhouse-user", self.user.clone());
         if let Some(password) = &self.password {
             request = request.header("x-clickhouse-key", password.clone());
         }
