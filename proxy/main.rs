@@ -34,6 +34,14 @@ use dashcache::telemetry::{self, LogFormat};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Tasks a busy worker thread polls between looks for new socket events
+/// (tokio's default: 61). Under load each look then finds more ready
+/// connections at once: at 512 connections on 2 cores, p99 15 → 11 ms and
+/// 3–5 % less CPU per hit (BENCHMARKS.md, issue 18). An idle worker looks at
+/// once, so light load sees no difference; timers fire at most a few
+/// milliseconds late while every core is busy.
+const EVENT_INTERVAL: u32 = 400;
+
 #[derive(Parser)]
 #[command(
     version,
@@ -135,7 +143,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         None => {
             let checked = dashcache::check::load(&cli.config)?;
             let mut runtime = tokio::runtime::Builder::new_multi_thread();
-            runtime.enable_all();
+            runtime.enable_all().event_interval(EVENT_INTERVAL);
             if checked.config.proxy.worker_threads > 0 {
                 runtime.worker_threads(checked.config.proxy.worker_threads);
             }
