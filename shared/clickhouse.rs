@@ -191,12 +191,12 @@ impl Upstream {
             .iter()
             .map(|r| client(config, &r.url, tls))
             .collect();
-        let direct_tls = (!replicas.is_empty()).then(|| {
-            Arc::new(match tls {
-                Some(tls) => tls.clone(),
-                None => crate::tls::clickhouse_client_config(config),
-            })
-        });
+        // (Without `https://` servers no certificate is checked: the built-in
+        // roots, never `clickhouse.ca`, which such a config need not read.)
+        let direct_tls = match tls {
+            Some(tls) => Some(Arc::new(tls.clone())),
+            None => crate::tls::client_config(None).ok().map(Arc::new),
+        };
         let settings: Vec<(String, String)> = query_settings(config)
             .into_iter()
             .map(|(n, v)| (n.to_owned(), v))
