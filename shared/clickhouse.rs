@@ -298,12 +298,7 @@ fn client(
             // before ClickHouse's 3 s), over TLS.
             let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
             http.set_keepalive(Some(Duration::from_secs(60)));
-            http.enforce_http(false);
-            let connector = hyper_rustls::HttpsConnectorBuilder::new()
-                .with_tls_config(tls.clone())
-                .https_or_http()
-                .enable_http1()
-                .wrap_connector(http);
+            let connector = crate::tls::clickhouse_connector(tls.clone(), http);
             clickhouse::Client::with_http_client(
                 hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                     .pool_idle_timeout(Duration::from_secs(2))

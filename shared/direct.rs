@@ -80,12 +80,7 @@ impl Target {
         let mut http = HttpConnector::new();
         http.set_keepalive(Some(Duration::from_secs(60)));
         http.set_nodelay(true);
-        http.enforce_http(false);
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(Arc::unwrap_or_clone(tls))
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
+        let connector = crate::tls::clickhouse_connector(Arc::unwrap_or_clone(tls), http);
         Some(Target {
             server,
             path: uri.path().to_owned(),
@@ -120,13 +115,14 @@ impl Target {
     ) -> Result<DirectCursor, Error> {
         let mut query = form_urlencoded::Serializer::new(String::with_capacity(256));
         query.append_pair("default_format", format);
-        let mut extra: Vec<(&str, &str)> = settings.into_iter().collect();
+        // This query's settings replace the target's of the same name.
+        let own: Vec<(&str, &str)> = settings.into_iter().collect();
         for (name, value) in &self.settings {
-            if !extra.iter().any(|(n, _)| n == name) {
+            if !own.iter().any(|(n, _)| n == name) {
                 query.append_pair(name, value);
             }
         }
-        for (name, value) in extra.drain(..) {
+        for (name, value) in own {
             query.append_pair(name, value);
         }
         let mut request = Request::builder()

@@ -13,7 +13,8 @@
 //!
 //! It also makes the client config for upstreams reached over `https://`
 //! ([`client_config`]: the `ca` bundle, or the built-in Mozilla roots;
-//! [`clickhouse_client_config`]: ClickHouse's, for every client that reaches it).
+//! [`clickhouse_client_config`]: ClickHouse's, for every client that reaches it;
+//! [`clickhouse_connector`]: those clients' connector).
 //!
 //! It does not accept connections or run handshakes: the proxy's server does,
 //! with [`ServerTls::acceptor`] on each connection's own task.
@@ -260,6 +261,21 @@ pub fn clickhouse_client_config(config: &crate::config::ClickHouseConfig) -> rus
         .with_root_certificates(RootCertStore::empty())
         .with_no_client_auth()
     })
+}
+
+/// The connector of every HTTP client that reaches ClickHouse: `https://`
+/// over `tls`, `http://` as it is, HTTP/1.1; `http`'s socket options are the
+/// caller's.
+pub fn clickhouse_connector(
+    tls: rustls::ClientConfig,
+    mut http: hyper_util::client::legacy::connect::HttpConnector,
+) -> hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector> {
+    http.enforce_http(false);
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http)
 }
 
 /// Reads and checks a listener's TLS files (blocking: for the config check

@@ -62,12 +62,7 @@ impl Servers {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         http.set_connect_timeout(Some(Duration::from_secs(5)));
-        http.enforce_http(false);
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
+        let connector = dashcache::tls::clickhouse_connector(tls, http);
         Servers {
             client: Client::builder(TokioExecutor::new()).build(connector),
             urls: Arc::new(urls),
